@@ -1,0 +1,242 @@
+"""Decoding on top of a KV trace: greedy and sampled, jit-compiled, ragged batches.
+
+The decode loop is a ``lax.while_loop`` over reserved trace slots: every step
+writes one slot per row at a traced offset, rows that have finished write
+invalid slots, and the loop ends when every row is done. Stop strings need
+text, so the host runs the loop in chunks and checks decoded text between them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffmas_jax.model.config import ModelConfig
+from diffmas_jax.model.transformer import forward, last_valid_index, resolve_dtype, take_rows
+from diffmas_jax.trace import PROMPT, TEXT, KVTrace
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0   # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0             # 0 disables
+
+
+GREEDY = SamplingConfig()
+
+
+def sample_tokens(logits, rng, sampling: SamplingConfig):
+    """logits [B, V] float32 -> token ids [B]."""
+    if sampling.temperature <= 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k and sampling.top_k > 0:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        cum = jnp.cumsum(probs, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        cutoff_idx = jnp.sum(cum - probs < sampling.top_p, axis=-1, keepdims=True) - 1
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    trace: KVTrace
+    logits: jax.Array      # [B, V] next-token logits
+    done: jax.Array        # [B] bool
+    tokens: jax.Array      # [B, N] generated ids (pad after a row's end)
+    logprobs: jax.Array    # [B, N] model log-prob of each generated token
+    count: jax.Array       # [B] tokens generated per row
+    step: jax.Array        # scalar: steps taken
+    rng: jax.Array
+
+
+jax.tree_util.register_dataclass(
+    DecodeState, data_fields=[f.name for f in dataclasses.fields(DecodeState)], meta_fields=[])
+
+
+def start_decode(trace: KVTrace, last_logits, max_new_tokens: int, rng, done=None) -> DecodeState:
+    b = last_logits.shape[0]
+    trace = trace.reserve(max_new_tokens, f"decoding {max_new_tokens} new tokens")
+    return DecodeState(
+        trace=trace, logits=last_logits.astype(jnp.float32),
+        done=jnp.zeros((b,), bool) if done is None else done,
+        tokens=jnp.zeros((b, max_new_tokens), jnp.int32),
+        logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
+        count=jnp.zeros((b,), jnp.int32), step=jnp.int32(0), rng=rng)
+
+
+def decode_steps(params, cfg: ModelConfig, state: DecodeState, *, num_steps: int, eos_ids: tuple,
+                 sampling: SamplingConfig = GREEDY, pad_id: int = 0, segment=0, lora=None,
+                 lora_scale: float = 1.0, compute_dtype=jnp.float32) -> DecodeState:
+    """Run up to ``num_steps`` decode steps (fewer if every row finishes)."""
+    n = state.tokens.shape[1]
+    base = state.trace.length - n  # first reserved slot
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    stop_at = jnp.minimum(state.step + num_steps, n)
+
+    def cond(s: DecodeState):
+        return (s.step < stop_at) & ~jnp.all(s.done)
+
+    def body(s: DecodeState):
+        rng, sub = jax.random.split(s.rng)
+        tok = sample_tokens(s.logits, sub, sampling)
+        live = ~s.done
+        tok = jnp.where(live, tok, pad_id)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(s.logits, -1), tok[:, None], -1)[:, 0]
+        out = forward(params, cfg, s.trace, tokens=tok[:, None], valid=live[:, None],
+                      segment=segment, kind=TEXT, offset=base + s.step, lora=lora,
+                      lora_scale=lora_scale, compute_dtype=compute_dtype)
+        return DecodeState(
+            trace=out.trace, logits=out.logits[:, 0],
+            done=s.done | jnp.isin(tok, eos),
+            tokens=s.tokens.at[:, s.step].set(tok),
+            logprobs=s.logprobs.at[:, s.step].set(jnp.where(live, lp, 0.0)),
+            count=s.count + live.astype(jnp.int32), step=s.step + 1, rng=rng)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+jit_decode_steps = jax.jit(
+    decode_steps, static_argnames=("cfg", "num_steps", "eos_ids", "sampling", "pad_id",
+                                   "lora_scale", "compute_dtype"),
+    donate_argnames=("state",))
+
+
+def prefill(params, cfg, trace, tokens, valid, *, segment=0, kind=PROMPT, visible=None,
+            lora=None, lora_scale=1.0, compute_dtype=jnp.float32):
+    """Append a (padded) prompt; return the trace, last-real-token logits and hidden."""
+    out = forward(params, cfg, trace, tokens=tokens, valid=valid, segment=segment, kind=kind,
+                  visible=visible, lora=lora, lora_scale=lora_scale, compute_dtype=compute_dtype,
+                  return_logits=False)
+    idx = last_valid_index(valid)
+    hidden = take_rows(out.hidden, idx)
+    from diffmas_jax.model.transformer import lm_logits
+    return out.trace, lm_logits(params, cfg, hidden), hidden
+
+
+jit_prefill = jax.jit(prefill, static_argnames=("cfg", "lora_scale", "compute_dtype"),
+                      donate_argnames=("trace",))
+
+
+# --------------------------------------------------------------------------- host side
+def bucket_length(n: int, multiple: int = 32) -> int:
+    """Round prompt lengths up so new lengths rarely trigger recompiles."""
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, length: Optional[int] = None,
+              multiple: int = 32):
+    """Right-pad id lists -> (tokens [B, T] int32, valid [B, T] bool) numpy arrays."""
+    longest = max((len(s) for s in seqs), default=0)
+    t = length or bucket_length(longest, multiple)
+    if longest > t:
+        raise ValueError(f"prompt of {longest} tokens exceeds the padded length {t}")
+    tokens = np.full((len(seqs), t), pad_id, np.int32)
+    valid = np.zeros((len(seqs), t), bool)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = s
+        valid[i, :len(s)] = True
+    return tokens, valid
+
+
+def chat_ids(tokenizer, messages: list[dict], enable_thinking: Optional[bool] = None) -> list[int]:
+    """Token ids of a chat, ending with the assistant turn's opening."""
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def eos_ids_of(tokenizer, cfg: ModelConfig) -> tuple:
+    ids = set(cfg.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(ids))
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    texts: list[str]
+    trace: KVTrace
+
+
+def finish_rows(state: DecodeState) -> tuple[list[list[int]], list[list[float]]]:
+    toks, lps, cnt = (np.asarray(state.tokens), np.asarray(state.logprobs), np.asarray(state.count))
+    return ([toks[i, :cnt[i]].tolist() for i in range(len(cnt))],
+            [lps[i, :cnt[i]].tolist() for i in range(len(cnt))])
+
+
+def decode_to_text(params, cfg, tokenizer, trace, last_logits, *, max_new_tokens: int,
+                   sampling: SamplingConfig = GREEDY, stop: Sequence[str] = (), rng=None,
+                   chunk: int = 32, segment=0, lora=None, lora_scale=1.0,
+                   compute_dtype=jnp.float32, skip_special_tokens=True) -> Generation:
+    """Decode from ``last_logits``; EOS ends a row inside the jitted loop, stop strings
+    between chunks of ``chunk`` steps. Text is cut at the first stop string."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    eos = eos_ids_of(tokenizer, cfg)
+    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    state = start_decode(trace, last_logits, max_new_tokens, rng)
+    steps = chunk if stop else max_new_tokens
+    kw = dict(eos_ids=eos, sampling=sampling, pad_id=int(pad), segment=segment, lora=lora,
+              lora_scale=lora_scale, compute_dtype=resolve_dtype(compute_dtype))
+    while True:
+        state = jit_decode_steps(params, cfg, state, num_steps=steps, **kw)
+        if bool(jnp.all(state.done)) or int(state.step) >= max_new_tokens:
+            break
+        if stop:  # mark rows whose text already holds a stop string as done
+            toks, _ = finish_rows(state)
+            hit = [any(s in tokenizer.decode(t) for s in stop) for t in toks]
+            state = dataclasses.replace(state, done=state.done | jnp.asarray(hit))
+            if all(np.asarray(state.done)):
+                break
+    toks, lps = finish_rows(state)
+    texts = [tokenizer.decode(t, skip_special_tokens=skip_special_tokens) for t in toks] \
+        if tokenizer is not None else [""] * len(toks)
+    texts = [cut_at_stop(t, stop) for t in texts]
+    return Generation(tokens=toks, logprobs=lps, texts=texts, trace=state.trace)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+def generate(model, prompts: Sequence, *, max_new_tokens: int = 128, sampling: SamplingConfig = GREEDY,
+             stop: Sequence[str] = (), seed: int = 0, capacity: Optional[int] = None,
+             chat: bool = True, enable_thinking: Optional[bool] = None,
+             compute_dtype=jnp.float32) -> Generation:
+    """Generate for a batch of prompts (strings, or chat message lists when ``chat``)."""
+    tok = model.tokenizer
+    seqs = []
+    for p in prompts:
+        if chat:
+            msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
+            seqs.append(chat_ids(tok, msgs, enable_thinking))
+        else:
+            seqs.append(tok(p, add_special_tokens=True)["input_ids"])
+    tokens, valid = pad_batch(seqs, tok.pad_token_id or 0)
+    capacity = capacity or tokens.shape[1] + max_new_tokens
+    compute_dtype = resolve_dtype(compute_dtype)
+    trace = KVTrace.create(model.cfg, len(seqs), capacity, dtype=compute_dtype)
+    if tokens.shape[1] + max_new_tokens > capacity:
+        trace.check_room(tokens.shape[1] + max_new_tokens,
+                         f"a prompt of {tokens.shape[1]} padded tokens plus {max_new_tokens} new tokens")
+    trace, logits, _ = jit_prefill(model.params, model.cfg, trace, jnp.asarray(tokens), jnp.asarray(valid),
+                                   compute_dtype=compute_dtype)
+    return decode_to_text(model.params, model.cfg, tok, trace, logits, max_new_tokens=max_new_tokens,
+                          sampling=sampling, stop=stop, rng=jax.random.PRNGKey(seed),
+                          compute_dtype=compute_dtype)

@@ -1,0 +1,262 @@
+"""A pure-functional decoder-only transformer over a params pytree.
+
+Covers llama, qwen2, qwen3 and mistral: RMSNorm, rope (HF split-half layout,
+so no q/k permutation), grouped-query attention, optional qkv bias and q/k
+norm, SwiGLU MLP. Layers are stacked on a leading axis and run under
+``lax.scan`` so compile time does not grow with depth. Keys and values are
+written into the KV trace (carried through the scan so XLA updates it in
+place) and attention reads the trace with a mask built from slot validity,
+causality, visibility and the sliding window.
+
+LoRA is a separate pytree: ``forward(..., lora=tree, lora_scale=alpha/r)``
+adds ``scale * (x A) B`` to the targeted projections without touching params.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffmas_jax.model.config import ModelConfig, rope_inv_freq
+from diffmas_jax.trace import PROMPT, KVTrace
+
+Params = dict[str, Any]
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+_NEG = -1e30  # finite: a fully masked (padding) query row yields garbage, never NaN
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(name) -> Any:
+    if not isinstance(name, str):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# --------------------------------------------------------------------------- shapes
+def param_shapes(cfg: ModelConfig) -> dict:
+    """Shape and logical axis names of every parameter (the one place they are defined)."""
+    d, f, L, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.head_dim
+    q, kv = cfg.q_size, cfg.kv_size
+    layers = {
+        "attn_norm": ((L, d), ("layers", "norm")),
+        "q": {"kernel": ((L, d, q), ("layers", "embed", "q_heads"))},
+        "k": {"kernel": ((L, d, kv), ("layers", "embed", "kv_heads"))},
+        "v": {"kernel": ((L, d, kv), ("layers", "embed", "kv_heads"))},
+        "o": {"kernel": ((L, q, d), ("layers", "q_heads", "embed"))},
+        "mlp_norm": ((L, d), ("layers", "norm")),
+        "gate": {"kernel": ((L, d, f), ("layers", "embed", "mlp"))},
+        "up": {"kernel": ((L, d, f), ("layers", "embed", "mlp"))},
+        "down": {"kernel": ((L, f, d), ("layers", "mlp", "embed"))},
+    }
+    if cfg.qkv_bias:
+        layers["q"]["bias"] = ((L, q), ("layers", "q_heads"))
+        layers["k"]["bias"] = ((L, kv), ("layers", "kv_heads"))
+        layers["v"]["bias"] = ((L, kv), ("layers", "kv_heads"))
+    if cfg.qk_norm:
+        layers["q_norm"] = ((L, hd), ("layers", "norm"))
+        layers["k_norm"] = ((L, hd), ("layers", "norm"))
+    tree = {"embed": ((cfg.vocab_size, d), ("vocab", "embed")), "layers": layers,
+            "final_norm": ((d,), ("norm",))}
+    if not cfg.tie_embeddings:
+        tree["lm_head"] = ((d, cfg.vocab_size), ("embed", "vocab"))
+    return tree
+
+
+def _is_leaf(x):
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple)
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+    """Pytree of logical axis-name tuples, matching the params tree."""
+    return jax.tree.map(lambda s: s[1], param_shapes(cfg), is_leaf=_is_leaf)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
+    """Random parameters (for tests and shape-only benchmarks)."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_leaf)
+    keys = jax.random.split(key, len(leaves))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_leaf)[0]]
+    out = []
+    for k, (shape, _), path in zip(keys, leaves, paths):
+        if "norm" in path:
+            out.append(jnp.ones(shape, dtype))
+        elif "bias" in path:
+            out.append(jnp.zeros(shape, dtype))
+        else:
+            out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+# --------------------------------------------------------------------------- pieces
+def rms_norm(x, weight, eps):
+    # Statistics in float32 like HF, then scale in the input dtype.
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, positions, dtype):
+    inv_freq, scale = rope_inv_freq(cfg)
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)          # [B, T, hd]
+    return (jnp.cos(emb) * scale).astype(dtype), (jnp.sin(emb) * scale).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+    # x: [B, T, heads, hd]; HF "rotate_half" convention.
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def dense(x, p, lora=None, lora_scale=1.0):
+    y = x @ p["kernel"].astype(x.dtype)
+    if "bias" in p:
+        y = y + p["bias"].astype(x.dtype)
+    if lora is not None:
+        y = y + lora_scale * ((x @ lora["a"].astype(x.dtype)) @ lora["b"].astype(x.dtype))
+    return y
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardOut:
+    logits: Optional[jax.Array]   # [B, T, vocab] float32, or None
+    hidden: jax.Array             # [B, T, D] final-normed hidden states
+    trace: KVTrace
+
+
+jax.tree_util.register_dataclass(ForwardOut, data_fields=["logits", "hidden", "trace"], meta_fields=[])
+
+
+def default_positions(trace: KVTrace, valid):
+    """Real tokens get consecutive positions continuing the row; pads repeat the last."""
+    return trace.next_pos[:, None] + jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+
+
+# --------------------------------------------------------------------------- forward
+def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
+            tokens=None, embeds=None, valid=None, positions=None,
+            segment=0, kind=PROMPT, visible=None, offset=None,
+            lora: Optional[Params] = None, lora_scale: float = 1.0,
+            compute_dtype=jnp.float32, return_logits: bool = True,
+            remat: bool = False) -> ForwardOut:
+    """Run new tokens (or input embeddings) on top of ``trace``.
+
+    tokens [B, T] int or embeds [B, T, D]; valid [B, T] marks real tokens (pads
+    are computed but never become visible slots). ``visible`` [B, capacity]
+    optionally hides earlier slots (latent-only or overwrite communication).
+    With ``offset=None`` the chunk is appended at ``trace.length`` (static, so
+    overflow raises before compute); a traced ``offset`` writes into slots
+    already reserved with ``trace.reserve`` (decode loops).
+    """
+    compute_dtype = resolve_dtype(compute_dtype)
+    if (tokens is None) == (embeds is None):
+        raise ValueError("pass exactly one of tokens or embeds")
+    if tokens is not None:
+        x = params["embed"][tokens].astype(compute_dtype)
+    else:
+        x = embeds.astype(compute_dtype)
+    b, t = x.shape[:2]
+    if b != trace.batch:
+        raise ValueError(f"batch {b} does not match the trace's batch {trace.batch}")
+    valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
+    if positions is None:
+        positions = default_positions(trace, valid)
+    if offset is None:
+        trace.check_room(t, f"a chunk of {t} tokens")
+        offset, end = trace.length, trace.length + t
+    else:
+        end = trace.length  # writes land inside the reserved region
+    next_pos = jnp.maximum(trace.next_pos, jnp.max(jnp.where(valid, positions + 1, 0), axis=1))
+    meta = trace.write_meta(offset, valid, segment, kind, positions, next_pos)
+
+    # Attention mask over slots [0, end): real, visible, causal by slot order, in window.
+    slot = jnp.arange(end)
+    q_slot = offset + jnp.arange(t)
+    mask = meta.valid[:, None, :end] & (slot[None, None, :] <= q_slot[None, :, None])
+    if visible is not None:
+        own = (slot[None, :] >= offset) & (slot[None, :] < offset + t)
+        mask = mask & (visible[:, :end] | own)[:, None, :]
+    if cfg.sliding_window is not None:
+        mask = mask & ((positions[:, :, None] - meta.pos[:, None, :end]) < cfg.sliding_window)
+
+    cos, sin = rope_tables(cfg, positions, compute_dtype)
+    lp = params["layers"]
+    lora_layers = lora if lora is not None else {}
+
+    def layer(carry, xs):
+        h, k_all, v_all, i = carry
+        p, lo = xs
+        hn = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
+        q = dense(hn, p["q"], lo.get("q"), lora_scale).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = dense(hn, p["k"], lo.get("k"), lora_scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = dense(hn, p["v"], lo.get("v"), lora_scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+            k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], (i, 0, offset, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], (i, 0, offset, 0, 0))
+        keys = jax.lax.dynamic_slice_in_dim(k_all[i], 0, end, axis=1).astype(compute_dtype)
+        vals = jax.lax.dynamic_slice_in_dim(v_all[i], 0, end, axis=1).astype(compute_dtype)
+        attn = attention(q, keys, vals, mask, cfg)
+        h = h + dense(attn.reshape(b, t, cfg.q_size), p["o"], lo.get("o"), lora_scale)
+        hn = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
+        gate = dense(hn, p["gate"], lo.get("gate"), lora_scale)
+        up = dense(hn, p["up"], lo.get("up"), lora_scale)
+        h = h + dense(jax.nn.silu(gate) * up, p["down"], lo.get("down"), lora_scale)
+        return (h, k_all, v_all, i + 1), None
+
+    body = jax.checkpoint(layer) if remat else layer
+    (x, k_all, v_all, _), _ = jax.lax.scan(body, (x, trace.k, trace.v, jnp.int32(0)), (lp, lora_layers))
+    hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    new_trace = meta.replace(k=k_all, v=v_all, length=max(trace.length, end))
+    logits = lm_logits(params, cfg, hidden) if return_logits else None
+    return ForwardOut(logits=logits, hidden=hidden, trace=new_trace)
+
+
+def attention(q, keys, vals, mask, cfg: ModelConfig):
+    """Grouped-query attention. q [B,T,H,hd]; keys/vals [B,S,KVH,hd]; mask [B,T,S]."""
+    b, t = q.shape[:2]
+    g = cfg.num_heads // cfg.num_kv_heads
+    qg = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys).astype(jnp.float32)
+    scores = scores * (cfg.head_dim ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(vals.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, vals)
+    return out.reshape(b, t, cfg.num_heads, cfg.head_dim)
+
+
+def lm_logits(params: Params, cfg: ModelConfig, hidden):
+    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    return (hidden @ w.astype(hidden.dtype)).astype(jnp.float32)
+
+
+def last_valid_index(valid):
+    """Index of each row's last real token (0 for an all-pad row)."""
+    t = valid.shape[1]
+    idx = jnp.where(valid, jnp.arange(t)[None, :], -1).max(axis=1)
+    return jnp.maximum(idx, 0)
+
+
+def take_rows(x, idx):
+    """x [B, T, ...] -> x[b, idx[b]] for each row."""
+    return jnp.take_along_axis(x, idx.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+
+
+def cast_params(params: Params, dtype) -> Params:
+    dtype = resolve_dtype(dtype)
+    return jax.tree.map(lambda a: a.astype(dtype), params)
+
+
+jit_forward = jax.jit(forward, static_argnames=("cfg", "return_logits", "remat", "compute_dtype", "lora_scale"),
+                      donate_argnames=("trace",))
