@@ -77,7 +77,7 @@ def start_decode(trace: KVTrace, last_logits, max_new_tokens: int, rng, done=Non
 
 
 def decode_steps(params, cfg: ModelConfig, state: DecodeState, *, num_steps: int, eos_ids: tuple,
-                 sampling: SamplingConfig = GREEDY, pad_id: int = 0, segment=0, lora=None,
+                 sampling: SamplingConfig = GREEDY, pad_id: int = 0, segment=0, visible=None, lora=None,
                  lora_scale: float = 1.0, compute_dtype=jnp.float32) -> DecodeState:
     """Run up to ``num_steps`` decode steps (fewer if every row finishes)."""
     n = state.tokens.shape[1]
@@ -95,7 +95,7 @@ def decode_steps(params, cfg: ModelConfig, state: DecodeState, *, num_steps: int
         tok = jnp.where(live, tok, pad_id)
         lp = jnp.take_along_axis(jax.nn.log_softmax(s.logits, -1), tok[:, None], -1)[:, 0]
         out = forward(params, cfg, s.trace, tokens=tok[:, None], valid=live[:, None],
-                      segment=segment, kind=TEXT, offset=base + s.step, lora=lora,
+                      segment=segment, kind=TEXT, offset=base + s.step, visible=visible, lora=lora,
                       lora_scale=lora_scale, compute_dtype=compute_dtype)
         return DecodeState(
             trace=out.trace, logits=out.logits[:, 0],
@@ -109,8 +109,7 @@ def decode_steps(params, cfg: ModelConfig, state: DecodeState, *, num_steps: int
 
 jit_decode_steps = jax.jit(
     decode_steps, static_argnames=("cfg", "num_steps", "eos_ids", "sampling", "pad_id",
-                                   "lora_scale", "compute_dtype"),
-    donate_argnames=("state",))
+                                   "lora_scale", "compute_dtype"))
 
 
 def prefill(params, cfg, trace, tokens, valid, *, segment=0, kind=PROMPT, visible=None,
@@ -125,8 +124,7 @@ def prefill(params, cfg, trace, tokens, valid, *, segment=0, kind=PROMPT, visibl
     return out.trace, lm_logits(params, cfg, hidden), hidden
 
 
-jit_prefill = jax.jit(prefill, static_argnames=("cfg", "lora_scale", "compute_dtype"),
-                      donate_argnames=("trace",))
+jit_prefill = jax.jit(prefill, static_argnames=("cfg", "lora_scale", "compute_dtype"))
 
 
 # --------------------------------------------------------------------------- host side
@@ -182,7 +180,7 @@ def finish_rows(state: DecodeState) -> tuple[list[list[int]], list[list[float]]]
 
 def decode_to_text(params, cfg, tokenizer, trace, last_logits, *, max_new_tokens: int,
                    sampling: SamplingConfig = GREEDY, stop: Sequence[str] = (), rng=None,
-                   chunk: int = 32, segment=0, lora=None, lora_scale=1.0,
+                   chunk: int = 32, segment=0, visible=None, lora=None, lora_scale=1.0,
                    compute_dtype=jnp.float32, skip_special_tokens=True) -> Generation:
     """Decode from ``last_logits``; EOS ends a row inside the jitted loop, stop strings
     between chunks of ``chunk`` steps. Text is cut at the first stop string."""
@@ -191,7 +189,7 @@ def decode_to_text(params, cfg, tokenizer, trace, last_logits, *, max_new_tokens
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     state = start_decode(trace, last_logits, max_new_tokens, rng)
     steps = chunk if stop else max_new_tokens
-    kw = dict(eos_ids=eos, sampling=sampling, pad_id=int(pad), segment=segment, lora=lora,
+    kw = dict(eos_ids=eos, sampling=sampling, pad_id=int(pad), segment=segment, visible=visible, lora=lora,
               lora_scale=lora_scale, compute_dtype=resolve_dtype(compute_dtype))
     while True:
         state = jit_decode_steps(params, cfg, state, num_steps=steps, **kw)
@@ -218,7 +216,7 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 def generate(model, prompts: Sequence, *, max_new_tokens: int = 128, sampling: SamplingConfig = GREEDY,
              stop: Sequence[str] = (), seed: int = 0, capacity: Optional[int] = None,
              chat: bool = True, enable_thinking: Optional[bool] = None,
-             compute_dtype=jnp.float32) -> Generation:
+             compute_dtype=jnp.float32, bucket: int = 32, lora=None, lora_scale: float = 1.0) -> Generation:
     """Generate for a batch of prompts (strings, or chat message lists when ``chat``)."""
     tok = model.tokenizer
     seqs = []
@@ -228,7 +226,7 @@ def generate(model, prompts: Sequence, *, max_new_tokens: int = 128, sampling: S
             seqs.append(chat_ids(tok, msgs, enable_thinking))
         else:
             seqs.append(tok(p, add_special_tokens=True)["input_ids"])
-    tokens, valid = pad_batch(seqs, tok.pad_token_id or 0)
+    tokens, valid = pad_batch(seqs, tok.pad_token_id or 0, multiple=bucket)
     capacity = capacity or tokens.shape[1] + max_new_tokens
     compute_dtype = resolve_dtype(compute_dtype)
     trace = KVTrace.create(model.cfg, len(seqs), capacity, dtype=compute_dtype)
@@ -236,7 +234,7 @@ def generate(model, prompts: Sequence, *, max_new_tokens: int = 128, sampling: S
         trace.check_room(tokens.shape[1] + max_new_tokens,
                          f"a prompt of {tokens.shape[1]} padded tokens plus {max_new_tokens} new tokens")
     trace, logits, _ = jit_prefill(model.params, model.cfg, trace, jnp.asarray(tokens), jnp.asarray(valid),
-                                   compute_dtype=compute_dtype)
+                                   lora=lora, lora_scale=lora_scale, compute_dtype=compute_dtype)
     return decode_to_text(model.params, model.cfg, tok, trace, logits, max_new_tokens=max_new_tokens,
-                          sampling=sampling, stop=stop, rng=jax.random.PRNGKey(seed),
-                          compute_dtype=compute_dtype)
+                          sampling=sampling, stop=stop, rng=jax.random.PRNGKey(seed), lora=lora,
+                          lora_scale=lora_scale, compute_dtype=compute_dtype)

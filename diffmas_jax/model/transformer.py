@@ -127,6 +127,36 @@ def dense(x, p, lora=None, lora_scale=1.0):
 
 
 @dataclasses.dataclass(frozen=True)
+class Visibility:
+    """Which earlier slots a chunk may attend to: a table over (writer segment, slot kind).
+
+    Evaluated against the trace's metadata at every call, so slots a stage writes
+    itself (latent steps, decoded tokens) follow the same rule. Combine with ``|``.
+    """
+    table: jax.Array   # [MAX_SEGMENTS, 4] bool, kinds indexed EMPTY/PROMPT/LATENT/TEXT
+
+    def slot_mask(self, trace: KVTrace):
+        seg = jnp.clip(trace.segment, 0, self.table.shape[0] - 1)
+        return self.table[seg, trace.kind.astype(jnp.int32)] & (trace.segment >= 0)
+
+    def __or__(self, other: "Visibility") -> "Visibility":
+        return Visibility(self.table | other.table)
+
+
+jax.tree_util.register_dataclass(Visibility, data_fields=["table"], meta_fields=[])
+MAX_SEGMENTS = 16
+
+
+def make_visibility(segments=None, kinds=None) -> Visibility:
+    """Slots written by the given segment ids (None: any) of the given kinds (None: any)."""
+    if segments is not None and any(not 0 <= s < MAX_SEGMENTS for s in segments):
+        raise ValueError(f"segment ids must be in [0, {MAX_SEGMENTS}), got {list(segments)}")
+    seg = np.ones(MAX_SEGMENTS, bool) if segments is None else np.isin(np.arange(MAX_SEGMENTS), list(segments))
+    kd = np.ones(4, bool) if kinds is None else np.isin(np.arange(4), list(kinds))
+    return Visibility(jnp.asarray(seg[:, None] & kd[None, :]))
+
+
+@dataclasses.dataclass(frozen=True)
 class ForwardOut:
     logits: Optional[jax.Array]   # [B, T, vocab] float32, or None
     hidden: jax.Array             # [B, T, D] final-normed hidden states
@@ -144,15 +174,16 @@ def default_positions(trace: KVTrace, valid):
 # --------------------------------------------------------------------------- forward
 def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
             tokens=None, embeds=None, valid=None, positions=None,
-            segment=0, kind=PROMPT, visible=None, offset=None,
+            segment=0, kind=PROMPT, visible: Optional["Visibility"] = None, offset=None,
             lora: Optional[Params] = None, lora_scale: float = 1.0,
             compute_dtype=jnp.float32, return_logits: bool = True,
             remat: bool = False) -> ForwardOut:
     """Run new tokens (or input embeddings) on top of ``trace``.
 
     tokens [B, T] int or embeds [B, T, D]; valid [B, T] marks real tokens (pads
-    are computed but never become visible slots). ``visible`` [B, capacity]
-    optionally hides earlier slots (latent-only or overwrite communication).
+    are computed but never become visible slots). ``visible`` (a Visibility)
+    hides earlier slots by segment and kind (stitched, overwrite or latent-only
+    communication); the chunk always sees its own tokens causally.
     With ``offset=None`` the chunk is appended at ``trace.length`` (static, so
     overflow raises before compute); a traced ``offset`` writes into slots
     already reserved with ``trace.reserve`` (decode loops).
@@ -184,7 +215,7 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
     mask = meta.valid[:, None, :end] & (slot[None, None, :] <= q_slot[None, :, None])
     if visible is not None:
         own = (slot[None, :] >= offset) & (slot[None, :] < offset + t)
-        mask = mask & (visible[:, :end] | own)[:, None, :]
+        mask = mask & (visible.slot_mask(meta)[:, :end] | own)[:, None, :]
     if cfg.sliding_window is not None:
         mask = mask & ((positions[:, :, None] - meta.pos[:, None, :end]) < cfg.sliding_window)
 
@@ -258,5 +289,8 @@ def cast_params(params: Params, dtype) -> Params:
     return jax.tree.map(lambda a: a.astype(dtype), params)
 
 
-jit_forward = jax.jit(forward, static_argnames=("cfg", "return_logits", "remat", "compute_dtype", "lora_scale"),
-                      donate_argnames=("trace",))
+_STATIC = ("cfg", "return_logits", "remat", "compute_dtype", "lora_scale")
+# The public jitted forward keeps the input trace usable (traces are immutable values);
+# pipelines that own their trace use the donating variant to update it in place.
+jit_forward = jax.jit(forward, static_argnames=_STATIC)
+jit_forward_donating = jax.jit(forward, static_argnames=_STATIC, donate_argnames=("trace",))

@@ -178,7 +178,8 @@ def extract_answer_phrase(text: str) -> str | None:
     matches = list(_ANSWER_IS.finditer(text[-20000:]))
     if not matches:
         return None
-    ans = matches[-1].group(1).strip().strip("$").strip()
+    ans = re.split(r"\.\s+(?=[A-Z])", matches[-1].group(1))[0]  # first sentence only
+    ans = ans.strip().rstrip(".").strip().strip("$").strip()
     return ans or None
 
 
@@ -190,10 +191,11 @@ def extract_math(text: str, numeric: bool = False) -> str:
         return boxed
     phrase = extract_answer_phrase(text)
     if numeric:
-        if phrase is not None:
-            num = extract_last_number(phrase)
-            if num is not None:
-                return num
+        if phrase is not None:  # the first number right after "answer is"
+            for tok in _NUM_TOKEN.findall(phrase):
+                v = parse_number(tok)
+                if v is not None:
+                    return format_number(v)
         return extract_last_number(text) or ""
     return phrase or ""
 
@@ -220,6 +222,15 @@ def _rhs(s: str) -> str:
     return m.group(1) if m else s
 
 
+def _too_costly(s: str) -> bool:
+    """Inputs that can make sympy run for minutes (power towers, huge literals).
+
+    Off the main thread there is no timeout, so these are compared as strings only.
+    """
+    return (len(s) > MAX_SYMBOLIC_CHARS or s.count("^") > 4 or "**" in s
+            or re.search(r"\d{40,}", s) is not None or re.search(r"\^\s*\{?[^}]*\^", s) is not None)
+
+
 def _math_verify_equal(pred: str, gold: str) -> bool | None:
     """math_verify's verdict, None if it is unavailable or cannot parse either side."""
     try:
@@ -227,7 +238,7 @@ def _math_verify_equal(pred: str, gold: str) -> bool | None:
     except ImportError:
         return None
     # its timeouts use SIGALRM, which only works on the main thread
-    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    limit = 3 if threading.current_thread() is threading.main_thread() else None
     try:
         g = parse(f"${gold}$", parsing_timeout=limit)
         p = parse(f"${pred}$", parsing_timeout=limit)
@@ -303,7 +314,7 @@ def math_equal(pred: str | None, gold: str) -> bool:
         a, b = parse_number(pred), parse_number(gold)
         if a is not None and b is not None:
             return a == b
-        if len(pred) > MAX_SYMBOLIC_CHARS or len(gold) > MAX_SYMBOLIC_CHARS:
+        if _too_costly(pred) or _too_costly(gold):
             return False
         verdict = _math_verify_equal(pred, gold)
         if verdict is None:

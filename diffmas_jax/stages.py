@@ -1,0 +1,123 @@
+"""The few pure stage functions every method is built from.
+
+* ``agent_stage``: prefill an agent's prompt onto the trace, then ``think``: m
+  latent steps, each feeding the realigned last hidden state back as the next
+  input embedding (one new KV slot per layer per step).
+* ``solver_prefill``: the solver's prompt on top of the trace; decoding the answer
+  is ``generation.decode_to_text``.
+* ``teacher_forced_nll``: the solver's prompt plus a target, loss on the target only.
+
+All take (params, cfg, trace, inputs, lora) and return new values; none mutates.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from diffmas_jax.model.config import ModelConfig
+from diffmas_jax.model.transformer import (Visibility, forward, last_valid_index, lm_logits,
+                                           resolve_dtype, take_rows)
+from diffmas_jax.trace import LATENT, PROMPT, TEXT, KVTrace
+
+REALIGN_MODES = ("ridge", "norm", "none")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Realign:
+    """Maps a last-layer hidden state back into input-embedding space."""
+    matrix: Optional[jax.Array]   # [D, D] or None
+    target_norm: jax.Array        # mean L2 norm of the embedding rows
+    mode: str = dataclasses.field(default="ridge", metadata=dict(static=True))
+
+    def __call__(self, h):
+        if self.mode == "none":
+            return h
+        e = h.astype(jnp.float32)
+        if self.mode == "ridge":
+            e = e @ self.matrix
+        norm = jnp.linalg.norm(e, axis=-1, keepdims=True)
+        return (e * (self.target_norm / jnp.maximum(norm, 1e-6))).astype(h.dtype)
+
+
+def make_realign(params, cfg: ModelConfig, mode: str = "ridge", lam: float = 1e-5) -> Realign:
+    """W_a = (W_out^T W_out + lam I)^-1 W_out^T W_in in float32 (LatentMAS realignment)."""
+    if mode not in REALIGN_MODES:
+        raise ValueError(f"unknown realign mode {mode!r}; choose one of {', '.join(REALIGN_MODES)}")
+    w_in = params["embed"].astype(jnp.float32)                        # [V, D]
+    w_out = w_in if cfg.tie_embeddings else params["lm_head"].astype(jnp.float32).T  # [V, D]
+    target = jnp.mean(jnp.linalg.norm(w_in, axis=-1))
+    matrix = None
+    if mode == "ridge":
+        gram = w_out.T @ w_out + lam * jnp.eye(cfg.hidden_size, dtype=jnp.float32)
+        matrix = jnp.linalg.solve(gram, w_out.T @ w_in)
+    return Realign(matrix=matrix, target_norm=target, mode=mode)
+
+
+def think(params, cfg: ModelConfig, trace: KVTrace, seed_hidden, realign: Realign, *, steps: int,
+          segment, active=None, visible: Optional[Visibility] = None, lora=None, lora_scale: float = 1.0,
+          compute_dtype=jnp.float32, remat: bool = False):
+    """m latent steps under ``lax.scan``; returns (trace, last hidden)."""
+    if steps == 0:
+        return trace, seed_hidden
+    b = trace.batch
+    active = jnp.ones((b,), bool) if active is None else active
+    trace = trace.reserve(steps, f"{steps} latent steps")
+    base = trace.length - steps
+
+    def step(carry, i):
+        tr, h = carry
+        out = forward(params, cfg, tr, embeds=realign(h)[:, None], valid=active[:, None], segment=segment,
+                      kind=LATENT, offset=base + i, visible=visible, lora=lora, lora_scale=lora_scale,
+                      compute_dtype=compute_dtype, return_logits=False, remat=remat)
+        return (out.trace, out.hidden[:, 0]), None
+
+    (trace, h), _ = jax.lax.scan(step, (trace, seed_hidden), jnp.arange(steps))
+    return trace, h
+
+
+def agent_stage(params, cfg: ModelConfig, trace: KVTrace, tokens, valid, realign: Realign, *,
+                steps: int, segment, visible: Optional[Visibility] = None, lora=None,
+                lora_scale: float = 1.0, compute_dtype=jnp.float32, remat: bool = False) -> KVTrace:
+    """An upstream agent: prefill its prompt, then think ``steps`` latent steps."""
+    out = forward(params, cfg, trace, tokens=tokens, valid=valid, segment=segment, kind=PROMPT,
+                  visible=visible, lora=lora, lora_scale=lora_scale, compute_dtype=compute_dtype,
+                  return_logits=False, remat=remat)
+    seed = take_rows(out.hidden, last_valid_index(valid))  # the row's last *real* token
+    trace, _ = think(params, cfg, out.trace, seed, realign, steps=steps, segment=segment,
+                     active=valid.any(axis=1), visible=visible, lora=lora, lora_scale=lora_scale,
+                     compute_dtype=compute_dtype, remat=remat)
+    return trace
+
+
+def solver_prefill(params, cfg: ModelConfig, trace: KVTrace, tokens, valid, *, segment,
+                   visible: Optional[Visibility] = None, lora=None, lora_scale: float = 1.0,
+                   compute_dtype=jnp.float32):
+    """The solver's prompt on top of the trace; returns (trace, next-token logits)."""
+    out = forward(params, cfg, trace, tokens=tokens, valid=valid, segment=segment, kind=PROMPT,
+                  visible=visible, lora=lora, lora_scale=lora_scale, compute_dtype=compute_dtype,
+                  return_logits=False)
+    return out.trace, lm_logits(params, cfg, take_rows(out.hidden, last_valid_index(valid)))
+
+
+def teacher_forced_nll(params, cfg: ModelConfig, trace: KVTrace, tokens, valid, target_mask, *, segment,
+                       visible: Optional[Visibility] = None, lora=None, lora_scale: float = 1.0,
+                       compute_dtype=jnp.float32, remat: bool = False):
+    """Solver prompt + target in one chunk. ``target_mask`` [B, T] marks target tokens;
+    token t is predicted from position t-1. Returns (summed NLL, number of target tokens)."""
+    out = forward(params, cfg, trace, tokens=tokens, valid=valid, segment=segment, kind=PROMPT,
+                  visible=visible, lora=lora, lora_scale=lora_scale, compute_dtype=compute_dtype,
+                  return_logits=True, remat=remat)
+    logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    m = (target_mask[:, 1:] & valid[:, 1:]).astype(jnp.float32)
+    return jnp.sum(nll * m), jnp.sum(m)
+
+
+_STATIC = ("cfg", "steps", "lora_scale", "compute_dtype", "remat")
+jit_agent_stage = jax.jit(agent_stage, static_argnames=_STATIC)
+jit_solver_prefill = jax.jit(solver_prefill, static_argnames=("cfg", "lora_scale", "compute_dtype"))

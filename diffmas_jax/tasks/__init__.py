@@ -1,0 +1,52 @@
+"""Benchmarks: loading (local copies or the Hugging Face Hub), answer formats, scoring.
+
+    task = get_task("gsm8k")
+    items = task.load("test", data_dir="../shared/data", limit=10)
+    task.score(items[0], model_output)  # {"prediction": ..., "correct": ...}
+"""
+from __future__ import annotations
+
+import inspect
+
+from .base import Item, Task, TaskError
+from .choice_tasks import ARC, CommonsenseQA, GPQADiamond, MedQA, OpenBookQA
+from .code_tasks import HumanEvalPlus, MBPPPlus
+from .custom import JsonlTask
+from .math_tasks import AIME, GSM8K, MATH500
+
+_FACTORIES = {
+    "gsm8k": GSM8K,
+    "aime24": lambda **o: AIME("aime24", "HuggingFaceH4/aime_2024", **o),
+    "aime25": lambda **o: AIME("aime25", "yentinglin/aime_2025", **o),
+    "gpqa_diamond": GPQADiamond,
+    "arc_easy": lambda **o: ARC("arc_easy", "Easy", **o),
+    "arc_challenge": lambda **o: ARC("arc_challenge", "Challenge", **o),
+    "openbookqa": OpenBookQA,
+    "commonsenseqa": CommonsenseQA,
+    "medqa": MedQA,
+    "mbppplus": MBPPPlus,
+    "humanevalplus": HumanEvalPlus,
+    "math500": MATH500,
+    "jsonl": JsonlTask,
+}
+TASK_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+
+
+def get_task(name: str, **options) -> Task:
+    """A task by name. Options: jsonl takes path= and kind=; code tasks take
+    timeout_s= and memory_mb=; the others take none."""
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in _FACTORIES:
+        raise TaskError(f"unknown task {name!r}; known: {', '.join(TASK_NAMES)}")
+    factory = _FACTORIES[key]
+    if inspect.isclass(factory):
+        params = inspect.signature(factory.__init__).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            bad = sorted(set(options) - set(params) - {"self"})
+            if bad:
+                raise TaskError(f"task '{key}' does not take option(s) {bad}; "
+                                f"accepted: {sorted(set(params) - {'self'})}")
+    return factory(**options)
+
+
+__all__ = ["Item", "Task", "TaskError", "TASK_NAMES", "get_task"]

@@ -1,0 +1,94 @@
+"""Code benchmarks (EvalPlus MBPP+ and HumanEval+): generated code runs in the sandbox."""
+from __future__ import annotations
+
+import re
+
+from .base import CODE_INSTRUCTION, Item, Row, Task, TaskError, require
+from .sandbox import run_code
+from .scoring import extract_code
+
+
+def _fence(code: str) -> str:
+    return f"```python\n{code.strip(chr(10))}\n```"
+
+
+class CodeTask(Task):
+    kind = "code"
+    answer_instruction = CODE_INSTRUCTION
+
+    def __init__(self, timeout_s: float = 30.0, memory_mb: int = 4096):
+        # 4 GiB of address space like EvalPlus: some reference solutions need over 2 GiB
+        self.timeout_s, self.memory_mb = float(timeout_s), int(memory_mb)
+
+    def program(self, item: Item, code: str) -> str:
+        """The solution followed by the item's tests, as one script."""
+        raise NotImplementedError
+
+    def score(self, item: Item, text: str) -> dict:
+        code = extract_code(text or "")
+        if not code.strip():
+            return {"prediction": code, "correct": False, "status": "empty"}
+        res = run_code(self.program(item, code), timeout_s=self.timeout_s,
+                       memory_mb=self.memory_mb)
+        return {"prediction": code, "correct": res.status == "passed", "status": res.status,
+                "stderr": res.stderr[-2000:], "duration_s": round(res.duration_s, 3)}
+
+
+class MBPPPlus(CodeTask):
+    name = "mbppplus"
+    hub = ("evalplus/mbppplus", None)
+
+    def local_files(self, split):
+        return ["mbppplus/MbppPlus-OriginFmt.jsonl.gz", "mbppplus/MbppPlus-OriginFmt.jsonl",
+                f"mbppplus/{split}.jsonl"]
+
+    def make_item(self, row: Row, index: int, split: str) -> Item:
+        rec = row[1]
+        prompt, code, test = require(row, "prompt"), require(row, "code"), require(row, "test")
+        examples = require(row, "test_list", list)
+        imports = rec.get("test_imports") or []
+        defined = re.findall(r"^def\s+(\w+)\s*\(", code, re.MULTILINE)
+        # the function under test is the one the tests call
+        called = [name for name in defined if re.search(rf"\b{name}\s*\(", test)]
+        entry = called[0] if called else (defined[-1] if defined else "")
+        if not entry:
+            raise TaskError(f"{row[0]}: field 'code' defines no function")
+        question = prompt.strip()
+        if examples:
+            question += f"\nThe function must be named {entry} and pass this test:\n{examples[0]}"
+        tid = rec.get("task_id")
+        item_id = f"Mbpp/{tid}" if isinstance(tid, int) else str(tid)
+        return Item(item_id, question, "", "code", target=_fence(code),
+                    meta={"test": test, "test_imports": list(imports), "entry_point": entry,
+                          "test_list": list(examples)})
+
+    def program(self, item: Item, code: str) -> str:
+        imports = "\n".join(item.meta.get("test_imports", []))
+        return f"{imports}\n{code}\n\n{item.meta['test']}\n"
+
+
+class HumanEvalPlus(CodeTask):
+    name = "humanevalplus"
+    hub = ("evalplus/humanevalplus", None)
+
+    def local_files(self, split):
+        return ["humanevalplus/HumanEvalPlus-OriginFmt.jsonl.gz",
+                "humanevalplus/HumanEvalPlus-OriginFmt.jsonl", f"humanevalplus/{split}.jsonl"]
+
+    def make_item(self, row: Row, index: int, split: str) -> Item:
+        prompt, solution = require(row, "prompt"), require(row, "canonical_solution")
+        entry, test = require(row, "entry_point"), require(row, "test")
+        question = f"Complete this Python function:\n\n```python\n{prompt.rstrip()}\n```"
+        return Item(str(require(row, "task_id")), question, "", "code",
+                    target=_fence(prompt + solution),
+                    meta={"prompt": prompt, "test": test, "entry_point": entry})
+
+    def program(self, item: Item, code: str) -> str:
+        prompt, entry = item.meta["prompt"], item.meta["entry_point"]
+        if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE):
+            # a full function: keep the prompt first for its imports and helper
+            # functions; the solution's definition replaces the docstring-only stub
+            body = f"{prompt}\n\n{code}"
+        else:
+            body = prompt + code  # a body-only completion continues the prompt
+        return f"{body}\n\n{item.meta['test']}\n\ncheck({entry})\n"

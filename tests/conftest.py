@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random HF models saved in the test, and the embedded model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO.parent / "shared" / "data"
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def make_hf_config(family: str, **overrides):
+    import transformers
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[family]
+    kw = dict(TINY)
+    if family == "qwen3":
+        kw["head_dim"] = 32
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def save_tiny_model(path: Path, family: str, seed: int = 0, **overrides) -> Path:
+    import torch
+    import transformers
+    torch.manual_seed(seed)
+    cfg = make_hf_config(family, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    # Random norms and biases too, so parity covers them (HF initialises norms to 1, biases to 0).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    def make(family="llama", seed=0, **overrides):
+        return save_tiny_model(tmp_path / f"{family}-{seed}", family, seed, **overrides)
+    return make
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    from diffmas_jax.model.loading import load_model
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def embedded_hf(embedded):
+    import torch
+    import transformers
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(embedded.path), dtype=torch.float32, attn_implementation="eager").eval()

@@ -1,0 +1,92 @@
+"""Model loading: sources, sharded checkpoints, and clear errors for bad inputs."""
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffmas_jax.model.config import ModelConfig, ModelConfigError
+from diffmas_jax.model.loading import ModelNotFoundError, load_model, resolve_model_dir
+from diffmas_jax.model.transformer import jit_forward, resolve_dtype
+from diffmas_jax.model.weights import WeightLoadError, iter_safetensors, load_params, safetensors_files
+from diffmas_jax.trace import KVTrace
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+    import torch
+    import transformers
+    from conftest import make_hf_config
+    model = transformers.AutoModelForCausalLM.from_config(make_hf_config("llama"))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    m = load_model(str(tmp_path / "sharded"), with_tokenizer=False)
+    ids = np.arange(3, 19)[None]
+    with torch.no_grad():
+        ref = model(torch.tensor(ids)).logits.numpy()
+    out = jit_forward(m.params, m.cfg, KVTrace.create(m.cfg, 1, 16), tokens=jnp.asarray(ids))
+    np.testing.assert_allclose(out.logits, ref, atol=1e-4)
+
+
+def test_missing_path():
+    with pytest.raises(ModelNotFoundError, match="model path not found: ./no/such/model"):
+        resolve_model_dir("./no/such/model")
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="is not a model directory"):
+        resolve_model_dir(str(tmp_path))
+
+
+def test_unsupported_model_type():
+    with pytest.raises(ModelConfigError, match="unsupported model_type 'gpt2'"):
+        ModelConfig.from_hf_dict({"model_type": "gpt2"})
+
+
+def test_unsupported_rope_type_named():
+    from conftest import make_hf_config
+    cfg = make_hf_config("llama").to_dict()
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+    with pytest.raises(ModelConfigError, match="unsupported rope scaling type 'dynamic'"):
+        ModelConfig.from_hf_dict(cfg)
+
+
+def test_unknown_dtype():
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        resolve_dtype("float8")
+
+
+def test_missing_and_extra_tensors_are_named(tiny_model_dir):
+    path = tiny_model_dir("qwen3")
+    cfg = ModelConfig.from_json(path / "config.json")
+    tensors = dict(iter_safetensors(safetensors_files(path)))
+    partial = {k: v for k, v in tensors.items() if "layers.1.self_attn.k_norm" not in k}
+    with pytest.raises(WeightLoadError, match="missing from the checkpoint: layers.k_norm"):
+        load_params(cfg, partial.items())
+    extra = dict(tensors, **{"model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros(4, np.float32)})
+    with pytest.raises(WeightLoadError, match="not used by a qwen3 model: model.layers.0.self_attn.rotary_emb"):
+        load_params(cfg, extra.items())
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelNotFoundError, match="could not get 'nobody/no-such-model' from the Hugging Face Hub"):
+        resolve_model_dir("nobody/no-such-model")
+
+
+def test_generate_cli_prints_completion_and_rejects_bad_input():
+    ok = subprocess.run([sys.executable, "-m", "diffmas_jax.generate", "--prompt", "What is 2+2?",
+                         "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "tokens in" in ok.stdout and len(ok.stdout.splitlines()[0].strip()) > 0
+    bad = subprocess.run([sys.executable, "-m", "diffmas_jax.generate", "--model", "./missing-dir",
+                          "--prompt", "x"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["error: model path not found: ./missing-dir"]
+    bad = subprocess.run([sys.executable, "-m", "diffmas_jax.generate", "--dtype", "float8",
+                          "--prompt", "x"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown dtype 'float8'" in bad.stderr

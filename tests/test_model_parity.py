@@ -1,0 +1,93 @@
+"""Logits parity with transformers' PyTorch models, float32, tiny random models per family."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from diffmas_jax.model.loading import load_model
+from diffmas_jax.model.transformer import jit_forward
+from diffmas_jax.trace import KVTrace
+
+CASES = {
+    "llama-gqa-untied": ("llama", {}),
+    "llama-tied": ("llama", {"tie_word_embeddings": True}),
+    "llama-head-dim": ("llama", {"head_dim": 24}),
+    "llama-rope-linear": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}),
+    "llama-rope-llama3": ("llama", {"rope_parameters": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16, "rope_theta": 500000.0}}),
+    "llama-rope-yarn": ("llama", {"rope_parameters": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}}),
+    "qwen2-bias": ("qwen2", {}),
+    "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
+    "qwen3-qknorm": ("qwen3", {}),
+    "qwen3-yarn": ("qwen3", {"rope_parameters": {
+        "rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16, "rope_theta": 1000000.0}}),
+    "mistral": ("mistral", {"sliding_window": None}),
+    "mistral-sliding-window": ("mistral", {"sliding_window": 8}),
+}
+
+
+def hf_logits(path, ids):
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_parity_float32(case, tiny_model_dir):
+    family, overrides = CASES[case]
+    path = tiny_model_dir(family, **overrides)
+    m = load_model(str(path), with_tokenizer=False)
+    ids = np.random.default_rng(0).integers(3, 256, size=(2, 40))
+    ref = hf_logits(path, ids)
+    trace = KVTrace.create(m.cfg, 2, 64)
+    out = jit_forward(m.params, m.cfg, trace, tokens=jnp.asarray(ids))
+    np.testing.assert_allclose(np.asarray(out.logits), ref, atol=1e-4, rtol=0)
+    if "rope" in case or "yarn" in case:
+        assert m.cfg.rope_type == overrides["rope_parameters"]["rope_type"]
+    if case == "mistral-sliding-window":
+        assert m.cfg.sliding_window == 8  # and positions > 8 were exercised above
+
+
+def test_bfloat16_forward_close_to_float32(tiny_model_dir):
+    path = tiny_model_dir("qwen3")
+    m32 = load_model(str(path), with_tokenizer=False)
+    m16 = load_model(str(path), dtype="bfloat16", with_tokenizer=False)
+    assert m16.params["embed"].dtype == jnp.bfloat16
+    ids = jnp.asarray(np.random.default_rng(1).integers(3, 256, size=(1, 24)))
+    a = jit_forward(m32.params, m32.cfg, KVTrace.create(m32.cfg, 1, 32), tokens=ids).logits
+    b = jit_forward(m16.params, m16.cfg, KVTrace.create(m16.cfg, 1, 32, jnp.bfloat16), tokens=ids,
+                    compute_dtype=jnp.bfloat16).logits
+    assert b.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(a - b))) < 0.1 * float(jnp.max(jnp.abs(a)))
+
+
+def test_embedded_model_parity_on_chat_prompts(embedded, embedded_hf):
+    tok = embedded.tokenizer
+    from diffmas_jax.generation import chat_ids
+    for text in ["What is 7 times 8?", "Name three colours of the rainbow.", "Summarise: the cat sat."]:
+        ids = chat_ids(tok, [{"role": "user", "content": text}])
+        with torch.no_grad():
+            ref = embedded_hf(torch.tensor([ids])).logits.numpy()
+        out = jit_forward(embedded.params, embedded.cfg, KVTrace.create(embedded.cfg, 1, 64),
+                          tokens=jnp.asarray([ids]))
+        got = np.asarray(out.logits)
+        # Real 30-layer model with logits up to ~40: tolerance relative to the logit scale.
+        assert np.max(np.abs(got - ref)) < 1e-3 * max(1.0, np.max(np.abs(ref)))
+        assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_gguf_conversion_matches_transformers_gguf_loader(embedded):
+    """Our GGUF dequantisation + q/k un-permutation equals transformers' own GGUF loader."""
+    from diffmas_jax.model.loading import embedded_gguf_path
+    from safetensors.numpy import load_file
+    gguf = embedded_gguf_path()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).state_dict()
+    ours = load_file(str(embedded.path / "model.safetensors"))
+    for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.7.self_attn.k_proj.weight",
+                 "model.layers.3.mlp.down_proj.weight", "model.embed_tokens.weight", "model.norm.weight"]:
+        np.testing.assert_allclose(ours[name], ref[name].numpy(), atol=1e-6, err_msg=name)
