@@ -92,6 +92,8 @@ def test_extract_last_number(text, expected):
     ("\\boxed{073}", "73", True),
     ("\\boxed{-3}", "-3", True),
     ("\\boxed{18", "18", True),        # truncated box: falls back to the last number
+    ("**Final answer:** 18", "18", True),
+    ("So the answer is \\(\\frac{3}{4}\\).", "0.75", True),
 ])
 def test_numeric_tasks(text, gold, ok):
     pred = S.extract_math(text, numeric=True)
@@ -186,6 +188,9 @@ OPTS = ("red planet", "blue whale", "green tea", "yellow sun")
     ("", ""),
     ("\\boxed{E}", ""),                                         # out of range for 4 options
     ("\\boxed{B} ... final: \\boxed{D}", "D"),
+    ("**Answer:** C", "C"),
+    ("The answer is: **B**", "B"),
+    ("answer: $\\boxed{\\text{(B) blue whale}}$", "B"),
 ])
 def test_extract_choice(text, expected):
     assert S.extract_choice(text, OPTS) == expected

@@ -203,29 +203,28 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
         positions = default_positions(trace, valid)
     if offset is None:
         trace.check_room(t, f"a chunk of {t} tokens")
-        offset, end = trace.length, trace.length + t
-    else:
-        end = trace.length  # writes land inside the reserved region
+        offset = trace.length
+    old = trace.length  # slots [0, old) already exist (reserved ones are still invalid)
     next_pos = jnp.maximum(trace.next_pos, jnp.max(jnp.where(valid, positions + 1, 0), axis=1))
-    meta = trace.write_meta(offset, valid, segment, kind, positions, next_pos)
 
-    # Attention mask over slots [0, end): real, visible, causal by slot order, in window.
-    slot = jnp.arange(end)
-    q_slot = offset + jnp.arange(t)
-    mask = meta.valid[:, None, :end] & (slot[None, None, :] <= q_slot[None, :, None])
+    # Keys are [existing slots | this chunk]. Existing slots: real and visible (and in the
+    # sliding window); the chunk: causal among its own real tokens. The cache is only read
+    # inside the layer scan; the chunk's K/V are written once after it (in place under jit).
+    old_mask = trace.valid[:, :old]
     if visible is not None:
-        own = (slot[None, :] >= offset) & (slot[None, :] < offset + t)
-        mask = mask & (visible.slot_mask(meta)[:, :end] | own)[:, None, :]
+        old_mask = old_mask & visible.slot_mask(trace)[:, :old]
+    old_mask = jnp.broadcast_to(old_mask[:, None, :], (b, t, old))
+    new_mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
     if cfg.sliding_window is not None:
-        mask = mask & ((positions[:, :, None] - meta.pos[:, None, :end]) < cfg.sliding_window)
+        old_mask = old_mask & ((positions[:, :, None] - trace.pos[:, None, :old]) < cfg.sliding_window)
+        new_mask = new_mask & ((positions[:, :, None] - positions[:, None, :]) < cfg.sliding_window)
+    mask = jnp.concatenate([old_mask, new_mask], axis=-1)
 
     cos, sin = rope_tables(cfg, positions, compute_dtype)
-    lp = params["layers"]
     lora_layers = lora if lora is not None else {}
 
-    def layer(carry, xs):
-        h, k_all, v_all, i = carry
-        p, lo = xs
+    def layer(h, xs):
+        p, lo, k_old, v_old = xs
         hn = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
         q = dense(hn, p["q"], lo.get("q"), lora_scale).reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = dense(hn, p["k"], lo.get("k"), lora_scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -234,22 +233,26 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
             q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
             k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], (i, 0, offset, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], (i, 0, offset, 0, 0))
-        keys = jax.lax.dynamic_slice_in_dim(k_all[i], 0, end, axis=1).astype(compute_dtype)
-        vals = jax.lax.dynamic_slice_in_dim(v_all[i], 0, end, axis=1).astype(compute_dtype)
+        k, v = k.astype(k_old.dtype), v.astype(v_old.dtype)
+        keys = jnp.concatenate([k_old, k], axis=1).astype(compute_dtype)
+        vals = jnp.concatenate([v_old, v], axis=1).astype(compute_dtype)
         attn = attention(q, keys, vals, mask, cfg)
         h = h + dense(attn.reshape(b, t, cfg.q_size), p["o"], lo.get("o"), lora_scale)
         hn = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
         gate = dense(hn, p["gate"], lo.get("gate"), lora_scale)
         up = dense(hn, p["up"], lo.get("up"), lora_scale)
         h = h + dense(jax.nn.silu(gate) * up, p["down"], lo.get("down"), lora_scale)
-        return (h, k_all, v_all, i + 1), None
+        return h, (k, v)
 
     body = jax.checkpoint(layer) if remat else layer
-    (x, k_all, v_all, _), _ = jax.lax.scan(body, (x, trace.k, trace.v, jnp.int32(0)), (lp, lora_layers))
+    xs = (params["layers"], lora_layers, trace.k[:, :, :old], trace.v[:, :, :old])
+    x, (k_new, v_new) = jax.lax.scan(body, x, xs)
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    new_trace = meta.replace(k=k_all, v=v_all, length=max(trace.length, end))
+    meta = trace.write_meta(offset, valid, segment, kind, positions, next_pos)
+    new_trace = meta.replace(
+        k=jax.lax.dynamic_update_slice(trace.k, k_new, (0, 0, offset, 0, 0)),
+        v=jax.lax.dynamic_update_slice(trace.v, v_new, (0, 0, offset, 0, 0)),
+        length=max(old, offset + t) if isinstance(offset, int) else old)
     logits = lm_logits(params, cfg, hidden) if return_logits else None
     return ForwardOut(logits=logits, hidden=hidden, trace=new_trace)
 

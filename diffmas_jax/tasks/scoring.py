@@ -175,11 +175,13 @@ def extract_answer_phrase(text: str) -> str | None:
     """Text after the last "answer is ..." / "Answer: ..." on its line, if any."""
     if not text:
         return None
-    matches = list(_ANSWER_IS.finditer(text[-20000:]))
+    text = text[-20000:].replace("**", "")  # markdown bold: "**Answer:** 5"
+    matches = list(_ANSWER_IS.finditer(text))
     if not matches:
         return None
     ans = re.split(r"\.\s+(?=[A-Z])", matches[-1].group(1))[0]  # first sentence only
     ans = ans.strip().rstrip(".").strip().strip("$").strip()
+    ans = re.sub(r"^\\[(\[]\s*(.*?)\s*\\[)\]]$", r"\1", ans)  # \( ... \)
     return ans or None
 
 
@@ -191,7 +193,10 @@ def extract_math(text: str, numeric: bool = False) -> str:
         return boxed
     phrase = extract_answer_phrase(text)
     if numeric:
-        if phrase is not None:  # the first number right after "answer is"
+        if phrase is not None:  # the answer phrase itself, else its first number
+            v = parse_number(phrase)
+            if v is not None:
+                return format_number(v)
             for tok in _NUM_TOKEN.findall(phrase):
                 v = parse_number(tok)
                 if v is not None:
@@ -412,7 +417,7 @@ def extract_choice(text: str, choices: Sequence[str] = (), n_options: int | None
         letter = _letter_from_span(boxed, n, choices)
         if letter:
             return letter
-    tail = text[-20000:]
+    tail = text[-20000:].replace("**", "")  # markdown bold: "**Answer:** C"
     for m in reversed(list(_CHOICE_PHRASE.finditer(tail))):
         raw = m.group(1)
         # a lowercase bare letter after "answer is" is usually an article ("is a ...")
