@@ -1,0 +1,400 @@
+#!/usr/bin/env python
+"""Model throughput: diffmas_jax (JAX) vs transformers (PyTorch), side by side.
+
+Same weights (the embedded default model, SmolLM2-135M-Instruct, or --model),
+same dtype on both sides, same prompts, same machine:
+
+  * prefill tokens/s: one forward over a B x T prompt (full logits on both sides);
+  * greedy decode tokens/s: prompt + exactly N new tokens per row (no EOS stop),
+    end to end (prefill included, like HF ``generate``), and decode-only
+    (per-step cost with the prompt already in the cache).
+
+Compile time is kept out of throughput (a warm-up call comes first) and reported
+separately as the first call's extra time. Figures are medians of repeats.
+
+    python benchmarks/bench_model.py            # full run (a few minutes on 2 cores)
+    python benchmarks/bench_model.py --quick    # smoke test
+    python benchmarks/bench_model.py --dtype bfloat16 --out /tmp/bench
+
+Writes ``<out>/model_<date>.json`` and ``.md`` (out defaults to benchmarks/results).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer repeats and shorter sequences (smoke test, well under a minute of timing)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="parameter and compute dtype on both sides (default float32)")
+    ap.add_argument("--out", default=str(HERE / "results"), help="output folder (default benchmarks/results)")
+    ap.add_argument("--model", default=None, help="model dir / .gguf / Hub id (default: the embedded model)")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    ap.add_argument("--prefill-len", type=int, default=None, help="prefill prompt tokens (default 256; quick 64)")
+    ap.add_argument("--decode-prompt-len", type=int, default=None,
+                    help="prompt tokens before decoding (default 64; quick 32)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="decoded tokens per row (default 128; quick 16)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 3; quick 1)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
+    ap.add_argument("--skip-torch", action="store_true", help="only time diffmas_jax")
+    return ap.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- helpers
+def median_time(fn, repeats: int):
+    """Run ``fn`` ``repeats`` times; return (median seconds, all samples, last result)."""
+    samples, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples), samples, out
+
+
+def timed_first(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def make_prompts(tokenizer, batch: int, length: int):
+    """``batch`` distinct prompts of exactly ``length`` token ids (no padding on either side)."""
+    text = (
+        "The history of computing is a story of layered abstractions. Early machines were "
+        "programmed by rewiring panels; then came stored programs, assemblers, compilers, "
+        "operating systems and networks. Each layer hid the details of the one below it, "
+        "so that people could think about larger problems. Today a language model runs on "
+        "top of linear algebra libraries, which run on compilers for vector hardware, which "
+        "in turn rely on decades of work in numerical analysis and chip design. ")
+    ids = tokenizer(text * (length // 40 + 4 + batch), add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    rows = []
+    for i in range(batch):  # shift the window so rows differ
+        body = ids[7 * i: 7 * i + length - len(bos)]
+        rows.append(bos + body)
+    assert all(len(r) == length for r in rows), "prompt text too short"
+    return rows
+
+
+def machine_info(args):
+    import jax
+    info = {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": None,
+        "load_avg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "dtype": args.dtype,
+        "quick": args.quick,
+    }
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+        import transformers
+        info["torch"] = torch.__version__
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["torch"] = info["transformers"] = None
+    return info
+
+
+# --------------------------------------------------------------------------- diffmas_jax side
+class JaxSide:
+    def __init__(self, model, dtype: str):
+        import jax
+        import jax.numpy as jnp
+        from diffmas_jax.model.transformer import resolve_dtype
+        self.jax, self.jnp = jax, jnp
+        self.m = model
+        self.dt = resolve_dtype(dtype)
+
+    def prefill_fn(self, tokens):
+        """Full-logits forward of a B x T prompt on an empty trace of capacity T."""
+        from diffmas_jax.model.transformer import jit_forward
+        from diffmas_jax.trace import KVTrace
+        jax, jnp, m = self.jax, self.jnp, self.m
+        b, t = len(tokens), len(tokens[0])
+        trace = KVTrace.create(m.cfg, b, t, dtype=self.dt)
+        toks = jnp.asarray(tokens, jnp.int32)
+
+        def run():
+            out = jit_forward(m.params, m.cfg, trace, tokens=toks, compute_dtype=self.dt)
+            return jax.block_until_ready(out.logits)
+        return run
+
+    def _prefill_state(self, toks, valid, b, t, n):
+        from diffmas_jax.generation import jit_prefill, start_decode
+        from diffmas_jax.trace import KVTrace
+        m = self.m
+        trace = KVTrace.create(m.cfg, b, t + n, dtype=self.dt)
+        trace, logits, _ = jit_prefill(m.params, m.cfg, trace, toks, valid, compute_dtype=self.dt)
+        return start_decode(trace, logits, n, self.jax.random.PRNGKey(0))
+
+    def _decode(self, state, n):
+        from diffmas_jax.generation import jit_decode_steps
+        pad = self.m.tokenizer.pad_token_id or 0
+        return jit_decode_steps(self.m.params, self.m.cfg, state, num_steps=n, eos_ids=(),
+                                pad_id=int(pad), compute_dtype=self.dt)
+
+    def generate_fn(self, tokens, n):
+        """Prefill + exactly ``n`` greedy steps (eos_ids=() so no row stops early)."""
+        jax, jnp = self.jax, self.jnp
+        b, t = len(tokens), len(tokens[0])
+        toks = jnp.asarray(tokens, jnp.int32)
+        valid = jnp.ones((b, t), bool)
+
+        def run():
+            state = self._decode(self._prefill_state(toks, valid, b, t, n), n)
+            jax.block_until_ready(state.tokens)
+            return state
+        return run
+
+    def decode_only_fn(self, tokens, n):
+        """Only the ``n``-step decode loop, from a prefilled state made once outside the timing."""
+        jax, jnp = self.jax, self.jnp
+        b, t = len(tokens), len(tokens[0])
+        toks = jnp.asarray(tokens, jnp.int32)
+        state0 = jax.block_until_ready(self._prefill_state(toks, jnp.ones((b, t), bool), b, t, n))
+
+        def run():  # jit_decode_steps does not donate, so state0 stays valid across calls
+            return jax.block_until_ready(self._decode(state0, n))
+        return run
+
+    @staticmethod
+    def new_tokens(state):
+        import numpy as np
+        cnt = np.asarray(state.count)
+        return int(cnt.sum()), np.asarray(state.tokens)
+
+
+# --------------------------------------------------------------------------- transformers side
+class TorchSide:
+    def __init__(self, path, dtype: str, threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+        torch.set_num_threads(threads)
+        self.torch = torch
+        tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=tdt).eval()
+        gc = self.model.generation_config
+        # No EOS at all: every row decodes exactly N tokens and greedy picks stay plain argmax
+        # (min_new_tokens alone would mask EOS logits, which diffmas_jax does not do).
+        gc.eos_token_id = None
+        if gc.pad_token_id is None:
+            gc.pad_token_id = self.model.config.pad_token_id or 0
+
+    def prefill_fn(self, tokens):
+        torch = self.torch
+        ids = torch.tensor(tokens, dtype=torch.long)
+        mask = torch.ones_like(ids)
+
+        def run():
+            with torch.no_grad():
+                return self.model(input_ids=ids, attention_mask=mask, use_cache=True).logits
+        return run
+
+    def generate_fn(self, tokens, n):
+        torch = self.torch
+        ids = torch.tensor(tokens, dtype=torch.long)
+        mask = torch.ones_like(ids)
+
+        def run():
+            with torch.no_grad():
+                return self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                           max_new_tokens=n, min_new_tokens=n)
+        return run
+
+
+# --------------------------------------------------------------------------- main
+def fmt(x, unit=""):
+    if x is None:
+        return "n/a"
+    if isinstance(x, str):
+        return x
+    return f"{x:,.1f}{unit}" if abs(x) >= 10 else f"{x:.2f}{unit}"
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def main(argv=None):
+    import numpy as np
+    args = parse_args(argv)
+    q = args.quick
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    t_pre = args.prefill_len or (64 if q else 256)
+    t_dec = args.decode_prompt_len or (32 if q else 64)
+    n_new = args.new_tokens or (16 if q else 128)
+    reps = args.repeats or (1 if q else 3)
+    threads = args.threads or os.cpu_count() or 1
+    t_start = time.perf_counter()
+
+    log(f"settings: dtype={args.dtype} batches={batches} prefill_len={t_pre} "
+        f"decode_prompt={t_dec} new_tokens={n_new} repeats={reps} torch_threads={threads}")
+    from diffmas_jax.model.loading import load_model
+    t0 = time.perf_counter()
+    m = load_model(args.model, dtype=args.dtype)
+    log(f"loaded diffmas_jax model from {m.path} in {time.perf_counter() - t0:.1f}s")
+    info = machine_info(args)
+    info["torch_threads"] = threads
+    info["model"] = str(m.path)
+    jx = JaxSide(m, args.dtype)
+    th = None
+    if not args.skip_torch:
+        t0 = time.perf_counter()
+        th = TorchSide(m.path, args.dtype, threads)
+        log(f"loaded transformers model in {time.perf_counter() - t0:.1f}s")
+
+    rows, compile_rows, checks = [], [], {}
+    plan = [("prefill", b) for b in batches] + [("decode", b) for b in batches]
+    for i, (what, b) in enumerate(plan, 1):
+        tag = f"[{i}/{len(plan)}]"
+        if what == "prefill":
+            prompts = make_prompts(m.tokenizer, b, t_pre)
+            ntok = b * t_pre
+            name = f"prefill tok/s (B={b}, T={t_pre})"
+            log(f"{tag} {name}: diffmas_jax")
+            fn = jx.prefill_fn(prompts)
+            first, jl = timed_first(fn)
+            med, samples, jl = median_time(fn, reps)
+            j = {"median_s": med, "samples_s": samples, "first_call_s": first, "tok_s": ntok / med}
+            tres = None
+            if th:
+                log(f"{tag} {name}: transformers")
+                tfn = th.prefill_fn(prompts)
+                tfirst, tl = timed_first(tfn)
+                tmed, tsamples, tl = median_time(tfn, reps)
+                tres = {"median_s": tmed, "samples_s": tsamples, "first_call_s": tfirst, "tok_s": ntok / tmed}
+                diff = float(np.max(np.abs(np.asarray(jl[:, -1], np.float32) - tl[:, -1].float().numpy())))
+                checks[f"prefill_B{b}_last_logits_max_abs_diff"] = diff
+            rows.append({"measurement": name, "tokens": ntok, "diffmas_jax": j, "transformers": tres})
+            compile_rows.append((f"prefill B={b}, T={t_pre}", j, tres))
+            log(f"{tag} {name}: jax {j['tok_s']:.1f} tok/s (first call {first:.2f}s)"
+                + (f", torch {tres['tok_s']:.1f} tok/s" if tres else ""))
+        else:
+            prompts = make_prompts(m.tokenizer, b, t_dec)
+            ntok = b * n_new
+            name = f"greedy decode tok/s, end to end (B={b}, prompt {t_dec}, {n_new} new)"
+            log(f"{tag} {name}: diffmas_jax")
+            fn = jx.generate_fn(prompts, n_new)
+            first, st = timed_first(fn)
+            med, samples, st = median_time(fn, reps)
+            count, jtoks = jx.new_tokens(st)
+            assert count == ntok, f"diffmas_jax decoded {count} tokens, expected {ntok}"
+            j = {"median_s": med, "samples_s": samples, "first_call_s": first, "tok_s": ntok / med}
+            # decode-only: the loop alone, prompt already prefilled (compiled above)
+            dfn = jx.decode_only_fn(prompts, n_new)
+            dmed, dsamples, _ = median_time(dfn, reps)
+            jd = {"median_s": dmed, "samples_s": dsamples, "tok_s": ntok / dmed,
+                  "ms_per_step": 1000 * dmed / n_new}
+            tres = td = None
+            if th:
+                log(f"{tag} {name}: transformers")
+                tfn = th.generate_fn(prompts, n_new)
+                tfirst, out = timed_first(tfn)
+                tmed, tsamples, out = median_time(tfn, reps)
+                gen = out[:, t_dec:].numpy()
+                assert gen.shape == (b, n_new), f"transformers decoded {gen.shape}, expected {(b, n_new)}"
+                tres = {"median_s": tmed, "samples_s": tsamples, "first_call_s": tfirst, "tok_s": ntok / tmed}
+                # decode-only estimate: generate(N) minus generate(1) (= prefill + first token)
+                t1fn = th.generate_fn(prompts, 1)
+                t1fn()
+                t1, t1s, _ = median_time(t1fn, reps)
+                dt_ = max(tmed - t1, 1e-9)
+                td = {"median_s": dt_, "generate_1_token_s": t1, "tok_s": b * (n_new - 1) / dt_,
+                      "ms_per_step": 1000 * dt_ / (n_new - 1) if n_new > 1 else None}
+                same = jtoks == gen
+                first_div = [int(np.argmin(r)) if not r.all() else n_new for r in same]
+                checks[f"decode_B{b}_token_agreement"] = float(same.mean())
+                checks[f"decode_B{b}_identical_prefix_per_row"] = first_div
+            rows.append({"measurement": name, "tokens": ntok, "diffmas_jax": j, "transformers": tres})
+            rows.append({"measurement": f"greedy decode tok/s, decode loop only (B={b})", "tokens": ntok,
+                         "diffmas_jax": jd, "transformers": td})
+            compile_rows.append((f"prefill+decode B={b}, {t_dec}+{n_new}", j, tres))
+            log(f"{tag} {name}: jax {j['tok_s']:.1f} tok/s e2e, {jd['tok_s']:.1f} decode-only "
+                f"(first call {first:.2f}s)"
+                + (f"; torch {tres['tok_s']:.1f} e2e, {td['tok_s']:.1f} decode-only" if tres else ""))
+
+    for r in rows:
+        r["ratio_jax_over_torch"] = ratio((r["diffmas_jax"] or {}).get("tok_s"),
+                                          (r["transformers"] or {}).get("tok_s"))
+    info["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    info["total_wall_s"] = time.perf_counter() - t_start
+
+    # ---------------------------------------------------------------- report
+    md = [f"## Model throughput: diffmas_jax vs transformers ({args.dtype}{', quick' if q else ''})", "",
+          f"{info['date']} · {info['cpu_model'] or platform.processor()} · {info['cpu_count']} CPUs · "
+          f"{info['platform']} · jax {info['jax']} ({info['jax_backend']}) · torch {info.get('torch')} "
+          f"({threads} threads) · transformers {info.get('transformers')} · "
+          f"load avg start/end {fmt(info['load_avg_start'][0]) if info['load_avg_start'] else 'n/a'}"
+          f"/{fmt(info['load_avg_end'][0]) if info['load_avg_end'] else 'n/a'}", "",
+          f"Model: `{Path(m.path).name}`. Medians of {reps} run(s) after a warm-up call. "
+          "Ratio = diffmas_jax / transformers throughput (>1: diffmas_jax faster).", "",
+          "| measurement | diffmas_jax | transformers (PyTorch) | ratio |",
+          "|---|---:|---:|---:|"]
+    for r in rows:
+        jv = (r["diffmas_jax"] or {}).get("tok_s")
+        tv = (r["transformers"] or {}).get("tok_s")
+        rt = r["ratio_jax_over_torch"]
+        md.append(f"| {r['measurement']} | {fmt(jv)} | {fmt(tv)} | {fmt(rt) + 'x' if rt else 'n/a'} |")
+    md += ["", "First call (includes diffmas_jax's jit compile) vs steady-state median, seconds:", "",
+           "| call | diffmas_jax first | diffmas_jax median | diffmas_jax compile overhead "
+           "| transformers first | transformers median |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for name, j, t in compile_rows:
+        md.append(f"| {name} | {fmt(j['first_call_s'])} | {fmt(j['median_s'])} | "
+                  f"{fmt(j['first_call_s'] - j['median_s'])} | "
+                  f"{fmt(t['first_call_s']) if t else 'n/a'} | {fmt(t['median_s']) if t else 'n/a'} |")
+    if checks:
+        md += ["", "Checks: " + "; ".join(
+            f"{k} = {v if not isinstance(v, float) else f'{v:.3g}'}" for k, v in checks.items())]
+    md += ["", "Decode loop only: diffmas_jax times `jit_decode_steps` alone from a prefilled state; "
+           "transformers is estimated as generate(N) - generate(1), over N-1 steps.",
+           f"Total wall time {info['total_wall_s']:.0f}s."]
+    table = "\n".join(md)
+    print("\n" + table + "\n", flush=True)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+    suffix = ("" if args.dtype == "float32" else f"_{args.dtype}") + ("_quick" if q else "")
+    base = out_dir / f"model_{stamp}{suffix}"
+    settings = {"batches": batches, "prefill_len": t_pre, "decode_prompt_len": t_dec,
+                "new_tokens": n_new, "repeats": reps}
+    base.with_suffix(".json").write_text(json.dumps(
+        {"machine": info, "settings": settings, "results": rows, "checks": checks}, indent=2) + "\n")
+    base.with_suffix(".md").write_text(table + "\n")
+    log(f"wrote {base}.json and {base}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

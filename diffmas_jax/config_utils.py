@@ -1,0 +1,203 @@
+"""Evaluation configs: one shared default, checked and resolved into plain values.
+
+``configs/*.py`` files build on :func:`eval_config` (importing it from the installed
+package, so they load from any working directory), e.g.::
+
+    def get_config():
+        return eval_config(model="Qwen/Qwen3-8B", dtype="bfloat16", temperature=0.6)
+
+Every field can be overridden on the command line (``--config.method=single``).
+Fields that may be unset (None) are placeholders with a type, so ``--config.lora=DIR``
+and ``--config.task_options.path=FILE`` work too. ``latent_steps`` and ``roles`` are
+strings so one flag can give one value or a comma list (``--config.latent_steps=4,8,16``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from diffmas_jax.cli import UserError
+
+REALIGNS = ("ridge", "norm", "none")
+
+# Fields that do not change what an item's result is: a run may resume with new values.
+# (seed and batch_size join them for greedy decoding, whose rows do not depend on batch
+# company; with sampling they pick the random streams, so they must match.)
+RESUMABLE_FIELDS = ("limit", "batch_size", "seed", "prompt_bucket", "bootstrap_resamples")
+SAMPLING_FIELDS = ("seed", "batch_size")
+
+
+def eval_config(**overrides) -> ml_collections.ConfigDict:
+    """The default evaluation config (embedded model, LatentMAS on GSM8K), with overrides."""
+    c = ml_collections.ConfigDict()
+    # model
+    c.model = "embedded"                     # 'embedded', a local HF dir / .gguf file, or a Hub id
+    c.dtype = "float32"                      # weights and compute: float32 | bfloat16
+    c.lora = config_dict.placeholder(str)    # adapter dir (method 'diffmas' only)
+    c.lora_scale = 1.0
+    # method
+    c.method = "latent_mas"                  # single | text_mas | latent_mas | stitch_mas | diffmas
+    c.layout = "sequential"                  # sequential | hierarchical
+    c.roles = config_dict.placeholder(str)   # "planner,critic,solver": overrides the layout
+    c.latent_steps = "10"                    # one value, or one per upstream agent: "10,10,10"
+    c.realign = "ridge"                      # ridge | norm | none
+    c.realign_lambda = 1e-5
+    c.communication = "concat"               # concat | overwrite
+    c.visibility = "full"                    # full | latent_only
+    c.solver_reads_trace = True
+    # decoding
+    c.max_new_tokens = 256
+    c.text_max_new_tokens = 128              # TextMAS: tokens each upstream agent writes
+    c.enable_thinking = config_dict.placeholder(bool)  # None: the chat template's default
+    c.temperature = 0.0                      # 0 = greedy
+    c.top_p = 1.0
+    c.top_k = 0
+    c.num_samples = 1                        # > 1: self-consistency (needs temperature > 0)
+    # data
+    c.task = "gsm8k"
+    c.task_options = ml_collections.ConfigDict({
+        "path": config_dict.placeholder(str),       # jsonl: the file
+        "kind": config_dict.placeholder(str),       # jsonl: 'text' | 'math' for free-form answers
+        "timeout_s": config_dict.placeholder(float),  # code tasks: sandbox limits
+        "memory_mb": config_dict.placeholder(int),
+    })
+    c.split = "test"
+    c.data_dir = config_dict.placeholder(str)  # None: the Hugging Face Hub
+    c.limit = config_dict.placeholder(int)     # None: every item
+    # run
+    c.batch_size = 4
+    c.seed = 0
+    c.prompt_bucket = 32
+    c.bootstrap_resamples = 2000
+    for key, value in overrides.items():
+        if key not in c:
+            raise KeyError(f"eval_config has no field {key!r}")
+        if key == "latent_steps":
+            value = str(value) if not isinstance(value, (list, tuple)) else ",".join(map(str, value))
+        if key == "task_options":
+            c.task_options.update(value)
+        elif value is None:
+            continue  # the placeholders already default to None
+        else:
+            setattr(c, key, value)
+    return c
+
+
+DEFAULTS = eval_config().to_dict()
+
+
+# ----------------------------------------------------------------------- resolving
+def _int_list(name: str, value) -> Any:
+    """'10' -> 10; '4,8,16' -> [4, 8, 16]; ints and lists pass through."""
+    if isinstance(value, bool):
+        raise UserError(f"{name} must be an integer or a comma list of integers, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [p.strip() for p in str(value).split(",") if p.strip()]
+    try:
+        ints = [int(p) for p in parts]
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be an integer or a comma list of integers, got {value!r}") from None
+    if not ints:
+        raise UserError(f"{name} is empty")
+    return ints[0] if len(ints) == 1 and not isinstance(value, (list, tuple)) else ints
+
+
+def _abs_if_local(value: str | None) -> str | None:
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    return str(p.resolve()) if p.exists() else value
+
+
+def resolve(config) -> dict:
+    """Check a config and return plain JSON-able values (paths made absolute).
+
+    Raises UserError with one line for anything wrong with the values themselves;
+    whether the task, data and model exist is checked where they are loaded.
+    """
+    raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        raise UserError(f"unknown config field(s) {unknown}; known: {', '.join(sorted(DEFAULTS))}")
+    cfg = {**DEFAULTS, **raw}
+    opts = dict(cfg.get("task_options") or {})
+    cfg["task_options"] = {k: v for k, v in sorted(opts.items()) if v is not None}
+    if "path" in cfg["task_options"]:
+        cfg["task_options"]["path"] = _abs_if_local(str(cfg["task_options"]["path"]))
+
+    def positive(name, allow_none=False):
+        v = cfg[name]
+        if v is None and allow_none:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise UserError(f"{name} must be a positive integer, got {v!r}")
+
+    positive("limit", allow_none=True)
+    positive("batch_size")
+    positive("max_new_tokens")
+    positive("text_max_new_tokens")
+    positive("num_samples")
+    positive("prompt_bucket")
+    positive("bootstrap_resamples")
+    if not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool):
+        raise UserError(f"seed must be an integer, got {cfg['seed']!r}")
+    t, p, k = cfg["temperature"], cfg["top_p"], cfg["top_k"]
+    if not isinstance(t, (int, float)) or t < 0:
+        raise UserError(f"temperature must be >= 0 (0 = greedy), got {t!r}")
+    if not isinstance(p, (int, float)) or not 0 < p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {p!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise UserError(f"top_k must be an integer >= 0 (0 disables), got {k!r}")
+    cfg["temperature"], cfg["top_p"] = float(t), float(p)
+    if cfg["num_samples"] > 1 and cfg["temperature"] <= 0:
+        raise UserError(f"num_samples={cfg['num_samples']} needs temperature > 0: "
+                        "greedy samples are all the same")
+    if cfg["realign"] not in REALIGNS:
+        raise UserError(f"unknown realign {cfg['realign']!r}; known: {', '.join(REALIGNS)}")
+    cfg["latent_steps"] = _int_list("latent_steps", cfg["latent_steps"])
+    if cfg["roles"] is not None:
+        roles = [r.strip() for r in str(cfg["roles"]).split(",") if r.strip()] \
+            if not isinstance(cfg["roles"], (list, tuple)) else list(cfg["roles"])
+        if not roles:
+            raise UserError("roles is empty; leave it unset to use the layout's roles")
+        cfg["roles"] = roles
+    if cfg["method"] == "diffmas" and not cfg["lora"]:
+        raise UserError("method 'diffmas' needs a trained adapter: set --config.lora=DIR")
+    if cfg["lora"] and cfg["method"] != "diffmas":
+        raise UserError(f"lora is set but method is {cfg['method']!r}; adapters are used by "
+                        "method 'diffmas' only")
+    if cfg["lora"]:
+        if not Path(cfg["lora"]).expanduser().exists():
+            raise UserError(f"lora adapter {cfg['lora']} not found")
+        cfg["lora"] = _abs_if_local(cfg["lora"])
+    if cfg["data_dir"] is not None:
+        d = Path(cfg["data_dir"]).expanduser()
+        if not d.is_dir():
+            raise UserError(f"data_dir {cfg['data_dir']} does not exist or is not a directory")
+        cfg["data_dir"] = str(d.resolve())
+    if cfg["model"] in (None, ""):
+        cfg["model"] = "embedded"
+    cfg["model"] = _abs_if_local(cfg["model"]) if cfg["model"] != "embedded" else "embedded"
+    return json.loads(json.dumps(cfg))  # plain JSON types: what config.json will hold
+
+
+def behaviour_differences(old: dict, new: dict) -> list[str]:
+    """Fields whose change would mix results of different runs in one workdir."""
+    sampling = (new.get("temperature") or 0) > 0 or (old.get("temperature") or 0) > 0
+    skip = set(RESUMABLE_FIELDS) - (set(SAMPLING_FIELDS) if sampling else set())
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if key in skip:
+            continue
+        a, b = old.get(key, DEFAULTS.get(key)), new.get(key, DEFAULTS.get(key))
+        if a != b:
+            diffs.append(f"{key}: {a!r} -> {b!r}")
+    return diffs

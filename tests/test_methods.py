@@ -1,0 +1,119 @@
+"""Methods end to end on a tiny random model with a real chat tokenizer."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffmas_jax.agents import build_agents
+from diffmas_jax.methods import MethodConfig, run_batch, solver_visibility, upstream_visibility
+from diffmas_jax.model.loading import load_model
+from diffmas_jax.stages import make_realign
+from diffmas_jax.trace import LATENT, PROMPT, TEXT
+
+INSTR = "Put the final answer inside \\boxed{}."
+QS = ["What is 3 + 4?", "A farmer has 12 cows and sells 5 of them, then buys 9 more. How many cows now?",
+      "Is 17 prime?"]
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory, embedded):
+    """A random 2-layer llama with the embedded model's vocabulary and chat template."""
+    from conftest import save_tiny_model
+    path = save_tiny_model(tmp_path_factory.mktemp("chat") / "m", "llama", vocab_size=49152,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    embedded.tokenizer.save_pretrained(path)
+    return load_model(str(path))
+
+
+def run(model, method, qs=QS, **kw):
+    mc = MethodConfig(method=method, max_new_tokens=kw.pop("max_new_tokens", 6), text_max_new_tokens=4,
+                      latent_steps=kw.pop("latent_steps", 3), **kw)
+    return run_batch(model, qs, INSTR, mc)
+
+
+@pytest.mark.parametrize("method", ["single", "text_mas", "latent_mas", "stitch_mas"])
+def test_every_method_end_to_end(tiny_chat, method):
+    r = run(tiny_chat, method)
+    assert len(r.texts) == len(QS) and len(r.records) == len(QS)
+    for rec in r.records:
+        assert rec["generated_tokens"] >= 1 and rec["prompt_tokens"] > 10
+        assert rec["latent_slots"] == (9 if method in ("latent_mas", "stitch_mas") else 0)
+
+
+def test_latent_mas_slots_per_agent(tiny_chat):
+    from diffmas_jax.agents import agent_messages, render_chat
+    steps = (2, 5, 1)
+    r = run(tiny_chat, "latent_mas", latent_steps=steps, max_new_tokens=3)
+    agents = build_agents("sequential", None, steps)
+    for i, q in enumerate(QS):
+        per = r.records[i]["trace_per_agent"]
+        for j, a in enumerate(agents[:-1]):
+            n_prompt = len(render_chat(tiny_chat.tokenizer, agent_messages(a, q)))
+            assert per[f"{j}:{a.role}"] == n_prompt + a.latent_steps
+        assert r.records[i]["latent_slots"] == sum(steps)
+
+
+def test_realign_identity_for_tied_and_ridge_for_untied(tiny_chat, tiny_model_dir):
+    ra = make_realign(tiny_chat.params, tiny_chat.cfg, "ridge")
+    assert tiny_chat.cfg.tie_embeddings is False or True
+    m = load_model(str(tiny_model_dir("llama", tie_word_embeddings=True)), with_tokenizer=False)
+    tied = make_realign(m.params, m.cfg, "ridge")
+    np.testing.assert_allclose(tied.matrix, np.eye(m.cfg.hidden_size), atol=1e-3)
+    u = load_model(str(tiny_model_dir("qwen2")), with_tokenizer=False)
+    w = make_realign(u.params, u.cfg, "ridge", lam=1e-5)
+    w_in = np.asarray(u.params["embed"], np.float64)
+    w_out = np.asarray(u.params["lm_head"], np.float64).T
+    lhs = (w_out.T @ w_out + 1e-5 * np.eye(u.cfg.hidden_size)) @ np.asarray(w.matrix, np.float64)
+    np.testing.assert_allclose(lhs, w_out.T @ w_in, atol=1e-4)
+    assert abs(float(w.target_norm) - np.linalg.norm(w_in, axis=1).mean()) < 1e-4
+    h = jnp.ones((2, u.cfg.hidden_size))
+    assert np.allclose(np.linalg.norm(np.asarray(w(h)), axis=-1), float(w.target_norm), rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown realign mode 'rigde'"):
+        make_realign(u.params, u.cfg, "rigde")
+
+
+@pytest.mark.parametrize("method", ["latent_mas", "text_mas"])
+def test_batch_invariance_greedy(tiny_chat, method):
+    alone = run(tiny_chat, method, qs=[QS[0]], max_new_tokens=8)
+    batch = run(tiny_chat, method, qs=[QS[1], QS[0], QS[2] * 3], max_new_tokens=8)
+    assert batch.records[1]["generated_ids"] == alone.records[0]["generated_ids"]
+    assert batch.texts[1] == alone.texts[0]
+
+
+def test_zero_latent_steps_is_explicit(tiny_chat):
+    reads = run(tiny_chat, "latent_mas", latent_steps=0, solver_reads_trace=True)
+    blind = run(tiny_chat, "latent_mas", latent_steps=0, solver_reads_trace=False)
+    blind_other_roles = run(tiny_chat, "latent_mas", latent_steps=0, solver_reads_trace=False,
+                            roles=("critic", "critic", "solver"))
+    reads_other_roles = run(tiny_chat, "latent_mas", latent_steps=0, solver_reads_trace=True,
+                            roles=("critic", "critic", "solver"))
+    ids = lambda r: [x["generated_logprobs"] for x in r.records]
+    # Blind solver: upstream prompts are invisible, so changing them changes nothing.
+    np.testing.assert_allclose(np.concatenate(ids(blind)), np.concatenate(ids(blind_other_roles)), atol=1e-5)
+    # Reading solver: with m = 0 it still reads the upstream prompt slots.
+    a, b = np.concatenate(ids(reads)), np.concatenate(ids(reads_other_roles))
+    assert a.shape != b.shape or np.abs(a - b).max() > 1e-4
+    assert all(r["latent_slots"] == 0 for r in reads.records)
+
+
+def test_visibility_rules():
+    mc = MethodConfig(method="latent_mas")
+    assert upstream_visibility(mc, 2) is None
+    ov = upstream_visibility(MethodConfig(communication="overwrite"), 2).table
+    assert ov[1].all() and ov[2].all() and not ov[0].any()
+    st = upstream_visibility(MethodConfig(method="stitch_mas"), 1).table
+    assert st[1].all() and not st[0].any() and not st[2].any()
+    lo = solver_visibility(MethodConfig(visibility="latent_only"), 3, total_latent=30).table
+    assert lo[3].all() and lo[0, LATENT] and not lo[0, PROMPT] and not lo[2, TEXT]
+    blind = solver_visibility(MethodConfig(solver_reads_trace=False), 3, total_latent=0).table
+    assert blind[3].all() and not blind[:3].any()
+
+
+def test_bad_method_config():
+    with pytest.raises(ValueError, match="unknown method 'latentmas'"):
+        MethodConfig(method="latentmas").validate()
+    with pytest.raises(ValueError, match="latent_steps lists 2 values for 3 upstream agents"):
+        MethodConfig(latent_steps=(1, 2)).validate()
+    with pytest.raises(ValueError, match="unknown agent role 'boss'"):
+        MethodConfig(roles=("boss", "solver")).validate()
+    with pytest.raises(ValueError, match="needs a trained adapter"):
+        run_batch(None, ["q"], INSTR, MethodConfig(method="diffmas"))
