@@ -38,7 +38,7 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
     c.model = "embedded"                     # 'embedded', a local HF dir / .gguf file, or a Hub id
     c.dtype = "float32"                      # weights and compute: float32 | bfloat16
     c.lora = config_dict.placeholder(str)    # adapter dir (method 'diffmas' only)
-    c.lora_scale = 1.0
+    c.lora_scale = 1.0                       # multiplies the adapter's alpha/rank (1.0 = as trained)
     # method
     c.method = "latent_mas"                  # single | text_mas | latent_mas | stitch_mas | diffmas
     c.layout = "sequential"                  # sequential | hierarchical
@@ -117,6 +117,13 @@ def _abs_if_local(value: str | None) -> str | None:
     return str(p.resolve()) if p.exists() else value
 
 
+def resolve_model(model) -> str:
+    """'embedded' for the default; local paths made absolute; Hub ids unchanged."""
+    if model in (None, "", "embedded"):
+        return "embedded"
+    return _abs_if_local(str(model))
+
+
 def resolve(config) -> dict:
     """Check a config and return plain JSON-able values (paths made absolute).
 
@@ -183,9 +190,7 @@ def resolve(config) -> dict:
         if not d.is_dir():
             raise UserError(f"data_dir {cfg['data_dir']} does not exist or is not a directory")
         cfg["data_dir"] = str(d.resolve())
-    if cfg["model"] in (None, ""):
-        cfg["model"] = "embedded"
-    cfg["model"] = _abs_if_local(cfg["model"]) if cfg["model"] != "embedded" else "embedded"
+    cfg["model"] = resolve_model(cfg["model"])
     return json.loads(json.dumps(cfg))  # plain JSON types: what config.json will hold
 
 
@@ -201,3 +206,19 @@ def behaviour_differences(old: dict, new: dict) -> list[str]:
         if a != b:
             diffs.append(f"{key}: {a!r} -> {b!r}")
     return diffs
+
+
+def qwen3_config(model_id: str, batch_size: int = 4) -> ml_collections.ConfigDict:
+    """The paper's Qwen3 rows: temperature 0.6, top-p 0.95, thinking on, long answers.
+
+    Task defaults to AIME24 from the Hugging Face Hub (data_dir None); the paper also
+    reports aime25, gpqa_diamond, humanevalplus and mbppplus (--config.task=...).
+    Memory: the KV trace keeps batch x (prompts + latent steps + max_new_tokens) slots
+    per layer, about 4.5 GiB per row at 32k tokens for Qwen3-8B in bfloat16.
+    """
+    return eval_config(
+        model=model_id, dtype="bfloat16",
+        method="latent_mas", task="aime24", split="test", data_dir=None,
+        batch_size=batch_size, max_new_tokens=32768, text_max_new_tokens=4096,
+        latent_steps=10, realign="ridge", enable_thinking=True,
+        temperature=0.6, top_p=0.95, top_k=0)

@@ -13,6 +13,7 @@ from .choice_tasks import ARC, CommonsenseQA, GPQADiamond, MedQA, OpenBookQA
 from .code_tasks import HumanEvalPlus, MBPPPlus
 from .custom import JsonlTask
 from .math_tasks import AIME, GSM8K, MATH500
+from .synthetic import Arithmetic
 
 _FACTORIES = {
     "gsm8k": GSM8K,
@@ -28,6 +29,7 @@ _FACTORIES = {
     "humanevalplus": HumanEvalPlus,
     "math500": MATH500,
     "jsonl": JsonlTask,
+    "arith": Arithmetic,
 }
 TASK_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 

@@ -1,0 +1,54 @@
+"""DiffMAS training on the embedded SmolLM2-135M (CPU-sized defaults).
+
+    python -m diffmas_jax.train --config configs/embedded_train.py --workdir runs/train
+"""
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.model = "embedded"
+    c.dtype = "float32"
+    c.method = "diffmas"              # diffmas | single_sft
+    c.task = "arith"                  # generated arithmetic word problems (offline)
+    c.task_path = placeholder(str)     # task=jsonl: the JSONL file of (question, answer, target)
+    c.split = "train"
+    c.data_dir = placeholder(str)       # None: generated / Hugging Face hub
+    c.limit = 256
+    c.layout = "sequential"
+    c.roles = placeholder(str)         # e.g. "planner,solver"; None: the layout
+    c.latent_steps = "4"              # one value, or a comma list with one per upstream agent
+    c.realign = "ridge"
+    c.realign_lambda = 1e-5
+    c.communication = "concat"        # concat | overwrite
+    c.visibility = "full"             # full | latent_only
+    c.trace_grad = "stop"             # stop | full
+    c.enable_thinking = placeholder(bool)
+    # LoRA
+    c.lora_rank = 8
+    c.lora_alpha = 16.0
+    c.lora_targets = "q,k,v,o,gate,up,down"
+    c.lora_dropout = 0.0
+    c.lora_per_role = False
+    # optimisation
+    c.batch_size = 4
+    c.steps = 60                      # micro-batches
+    c.grad_accum = 1
+    c.lr = 1e-3
+    c.warmup_steps = 5
+    c.weight_decay = 0.0
+    c.clip = 1.0
+    c.max_target_tokens = 64
+    c.trace_capacity = placeholder(int)  # None: exactly what the longest batch needs
+    c.remat = False
+    c.seed = 0
+    # bookkeeping
+    c.checkpoint_every = 20
+    c.keep_checkpoints = 2
+    c.eval_every = 20
+    c.eval_items = 8
+    c.log_every = 1
+    c.on_nan = "stop"                 # stop | skip
+    c.export_peft = True
+    return c

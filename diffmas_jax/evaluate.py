@@ -1,0 +1,521 @@
+"""Evaluate one method on one benchmark; an interrupted run resumes where it stopped.
+
+    python -m diffmas_jax.evaluate --config configs/embedded_eval.py --workdir runs/eval \
+        --config.method=single --config.task=arc_easy --config.limit=20
+
+The workdir holds:
+  config.json    the resolved config (a later run with different results-changing
+                 fields is refused instead of mixing results)
+  items.jsonl    one JSON line per finished item, appended and fsynced per batch
+  summary.json   accuracy with a 95% bootstrap CI, tokens, time, decoding stability,
+                 every config value and library versions; rewritten (atomically) after
+                 every batch, with complete=true once every item is done.
+
+Batches are fixed slices of the item list (items 0..B-1, B..2B-1, ...) with a seed
+derived from the slice index and the sample index, so a resumed run decodes every
+item exactly as an uninterrupted one would (greedy rows never depend on batch
+company; a partially written sampled batch is decoded again in full).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from absl import flags
+from ml_collections import config_flags
+
+from diffmas_jax import config_utils, metrics
+from diffmas_jax.cli import UserError, run_cli
+
+FLAGS = flags.FlagValues()  # private, so importing this module never clashes with other flags
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "ml_collections config file (configs/*.py); override fields with --config.x=y",
+    flag_values=FLAGS, lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory; rerun with the same one to resume",
+                               flag_values=FLAGS)
+
+ITEMS, SUMMARY, CONFIG = "items.jsonl", "summary.json", "config.json"
+SAMPLE_SEED_STRIDE = 1_000_003  # seed of (batch b, sample s) = seed + b + s * stride
+CI_SEED = 0
+
+
+# ------------------------------------------------------------------------ files
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write a whole file so readers see the old or the new version, never a mix."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _json_line(rec: dict) -> bytes:
+    return (json.dumps(rec, ensure_ascii=False, default=_jsonable) + "\n").encode("utf-8")
+
+
+def _jsonable(x):
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def read_items(path: Path) -> tuple[dict, bool]:
+    """Finished records by id (file order) and whether the file needs repairing.
+
+    A last line that does not parse is the torn tail of an interrupted append: it is
+    dropped (its item is run again). A bad line anywhere else is real damage and is
+    refused. Repeated ids keep their first record.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}, False
+    data = path.read_bytes()
+    if not data:
+        return {}, False
+    lines = data.split(b"\n")
+    repair = lines[-1] != b""  # no final newline: the last append did not finish
+    if not repair:
+        lines.pop()
+    done: dict = {}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            repair = True
+            continue
+        try:
+            rec = json.loads(line)
+            ok = isinstance(rec, dict) and "id" in rec
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            ok = False
+        if not ok:
+            if i == len(lines) - 1:
+                repair = True
+                continue
+            raise UserError(f"{path}:{i + 1}: damaged line before the end of the file; "
+                            "fix or remove it, or use a new workdir")
+        if rec["id"] in done:
+            repair = True
+            continue
+        done[rec["id"]] = rec
+    return done, repair
+
+
+def rewrite_items(path: Path, done: dict) -> None:
+    atomic_write(path, b"".join(_json_line(r) for r in done.values()))
+
+
+def append_items(path: Path, records: list[dict]) -> None:
+    """One write per batch, flushed and fsynced before the summary says it is done."""
+    with open(path, "ab") as f:
+        f.write(b"".join(_json_line(r) for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_previous_config(workdir: Path, cfg: dict) -> Optional[dict]:
+    """Refuse a workdir that holds results of a run with different behaviour."""
+    cfg_path = workdir / CONFIG
+    if not cfg_path.exists():
+        if (workdir / ITEMS).exists() and (workdir / ITEMS).stat().st_size > 0:
+            raise UserError(f"{workdir} has {ITEMS} but no {CONFIG}; cannot tell which config made "
+                            "those results: use a new workdir")
+        return None
+    try:
+        old = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{cfg_path}: cannot read the previous run's config ({e})") from None
+    if not isinstance(old, dict):
+        raise UserError(f"{cfg_path}: not a config object")
+    diffs = config_utils.behaviour_differences(old, cfg)
+    if diffs:
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise UserError(f"{workdir} holds results of a different configuration ({shown}); "
+                        "use a new --workdir or the same config")
+    return old
+
+
+# ------------------------------------------------------------------- building
+def method_config(cfg: dict):
+    from diffmas_jax.generation import SamplingConfig
+    from diffmas_jax.methods import MethodConfig
+    mc = MethodConfig(
+        method=cfg["method"], layout=cfg["layout"],
+        roles=tuple(cfg["roles"]) if cfg["roles"] is not None else None,
+        latent_steps=tuple(cfg["latent_steps"]) if isinstance(cfg["latent_steps"], list) else cfg["latent_steps"],
+        realign=cfg["realign"], realign_lambda=float(cfg["realign_lambda"]),
+        communication=cfg["communication"], visibility=cfg["visibility"],
+        solver_reads_trace=bool(cfg["solver_reads_trace"]), max_new_tokens=cfg["max_new_tokens"],
+        text_max_new_tokens=cfg["text_max_new_tokens"], enable_thinking=cfg["enable_thinking"],
+        sampling=SamplingConfig(cfg["temperature"], cfg["top_p"], cfg["top_k"]),
+        compute_dtype=cfg["dtype"], prompt_bucket=cfg["prompt_bucket"])
+    try:
+        return mc.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def load_adapter(path: str):
+    """Trained LoRA adapter for method 'diffmas' (diffmas_jax.lora, imported lazily)."""
+    import importlib
+    try:
+        lora_mod = importlib.import_module("diffmas_jax.lora")
+    except ModuleNotFoundError as e:
+        if e.name == "diffmas_jax.lora":
+            raise UserError("loading adapters needs diffmas_jax.lora") from None
+        raise
+    if not hasattr(lora_mod, "load_adapter"):
+        raise UserError("loading adapters needs diffmas_jax.lora")
+    return lora_mod.load_adapter(path)
+
+
+def adapter_parts(adapter, cfg: dict) -> tuple:
+    """(tree for run_batch, effective scale, metadata to record) of a loaded adapter.
+
+    config.lora_scale multiplies the adapter's own alpha/rank (1.0 = as trained).
+    """
+    tree = getattr(adapter, "tree", adapter)
+    base = float(getattr(adapter, "scale", 1.0))
+    meta = dict(getattr(adapter, "meta", {}) or {})
+    trained_on = meta.get("model")
+    if trained_on is not None and config_utils.resolve_model(str(trained_on)) != cfg["model"]:
+        print(f"warning: adapter {cfg['lora']} was trained on model {trained_on!r}, evaluating "
+              f"{cfg['model']!r}", file=sys.stderr)
+    if isinstance(tree, dict) and "roles" in tree:
+        roles = cfg["roles"] or list(_agent_roles(cfg))
+        missing = [r for r in roles if r not in tree["roles"]]
+        if missing:
+            print(f"warning: per-role adapter has no weights for role(s) {missing}; they run the base model",
+                  file=sys.stderr)
+    return tree, base * float(cfg["lora_scale"]), meta
+
+
+def _agent_roles(cfg: dict):
+    return [a.role for a in method_config(cfg).agents()]
+
+
+def vote_key(task, item):
+    """Equivalence class of a prediction for majority voting ("18.0" ~ "18")."""
+    from diffmas_jax.tasks import scoring
+
+    def key(pred: str):
+        p = str(pred).strip()
+        if item.kind == "choice":
+            return p.upper()
+        if item.kind == "code":
+            return p
+        v = scoring.parse_number(p)
+        return ("num", scoring.format_number(v)) if v is not None else ("str", scoring.normalize_math(p))
+    return key
+
+
+def batch_seed(seed: int, batch: int, sample: int) -> int:
+    return int(seed) + batch + sample * SAMPLE_SEED_STRIDE
+
+
+def make_record(task, item, index: int, samples: list, row: int, latency: float, batch: int) -> dict:
+    """One items.jsonl line. ``samples``: [(seed, BatchResult)], the first is the primary."""
+    outs = []
+    for seed, res in samples:
+        text, rec = res.texts[row], res.records[row]
+        scored = task.score(item, text)
+        outs.append((seed, text, rec, scored))
+    seed0, text0, rec0, scored0 = outs[0]
+    record = {
+        "id": item.id, "question": item.question, "prediction": scored0["prediction"],
+        "output": text0, "gold": item.gold, "correct": bool(scored0["correct"]),
+        "prompt_tokens": int(rec0["prompt_tokens"]), "generated_tokens": int(rec0["generated_tokens"]),
+        "latent_slots": int(rec0.get("latent_slots", 0)), "trace_per_agent": rec0.get("trace_per_agent", {}),
+        "latency_s": round(latency, 4), "index": index, "batch": batch, "seed": seed0,
+    }
+    for extra in ("answer_tokens", "notes"):
+        if extra in rec0:
+            record[extra] = rec0[extra]
+    record["generated_logprobs"] = [round(float(x), 4) for x in rec0.get("generated_logprobs", [])]
+    if len(outs) > 1:
+        record["samples"] = [
+            {"seed": s, "prediction": sc["prediction"], "correct": bool(sc["correct"]), "output": t,
+             "generated_tokens": int(r["generated_tokens"]),
+             "generated_logprobs": [round(float(x), 4) for x in r.get("generated_logprobs", [])]}
+            for s, t, r, sc in outs]
+        winner, agreement = metrics.majority_vote([sc["prediction"] for _, _, _, sc in outs],
+                                                  key=vote_key(task, item))
+        record["majority_prediction"] = winner
+        record["majority_correct"] = bool(winner) and bool(task.is_correct(item, winner))
+        record["agreement"] = agreement
+    return record
+
+
+# ------------------------------------------------------------------------ summary
+def _finite(x):
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _mean(values):
+    return float(sum(values) / len(values)) if values else None
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("diffmas_jax", "jax", "jaxlib", "flax", "transformers", "numpy", "ml_collections"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    if "jax" in sys.modules:
+        try:
+            import jax
+            devs = jax.devices()
+            out["backend"] = jax.default_backend()
+            out["devices"] = f"{len(devs)} x {devs[0].device_kind}"
+        except Exception:  # best effort: a summary must not fail on this
+            pass
+    return out
+
+
+def build_summary(cfg: dict, items: list, done: dict, run: dict) -> dict:
+    recs = [done[it.id] for it in items if it.id in done]
+    n = len(recs)
+    correct = [1.0 if r["correct"] else 0.0 for r in recs]
+    lo, hi = metrics.bootstrap_ci(correct, cfg["bootstrap_resamples"], 0.95, seed=CI_SEED)
+    all_lps = []
+    for r in recs:
+        if "samples" in r:
+            all_lps.extend(s["generated_logprobs"] for s in r["samples"])
+        else:
+            all_lps.append(r.get("generated_logprobs", []))
+    gen_time = sum(float(r.get("latency_s", 0.0)) for r in recs)
+    tokens = {"prompt": _mean([r["prompt_tokens"] for r in recs]),
+              "generated": _mean([r["generated_tokens"] for r in recs]),
+              "latent_slots": _mean([r.get("latent_slots", 0) for r in recs])}
+    if any("answer_tokens" in r for r in recs):
+        tokens["answer"] = _mean([r.get("answer_tokens", r["generated_tokens"]) for r in recs])
+    if cfg["num_samples"] > 1:
+        tokens["generated_all_samples"] = _mean(
+            [sum(s["generated_tokens"] for s in r.get("samples", [])) for r in recs])
+    sc = None
+    if cfg["num_samples"] > 1:
+        with_s = [r for r in recs if "samples" in r]
+        sc = metrics.self_consistency([[s["correct"] for s in r["samples"]] for r in with_s],
+                                      [r["majority_correct"] for r in with_s],
+                                      [r["agreement"] for r in with_s])
+    total_generated = sum(r["generated_tokens"] + sum(s["generated_tokens"] for s in r.get("samples", [])[1:])
+                          for r in recs)
+    summary = {
+        "complete": n == len(items),
+        "n": n, "n_total": len(items), "correct": int(sum(correct)),
+        "accuracy": _mean(correct),
+        "accuracy_ci95": [_finite(lo), _finite(hi)],
+        "ci_method": f"percentile bootstrap over items, {cfg['bootstrap_resamples']} resamples, seed {CI_SEED}",
+        "accuracy_note": ("accuracy and prediction are the first sample's; see decoding.self_consistency"
+                          if cfg["num_samples"] > 1 else "one decoding per item"),
+        "tokens_per_question": tokens,
+        "seconds_per_question": gen_time / n if n else None,
+        "generated_tokens_per_second": total_generated / gen_time if gen_time > 0 else None,
+        "wall_time_s": {"generation_all_runs": round(gen_time, 3),
+                        "this_run": round(time.perf_counter() - run["t_start"], 3),
+                        "model_load_this_run": run.get("model_load_s")},
+        "decoding": {
+            "perplexity": metrics.perplexity(all_lps),
+            "surprisal_curve": metrics.surprisal_curve(all_lps),
+            "surprisal_note": ("mean negative log-prob of the emitted token by output position; "
+                               "not the full-distribution entropy, which decoding does not keep"),
+            "self_consistency": sc,
+        },
+        "resumed_with": run["resumed_with"],
+        "adapter": run.get("adapter"),
+        "config": cfg,
+        "versions": run["versions"],
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return summary
+
+
+def write_summary(workdir: Path, summary: dict) -> None:
+    atomic_write(workdir / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
+
+
+# ------------------------------------------------------------------------- main
+def evaluate(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
+    """Run (or resume) an evaluation; returns the final summary."""
+    t_start = time.perf_counter()
+    cfg = config_utils.resolve(config)
+    mc = method_config(cfg)
+
+    from diffmas_jax.tasks import get_task
+    task = get_task(cfg["task"], **cfg["task_options"])
+    items = task.load(cfg["split"], data_dir=cfg["data_dir"], limit=cfg["limit"])
+
+    workdir = Path(workdir).expanduser()
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"workdir {workdir} exists and is not a directory")
+    check_previous_config(workdir, cfg)
+    items_path = workdir / ITEMS
+    done, repair = read_items(items_path)
+    todo_n = sum(1 for it in items if it.id not in done)
+
+    adapter, lora_scale, adapter_meta, model, load_s = None, 1.0, None, None, None
+    if todo_n:
+        if cfg["lora"]:
+            adapter, lora_scale, adapter_meta = adapter_parts(load_adapter(cfg["lora"]), cfg)
+        from diffmas_jax.model.loading import load_model
+        t0 = time.perf_counter()
+        model = load_model(cfg["model"], dtype=cfg["dtype"])
+        load_s = round(time.perf_counter() - t0, 3)
+
+    # Everything the user asked for checks out: from here on files are written.
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write(workdir / CONFIG, json.dumps(cfg, indent=2) + "\n")
+    if repair:
+        rewrite_items(items_path, done)
+    run = {"t_start": t_start, "model_load_s": load_s, "versions": versions(),
+           "adapter": None if adapter is None else {"meta": adapter_meta, "effective_scale": lora_scale},
+           "resumed_with": sum(1 for it in items if it.id in done)}
+    write_summary(workdir, build_summary(cfg, items, done, run))
+
+    from tqdm import tqdm
+    from diffmas_jax.methods import run_batch
+    bs, sampling = cfg["batch_size"], cfg["temperature"] > 0
+    bar = tqdm(total=len(items), initial=len(items) - todo_n, unit="item", file=sys.stderr,
+               desc=f"{cfg['method']}/{cfg['task']}", disable=not progress, dynamic_ncols=True)
+    try:
+        for b, start in enumerate(range(0, len(items), bs)):
+            chunk = items[start:start + bs]
+            todo = [it for it in chunk if it.id not in done]
+            if not todo:
+                continue
+            # Greedy rows do not depend on their batch company, so only missing items run;
+            # sampled rows do (one random stream per batch), so the whole slice runs again.
+            run_items = chunk if sampling else todo
+            t0 = time.perf_counter()
+            samples = []
+            for s in range(cfg["num_samples"]):
+                seed = batch_seed(cfg["seed"], b, s)
+                res = run_batch(model, [it.question for it in run_items], task.answer_instruction, mc,
+                                lora=adapter, lora_scale=lora_scale, seed=seed)
+                samples.append((seed, res))
+            latency = (time.perf_counter() - t0) / len(run_items)
+            index = {it.id: start + i for i, it in enumerate(chunk)}
+            new = [make_record(task, it, index[it.id], samples, row, latency, b)
+                   for row, it in enumerate(run_items) if it.id not in done]
+            append_items(items_path, new)
+            for r in new:
+                done[r["id"]] = r
+            bar.update(len(new))
+            write_summary(workdir, build_summary(cfg, items, done, run))
+    finally:
+        bar.close()
+    summary = build_summary(cfg, items, done, run)
+    write_summary(workdir, summary)
+    return summary
+
+
+def enable_compilation_cache() -> Optional[str]:
+    """Keep compiled programs on disk so a resumed or repeated run skips compiling.
+
+    JAX_COMPILATION_CACHE_DIR, when set, wins (JAX reads it itself); otherwise the
+    cache lives under the diffmas_jax cache root (DIFFMAS_CACHE / ~/.cache/diffmas_jax).
+    """
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    try:
+        import jax
+        from diffmas_jax.model.loading import cache_root
+        path = str(cache_root() / "jax_cache")
+        jax.config.update("jax_compilation_cache_dir", path)
+        return path
+    except Exception:  # a cache is an optimisation, never a reason to fail
+        return None
+
+
+def _usage() -> str:
+    fields = ", ".join(sorted(config_utils.DEFAULTS))
+    return (f"{__doc__}\nFlags:\n  --config FILE        {_CONFIG.name} file (configs/*.py)\n"
+            f"  --config.FIELD=VALUE override a field; fields: {fields}\n"
+            f"  --workdir DIR        output directory (resumes)\n")
+
+
+def _config_path_arg(argv: list) -> Optional[str]:
+    for i, a in enumerate(argv[1:], 1):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def parse_flags(argv: list) -> list:
+    """Parse absl flags; every problem becomes one UserError line."""
+    path = _config_path_arg(argv)
+    if path is not None and not Path(path.split(":", 1)[0]).expanduser().is_file():
+        raise UserError(f"config file {path.split(':', 1)[0]} not found")
+    try:
+        rest = FLAGS(argv)
+        if _CONFIG.value is not None:
+            _CONFIG.value.to_dict()  # config_flags defers some load errors to first use
+    except flags.Error as e:
+        raise UserError(_first_line(e)) from None
+    except (AttributeError, KeyError) as e:
+        name = _first_line(e).strip("\"'")
+        raise UserError(f"unknown config field {name!r} in a --config.FIELD=VALUE override "
+                        f"(or in {path})") from None
+    except Exception as e:  # the config file's own code failed
+        raise UserError(f"cannot load config file {path}: {type(e).__name__}: {_first_line(e)}") from None
+    return rest
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv if argv is None else ["evaluate", *argv])
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(_usage())
+        return 0
+    rest = parse_flags(argv)
+    if len(rest) > 1:
+        raise UserError(f"unexpected arguments {rest[1:]}; fields are set with --config.FIELD=VALUE")
+    if _CONFIG.value is None:
+        raise UserError("--config is required (e.g. --config configs/embedded_eval.py)")
+    if not _WORKDIR.value:
+        raise UserError("--workdir is required")
+    enable_compilation_cache()
+    summary = evaluate(_CONFIG.value, _WORKDIR.value)
+    acc, (lo, hi) = summary["accuracy"], summary["accuracy_ci95"]
+    cfg = summary["config"]
+    line = (f"{cfg['method']} on {cfg['task']}: accuracy {acc:.3f} (95% CI {lo:.3f}-{hi:.3f}), "
+            if acc is not None else f"{cfg['method']} on {cfg['task']}: ")
+    print(f"{line}{summary['n']}/{summary['n_total']} items -> {Path(_WORKDIR.value) / SUMMARY}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

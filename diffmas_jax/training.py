@@ -1,0 +1,180 @@
+"""The DiffMAS training step: Stage I builds the trace with the LoRA applied, Stage II
+teacher-forces the solver's target; only the LoRA tree gets gradients.
+
+``trace_grad="full"`` backpropagates through every upstream agent (a chain of
+per-stage VJPs, so the gradient arriving at each agent's segment is measured on
+the way: Proposition 3.1 as a logged number); ``"stop"`` treats the trace as a
+constant. ``single_sft`` trains the same adapter on the same targets with no
+upstream agents.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from diffmas_jax.agents import agent_messages, render_chat
+from diffmas_jax.generation import bucket_length, pad_batch
+from diffmas_jax.methods import MethodConfig, select_lora, solver_visibility, upstream_visibility
+from diffmas_jax.model.transformer import resolve_dtype
+from diffmas_jax.stages import Realign, agent_stage, teacher_forced_nll
+from diffmas_jax.trace import KVTrace, TraceOverflowError
+
+TRAIN_METHODS = ("diffmas", "single_sft")
+TRACE_GRADS = ("stop", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static description of the training step (hashable: a jit static argument)."""
+    method: str
+    trace_grad: str
+    roles: tuple            # all agents, the last is the solver
+    latent_steps: tuple     # per upstream agent
+    up_lengths: tuple       # padded prompt length per upstream agent
+    solver_length: int      # padded solver prompt + target length
+    capacity: int
+    lora_scale: float
+    communication: str = "concat"
+    visibility: str = "full"
+    remat: bool = False
+    compute_dtype: str = "float32"
+
+    def method_config(self) -> MethodConfig:
+        return MethodConfig(method="latent_mas", roles=self.roles, latent_steps=self.latent_steps,
+                            communication=self.communication, visibility=self.visibility)
+
+
+@dataclasses.dataclass
+class EncodedData:
+    up_tokens: list          # per upstream agent: [N, T_j] int32
+    up_valid: list           # per upstream agent: [N, T_j] bool
+    tokens: np.ndarray       # [N, T] solver prompt + target
+    valid: np.ndarray
+    target_mask: np.ndarray
+    n_target: np.ndarray     # [N] target tokens per item
+
+
+def encode_items(tokenizer, items, answer_instruction: str, mc: MethodConfig, method: str,
+                 max_target_tokens: int, bucket: int = 32) -> tuple[EncodedData, tuple]:
+    """Tokenize every item once into fixed shapes, so the whole run compiles once."""
+    agents = mc.agents() if method == "diffmas" else MethodConfig(method="single", layout=mc.layout,
+                                                                   roles=mc.roles).agents()
+    upstream, solver = agents[:-1], agents[-1]
+    eos = tokenizer.eos_token_id
+    up_tokens, up_valid = [], []
+    for a in upstream:
+        seqs = [render_chat(tokenizer, agent_messages(a, it.question), mc.enable_thinking) for it in items]
+        t, v = pad_batch(seqs, tokenizer.pad_token_id or 0, multiple=bucket)
+        up_tokens.append(t)
+        up_valid.append(v)
+    seqs, marks = [], []
+    for it in items:
+        prompt = render_chat(tokenizer, agent_messages(solver, it.question, answer_instruction=answer_instruction,
+                                                       is_solver=True, has_team=method == "diffmas"),
+                             mc.enable_thinking)
+        target = tokenizer(it.target, add_special_tokens=False)["input_ids"][:max_target_tokens - 1] + [eos]
+        seqs.append(prompt + target)
+        marks.append([False] * len(prompt) + [True] * len(target))
+    tokens, valid = pad_batch(seqs, tokenizer.pad_token_id or 0, multiple=bucket)
+    target_mask = np.zeros_like(valid)
+    for i, m in enumerate(marks):
+        target_mask[i, :len(m)] = m
+    data = EncodedData(up_tokens, up_valid, tokens, valid, target_mask, target_mask.sum(1))
+    return data, agents
+
+
+def batch_of(data: EncodedData, idx) -> dict:
+    return {"up_tokens": [t[idx] for t in data.up_tokens], "up_valid": [v[idx] for v in data.up_valid],
+            "tokens": data.tokens[idx], "valid": data.valid[idx], "target_mask": data.target_mask[idx]}
+
+
+def loss_and_grads(lora, params, cfg, realign: Realign, batch: dict, sc: StepConfig):
+    """Returns (loss, lora grads, per-upstream-segment gradient norms [K])."""
+    dtype = resolve_dtype(sc.compute_dtype)
+    b = batch["tokens"].shape[0]
+    k_up = len(sc.latent_steps)
+    mc = sc.method_config()
+    trace = KVTrace.create(cfg, b, sc.capacity, dtype=dtype)
+    vjps = []
+    for j in range(k_up):
+        role = sc.roles[j]
+        prev = trace
+
+        def stage(lo, k, v, j=j, role=role, prev=prev):
+            out = agent_stage(params, cfg, prev.replace(k=k, v=v), batch["up_tokens"][j], batch["up_valid"][j],
+                              realign, steps=sc.latent_steps[j], segment=j, visible=upstream_visibility(mc, j),
+                              lora=select_lora(lo, role), lora_scale=sc.lora_scale, compute_dtype=dtype,
+                              remat=sc.remat)
+            return (out.k, out.v), out
+
+        if sc.trace_grad == "full":
+            _, vjp, trace = jax.vjp(stage, lora, trace.k, trace.v, has_aux=True)
+            vjps.append(vjp)
+        else:
+            _, trace = stage(lora, trace.k, trace.v)
+            trace = trace.replace(k=jax.lax.stop_gradient(trace.k), v=jax.lax.stop_gradient(trace.v))
+    solver_role = sc.roles[-1]
+    vis = solver_visibility(mc, k_up, sum(sc.latent_steps)) if k_up else None
+
+    def solver_loss(lo, k, v):
+        tr = trace.replace(k=k, v=v)
+        if sc.trace_grad == "stop":
+            tr = tr.replace(k=jax.lax.stop_gradient(k), v=jax.lax.stop_gradient(v))
+        nll, n = teacher_forced_nll(params, cfg, tr, batch["tokens"], batch["valid"], batch["target_mask"],
+                                    segment=k_up, visible=vis, lora=select_lora(lo, solver_role),
+                                    lora_scale=sc.lora_scale, compute_dtype=dtype, remat=sc.remat)
+        return nll / jnp.maximum(n, 1.0)
+
+    loss, (g_lora, g_k, g_v) = jax.value_and_grad(solver_loss, argnums=(0, 1, 2))(lora, trace.k, trace.v)
+    seg_norms = []
+    for j in reversed(range(k_up)):
+        # g_k/g_v now hold the total gradient w.r.t. the trace as stage j left it; its
+        # segment-j slots are what stage j wrote.
+        m = ((trace.segment == j) & trace.valid)[None, :, :, None, None]
+        seg_norms.append(jnp.sqrt(jnp.sum(jnp.where(m, g_k, 0) ** 2) + jnp.sum(jnp.where(m, g_v, 0) ** 2)))
+        if sc.trace_grad == "full":
+            g_lo_j, g_k, g_v = vjps[j]((g_k, g_v))
+            g_lora = jax.tree.map(jnp.add, g_lora, g_lo_j)
+    norms = jnp.stack(seg_norms[::-1]) if seg_norms else jnp.zeros((0,))
+    return loss, g_lora, norms
+
+
+def make_optimizer(lr: float, total_steps: int, warmup_steps: int, weight_decay: float, clip: float,
+                   grad_accum: int) -> optax.GradientTransformation:
+    """AdamW with warmup + cosine decay and global-norm clipping, accumulated over micro-batches."""
+    opt_steps = max(1, total_steps // grad_accum)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup_steps, max(opt_steps - 1, 0)), opt_steps,
+                                                  end_value=0.0) if opt_steps > 1 else optax.constant_schedule(lr)
+    tx = optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, weight_decay=weight_decay))
+    return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
+
+
+def make_train_step(cfg, sc: StepConfig, optimizer):
+    """A jitted (lora, opt_state, params, realign, batch) -> (lora, opt_state, metrics)."""
+    def step(lora, opt_state, params, realign, batch):
+        loss, grads, norms = loss_and_grads(lora, params, cfg, realign, batch, sc)
+        updates, opt_state = optimizer.update(grads, opt_state, lora)
+        lora = optax.apply_updates(lora, updates)
+        return lora, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "segment_grad_norms": norms}
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_eval_loss(cfg, sc: StepConfig):
+    def f(lora, params, realign, batch):
+        return loss_and_grads(lora, params, cfg, realign, batch, dataclasses.replace(sc, trace_grad="stop"))[0]
+    return jax.jit(f)
+
+
+def step_capacity(data: EncodedData, latent_steps: Sequence[int], capacity: Optional[int]) -> int:
+    need = sum(t.shape[1] for t in data.up_tokens) + sum(latent_steps) + data.tokens.shape[1]
+    if capacity is not None and capacity < need:
+        raise TraceOverflowError(
+            f"KV trace overflow: training needs {need} slots (agent prompts + latent steps + solver prompt "
+            f"and target) but trace_capacity is {capacity}")
+    return capacity or need

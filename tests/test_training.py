@@ -1,0 +1,194 @@
+"""DiffMAS training: LoRA semantics, gradient modes, overfitting, exact resume, exports, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from diffmas_jax.lora import (LoraConfig, LoraConfigError, export_merged, export_peft, init_lora, load_adapter,
+                              merge_lora, save_adapter)
+from diffmas_jax.methods import MethodConfig
+from diffmas_jax.model.loading import load_model
+from diffmas_jax.model.transformer import jit_forward
+from diffmas_jax.stages import make_realign
+from diffmas_jax.tasks import get_task
+from diffmas_jax.trace import KVTrace
+from diffmas_jax.training import (StepConfig, batch_of, encode_items, loss_and_grads, make_optimizer,
+                                  make_train_step, step_capacity)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory, embedded):
+    from conftest import save_tiny_model
+    path = save_tiny_model(tmp_path_factory.mktemp("chat") / "m", "llama", vocab_size=49152, hidden_size=32,
+                           intermediate_size=48, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                           initializer_range=0.5)
+    embedded.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat(chat_dir):
+    return load_model(str(chat_dir))
+
+
+def random_lora(cfg, lcfg, seed=0):
+    lora = init_lora(cfg, lcfg, jax.random.PRNGKey(seed))
+    return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape), lora)
+
+
+def setup_step(model, trace_grad, roles=("planner", "critic", "solver"), steps=(2, 2), n=4, method="diffmas"):
+    mc = MethodConfig(method="latent_mas", roles=roles, latent_steps=steps)
+    task = get_task("arith", size=64)
+    items = task.load("train", limit=n)
+    data, agents = encode_items(model.tokenizer, items, task.answer_instruction, mc, method, 24)
+    latent = tuple(a.latent_steps for a in agents[:-1])
+    lcfg = LoraConfig(rank=4, alpha=8.0)
+    sc = StepConfig(method=method, trace_grad=trace_grad, roles=tuple(a.role for a in agents), latent_steps=latent,
+                    up_lengths=tuple(t.shape[1] for t in data.up_tokens), solver_length=data.tokens.shape[1],
+                    capacity=step_capacity(data, latent, None), lora_scale=lcfg.scale)
+    batch = jax.tree.map(jnp.asarray, batch_of(data, np.arange(n)))
+    return sc, lcfg, batch, make_realign(model.params, model.cfg, "ridge")
+
+
+def test_zero_b_lora_leaves_logits_unchanged(chat):
+    lora = init_lora(chat.cfg, LoraConfig(rank=4), jax.random.PRNGKey(0))
+    ids = jnp.asarray([[5, 9, 200, 31, 7]])
+    tr = KVTrace.create(chat.cfg, 1, 8)
+    a = jit_forward(chat.params, chat.cfg, tr, tokens=ids).logits
+    b = jit_forward(chat.params, chat.cfg, tr, tokens=ids, lora=lora, lora_scale=2.0).logits
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_gradients_and_optimizer_state_only_for_lora(chat):
+    sc, lcfg, batch, realign = setup_step(chat, "full")
+    lora = random_lora(chat.cfg, lcfg)
+    opt = make_optimizer(1e-3, 10, 1, 0.0, 1.0, 1)
+    state = opt.init(lora)
+    # Optimizer state mirrors the LoRA tree only: its leaves are LoRA-shaped (plus scalar counts).
+    lora_shapes = {x.shape for x in jax.tree.leaves(lora)}
+    assert all(x.shape in lora_shapes or x.shape == () for x in jax.tree.leaves(state))
+    assert sum(x.size for x in jax.tree.leaves(state)) < 3 * sum(x.size for x in jax.tree.leaves(lora)) + 10
+    _, grads, _ = loss_and_grads(lora, chat.params, chat.cfg, realign, batch, sc)
+    assert jax.tree.structure(grads) == jax.tree.structure(lora)
+
+
+def test_trace_grad_full_reaches_upstream_and_stop_does_not(chat):
+    lora = random_lora(chat.cfg, LoraConfig(rank=4, alpha=8.0))
+    out = {}
+    for mode in ("full", "stop"):
+        sc, _, batch, realign = setup_step(chat, mode)
+        loss, grads, norms = jax.jit(lambda lo: loss_and_grads(lo, chat.params, chat.cfg, realign, batch, sc))(lora)
+        out[mode] = (float(loss), grads, np.asarray(norms))
+    assert out["full"][0] == pytest.approx(out["stop"][0], rel=1e-5)  # same forward
+    assert (out["full"][2] > 0).all() and out["full"][2].shape == (2,)
+    assert (out["stop"][2] == 0).all()
+    # The upstream agents' use of the shared adapter adds gradient in full mode.
+    diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), out["full"][1], out["stop"][1])
+    assert max(jax.tree.leaves(diff)) > 1e-6
+
+
+def test_overfit_one_batch(chat):
+    sc, lcfg, batch, realign = setup_step(chat, "stop", roles=("planner", "solver"), steps=(2,), n=2)
+    lora = init_lora(chat.cfg, LoraConfig(rank=8, alpha=16.0), jax.random.PRNGKey(0))
+    sc = StepConfig(**{**sc.__dict__, "lora_scale": 2.0})
+    opt = make_optimizer(2e-2, 400, 0, 0.0, 1.0, 1)
+    step = make_train_step(chat.cfg, sc, opt)
+    state = opt.init(lora)
+    first = None
+    for i in range(60):
+        lora, state, m = step(lora, state, chat.params, realign, batch)
+        first = first if first is not None else float(m["loss"])
+    assert float(m["loss"]) < 0.1 * first, (first, float(m["loss"]))
+
+
+def test_bad_lora_configs():
+    with pytest.raises(LoraConfigError, match="unknown LoRA target"):
+        LoraConfig(targets=("q", "qkv")).validate()
+    with pytest.raises(LoraConfigError, match="rank must be positive, got 0"):
+        LoraConfig(rank=0).validate()
+
+
+def test_peft_export_and_merged_checkpoint_match(chat, chat_dir, tmp_path):
+    import peft
+    import transformers
+    lcfg = LoraConfig(rank=4, alpha=8.0)
+    lora = random_lora(chat.cfg, lcfg, seed=3)
+    ids = np.asarray([[5, 9, 200, 31, 7, 1000, 4]])
+    ours = np.asarray(jit_forward(chat.params, chat.cfg, KVTrace.create(chat.cfg, 1, 8), tokens=jnp.asarray(ids),
+                                  lora=lora, lora_scale=lcfg.scale).logits)
+    export_peft(tmp_path / "peft", lora, lcfg, chat.cfg)
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(chat_dir), dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        ref = pm(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+    export_merged(tmp_path / "merged", chat.params, lora, lcfg.scale, chat.cfg, chat_dir)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(torch.tensor(ids)).logits.numpy(), ours, atol=1e-4)
+    save_adapter(tmp_path / "ad", lora, lcfg)
+    back = load_adapter(tmp_path / "ad")
+    assert back.config == lcfg
+    jax.tree.map(np.testing.assert_array_equal, back.tree, lora)
+
+
+def train_cmd(model_dir, workdir, *extra):
+    return [sys.executable, "-m", "diffmas_jax.train", "--config", str(REPO / "configs/embedded_train.py"),
+            "--workdir", str(workdir), f"--config.model={model_dir}", "--config.limit=24", "--config.batch_size=2",
+            "--config.steps=8", "--config.checkpoint_every=1", "--config.latent_steps=2", "--config.roles=planner,solver",
+            "--config.eval_every=4", "--config.max_target_tokens=24", *extra]
+
+
+def test_kill_and_resume_matches_uninterrupted(chat_dir, tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    ref = subprocess.run(train_cmd(chat_dir, tmp_path / "ref"), capture_output=True, text=True, env=env, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    proc = subprocess.Popen(train_cmd(chat_dir, tmp_path / "run"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    ck = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ck.exists() and any(p.name.isdigit() and int(p.name) >= 3 for p in ck.iterdir())):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "adapter").exists()  # really interrupted
+    again = subprocess.run(train_cmd(chat_dir, tmp_path / "run"), capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from step" in again.stdout
+    a, b = load_adapter(tmp_path / "ref" / "adapter"), load_adapter(tmp_path / "run" / "adapter")
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6), a.tree, b.tree)
+    rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 9)]  # no duplicate or lost step
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.lora_targets=q,qkv", "unknown LoRA target"),
+    ("--config.lora_rank=0", "LoRA rank must be positive"),
+    ("--config.trace_capacity=16", "KV trace overflow: training needs"),
+    ("--config.trace_grad=sideways", "unknown trace_grad 'sideways'"),
+])
+def test_bad_training_inputs_fail_cleanly(chat_dir, tmp_path, flag, message):
+    r = subprocess.run(train_cmd(chat_dir, tmp_path / "w", flag), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert message in r.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_empty_train_set_and_existing_run_protected(chat_dir, tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    r = subprocess.run(train_cmd(chat_dir, tmp_path / "w", "--config.task=jsonl",
+                                 f"--config.task_path={data}"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "no items" in r.stderr and not (tmp_path / "w").exists()
