@@ -1,7 +1,7 @@
 """Evaluate one method on one benchmark; an interrupted run resumes where it stopped.
 
-    python -m diffmas_jax.evaluate --config configs/embedded_eval.py --workdir runs/eval \
-        --config.method=single --config.task=arc_easy --config.limit=20
+    python -m diffmas_jax.evaluate --config configs/embedded_eval.py --workdir runs/eval
+        [--config.method=single --config.task=arc_easy --config.limit=20 ...]
 
 The workdir holds:
   config.json    the resolved config (a later run with different results-changing
@@ -33,13 +33,6 @@ from ml_collections import config_flags
 
 from diffmas_jax import config_utils, metrics
 from diffmas_jax.cli import UserError, run_cli
-
-FLAGS = flags.FlagValues()  # private, so importing this module never clashes with other flags
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "ml_collections config file (configs/*.py); override fields with --config.x=y",
-    flag_values=FLAGS, lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory; rerun with the same one to resume",
-                               flag_values=FLAGS)
 
 ITEMS, SUMMARY, CONFIG = "items.jsonl", "summary.json", "config.json"
 SAMPLE_SEED_STRIDE = 1_000_003  # seed of (batch b, sample s) = seed + b + s * stride
@@ -394,8 +387,13 @@ def evaluate(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     atomic_write(workdir / CONFIG, json.dumps(cfg, indent=2) + "\n")
     if repair:
         rewrite_items(items_path, done)
-    run = {"t_start": t_start, "model_load_s": load_s, "versions": versions(),
-           "adapter": None if adapter is None else {"meta": adapter_meta, "effective_scale": lora_scale},
+    adapter_info = None if adapter is None else {"meta": adapter_meta, "effective_scale": lora_scale}
+    if adapter_info is None and cfg["lora"]:  # nothing left to run: keep what the last run recorded
+        try:
+            adapter_info = json.loads((workdir / SUMMARY).read_text()).get("adapter")
+        except (OSError, ValueError):
+            pass
+    run = {"t_start": t_start, "model_load_s": load_s, "versions": versions(), "adapter": adapter_info,
            "resumed_with": sum(1 for it in items if it.id in done)}
     write_summary(workdir, build_summary(cfg, items, done, run))
 
@@ -456,7 +454,7 @@ def enable_compilation_cache() -> Optional[str]:
 
 def _usage() -> str:
     fields = ", ".join(sorted(config_utils.DEFAULTS))
-    return (f"{__doc__}\nFlags:\n  --config FILE        {_CONFIG.name} file (configs/*.py)\n"
+    return (f"{__doc__}\nFlags:\n  --config FILE        ml_collections config file (configs/*.py)\n"
             f"  --config.FIELD=VALUE override a field; fields: {fields}\n"
             f"  --workdir DIR        output directory (resumes)\n")
 
@@ -475,15 +473,29 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def parse_flags(argv: list) -> list:
-    """Parse absl flags; every problem becomes one UserError line."""
+def define_flags(argv: list):
+    """Flags in a private FlagValues, built for this argv (config_flags finds the
+    --config.FIELD overrides in the argv it is given at definition time)."""
+    fv = flags.FlagValues()
+    config = config_flags.DEFINE_config_file(
+        "config", None, "ml_collections config file (configs/*.py); override fields with --config.x=y",
+        flag_values=fv, lock_config=True, sys_argv=list(argv))
+    workdir = flags.DEFINE_string("workdir", None, "output directory; rerun with the same one to resume",
+                                  flag_values=fv)
+    return fv, config, workdir
+
+
+def parse_flags(argv: list):
+    """(config, workdir) from an argv (argv[0] is the program); problems become one UserError line."""
     path = _config_path_arg(argv)
     if path is not None and not Path(path.split(":", 1)[0]).expanduser().is_file():
         raise UserError(f"config file {path.split(':', 1)[0]} not found")
+    fv, config_flag, workdir_flag = define_flags(argv)
     try:
-        rest = FLAGS(argv)
-        if _CONFIG.value is not None:
-            _CONFIG.value.to_dict()  # config_flags defers some load errors to first use
+        rest = fv(list(argv))
+        config = config_flag.value
+        if config is not None:
+            config.to_dict()  # config_flags defers some load errors to first use
     except flags.Error as e:
         raise UserError(_first_line(e)) from None
     except (AttributeError, KeyError) as e:
@@ -492,7 +504,13 @@ def parse_flags(argv: list) -> list:
                         f"(or in {path})") from None
     except Exception as e:  # the config file's own code failed
         raise UserError(f"cannot load config file {path}: {type(e).__name__}: {_first_line(e)}") from None
-    return rest
+    if len(rest) > 1:
+        raise UserError(f"unexpected arguments {rest[1:]}; fields are set with --config.FIELD=VALUE")
+    if config is None:
+        raise UserError("--config is required (e.g. --config configs/embedded_eval.py)")
+    if not workdir_flag.value:
+        raise UserError("--workdir is required")
+    return config, workdir_flag.value
 
 
 def main(argv=None) -> int:
@@ -500,20 +518,14 @@ def main(argv=None) -> int:
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         print(_usage())
         return 0
-    rest = parse_flags(argv)
-    if len(rest) > 1:
-        raise UserError(f"unexpected arguments {rest[1:]}; fields are set with --config.FIELD=VALUE")
-    if _CONFIG.value is None:
-        raise UserError("--config is required (e.g. --config configs/embedded_eval.py)")
-    if not _WORKDIR.value:
-        raise UserError("--workdir is required")
+    config, workdir = parse_flags(argv)
     enable_compilation_cache()
-    summary = evaluate(_CONFIG.value, _WORKDIR.value)
+    summary = evaluate(config, workdir)
     acc, (lo, hi) = summary["accuracy"], summary["accuracy_ci95"]
     cfg = summary["config"]
     line = (f"{cfg['method']} on {cfg['task']}: accuracy {acc:.3f} (95% CI {lo:.3f}-{hi:.3f}), "
             if acc is not None else f"{cfg['method']} on {cfg['task']}: ")
-    print(f"{line}{summary['n']}/{summary['n_total']} items -> {Path(_WORKDIR.value) / SUMMARY}", flush=True)
+    print(f"{line}{summary['n']}/{summary['n_total']} items -> {Path(workdir) / SUMMARY}", flush=True)
     return 0
 
 

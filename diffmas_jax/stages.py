@@ -106,15 +106,27 @@ def solver_prefill(params, cfg: ModelConfig, trace: KVTrace, tokens, valid, *, s
 
 def teacher_forced_nll(params, cfg: ModelConfig, trace: KVTrace, tokens, valid, target_mask, *, segment,
                        visible: Optional[Visibility] = None, lora=None, lora_scale: float = 1.0,
-                       compute_dtype=jnp.float32, remat: bool = False):
-    """Solver prompt + target in one chunk. ``target_mask`` [B, T] marks target tokens;
-    token t is predicted from position t-1. Returns (summed NLL, number of target tokens)."""
+                       compute_dtype=jnp.float32, remat: bool = False, max_target: Optional[int] = None):
+    """Solver prompt + target in one chunk; returns (summed target NLL, number of target tokens).
+
+    ``target_mask`` [B, T] marks the target tokens (a contiguous span per row); token t
+    is predicted from position t-1. Only the target's positions go through the LM head
+    (``max_target`` static bound, default T), which is most of the vocabulary cost.
+    """
     out = forward(params, cfg, trace, tokens=tokens, valid=valid, segment=segment, kind=PROMPT,
                   visible=visible, lora=lora, lora_scale=lora_scale, compute_dtype=compute_dtype,
-                  return_logits=True, remat=remat)
-    logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    m = (target_mask[:, 1:] & valid[:, 1:]).astype(jnp.float32)
+                  return_logits=False, remat=remat)
+    b, t = tokens.shape
+    k = t - 1 if max_target is None else min(max_target, t - 1)
+    target_mask = target_mask & valid
+    first = jnp.argmax(target_mask, axis=1)                      # first target token per row
+    pos = jnp.clip(first[:, None] - 1 + jnp.arange(k)[None, :], 0, t - 2)   # predicting positions
+    use = (jnp.arange(k)[None, :] < target_mask.sum(1)[:, None]) & (first[:, None] > 0)
+    hidden = jnp.take_along_axis(out.hidden, pos[:, :, None], axis=1)
+    logp = jax.nn.log_softmax(lm_logits(params, cfg, hidden), axis=-1)
+    labels = jnp.take_along_axis(tokens, pos + 1, axis=1)
+    nll = -jnp.take_along_axis(logp, labels[:, :, None], axis=-1)[..., 0]
+    m = use.astype(jnp.float32)
     return jnp.sum(nll * m), jnp.sum(m)
 
 

@@ -129,7 +129,8 @@ def main(argv) -> int:
                     latent_steps=latent, up_lengths=tuple(t.shape[1] for t in data.up_tokens),
                     solver_length=data.tokens.shape[1], capacity=capacity, lora_scale=lcfg.scale,
                     communication=c.communication, visibility=c.visibility, remat=bool(c.remat),
-                    compute_dtype=c.dtype)
+                    compute_dtype=c.dtype,
+                    max_target=int(max([data.n_target.max()] + ([eval_data.n_target.max()] if n_eval else []))))
     optimizer = make_optimizer(float(c.lr), int(c.steps), int(c.warmup_steps), float(c.weight_decay),
                                float(c.clip), int(c.grad_accum))
     lora = init_lora(model.cfg, lcfg, jax.random.PRNGKey(c.seed), roles=sc.roles)

@@ -43,6 +43,7 @@ class StepConfig:
     visibility: str = "full"
     remat: bool = False
     compute_dtype: str = "float32"
+    max_target: Optional[int] = None  # static bound on target tokens per row (LM-head cost)
 
     def method_config(self) -> MethodConfig:
         return MethodConfig(method="latent_mas", roles=self.roles, latent_steps=self.latent_steps,
@@ -127,7 +128,8 @@ def loss_and_grads(lora, params, cfg, realign: Realign, batch: dict, sc: StepCon
             tr = tr.replace(k=jax.lax.stop_gradient(k), v=jax.lax.stop_gradient(v))
         nll, n = teacher_forced_nll(params, cfg, tr, batch["tokens"], batch["valid"], batch["target_mask"],
                                     segment=k_up, visible=vis, lora=select_lora(lo, solver_role),
-                                    lora_scale=sc.lora_scale, compute_dtype=dtype, remat=sc.remat)
+                                    lora_scale=sc.lora_scale, compute_dtype=dtype, remat=sc.remat,
+                                    max_target=sc.max_target)
         return nll / jnp.maximum(n, 1.0)
 
     loss, (g_lora, g_k, g_v) = jax.value_and_grad(solver_loss, argnums=(0, 1, 2))(lora, trace.k, trace.v)

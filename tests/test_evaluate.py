@@ -212,6 +212,24 @@ def test_fake_diffmas_with_adapter(tmp_path, fake_model):
     assert set(fake_model[0]["lora"]) == {"q"}
 
 
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # inside ml_collections
+def test_flags_and_overrides_in_process():
+    config, workdir = ev.parse_flags(
+        ["evaluate", "--config", str(REPO / "configs/qwen3_8b.py"), "--workdir", "/tmp/w",
+         "--config.enable_thinking=False", "--config.roles=planner,solver", "--config.latent_steps=4,5",
+         "--config.task_options.path=/tmp/a.jsonl", "--config.limit=5"])
+    assert workdir == "/tmp/w" and config.model == "Qwen/Qwen3-8B" and config.limit == 5
+    assert config.enable_thinking is False and config.roles == "planner,solver" and config.latent_steps == "4,5"
+    assert config.task_options.path == "/tmp/a.jsonl"
+    for argv, msg in ((["--workdir", "/tmp/w"], "--config is required"),
+                      (["--config", EMBEDDED_CFG], "--workdir is required"),
+                      (["--config", "configs/none.py", "--workdir", "w"], "config file configs/none.py not found"),
+                      (["--config", str(REPO / EMBEDDED_CFG), "--workdir", "w", "--config.limit=x"], "config.limit"),
+                      (["--config", str(REPO / EMBEDDED_CFG), "--workdir", "w", "stray"], "unexpected arguments")):
+        with pytest.raises(UserError, match=msg):
+            ev.parse_flags(["evaluate", *argv])
+
+
 def test_lora_needs_the_lora_module(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffmas_jax.lora", None)  # import fails as if missing
     with pytest.raises(UserError, match="loading adapters needs diffmas_jax.lora"):

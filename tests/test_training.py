@@ -61,6 +61,26 @@ def setup_step(model, trace_grad, roles=("planner", "critic", "solver"), steps=(
     return sc, lcfg, batch, make_realign(model.params, model.cfg, "ridge")
 
 
+def test_teacher_forced_nll_scores_only_the_target(chat):
+    from diffmas_jax.stages import teacher_forced_nll
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(3, 1000, size=(2, 12)))
+    valid = jnp.asarray(np.arange(12)[None] < np.array([[12], [9]]))
+    target = jnp.asarray((np.arange(12)[None] >= np.array([[7], [5]])) & np.asarray(valid))
+    tr = KVTrace.create(chat.cfg, 2, 16)
+    got, n = teacher_forced_nll(chat.params, chat.cfg, tr, tokens, valid, target, segment=0, max_target=8)
+    logits = np.asarray(jit_forward(chat.params, chat.cfg, tr, tokens=tokens, valid=valid).logits, np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    ref, cnt = 0.0, 0
+    for b in range(2):
+        for t in range(1, 12):
+            if target[b, t]:
+                ref -= logp[b, t - 1, int(tokens[b, t])]
+                cnt += 1
+    assert int(n) == cnt == 5 + 4
+    assert float(got) == pytest.approx(ref, rel=1e-5)
+
+
 def test_zero_b_lora_leaves_logits_unchanged(chat):
     lora = init_lora(chat.cfg, LoraConfig(rank=4), jax.random.PRNGKey(0))
     ids = jnp.asarray([[5, 9, 200, 31, 7]])
