@@ -212,3 +212,26 @@ def test_empty_train_set_and_existing_run_protected(chat_dir, tmp_path):
                                  f"--config.task_path={data}"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "no items" in r.stderr and not (tmp_path / "w").exists()
+
+
+def test_nan_loss_stops_naming_step_and_checkpoint(chat_dir, tmp_path):
+    r = subprocess.run(train_cmd(chat_dir, tmp_path / "w", "--config.lr=1e38", "--config.clip=1e38",
+                                 "--config.warmup_steps=0"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-1000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: non-finite loss") and "at step 2" in last and "last good checkpoint: step 1" in last
+
+
+def test_sigterm_saves_and_exits_cleanly(chat_dir, tmp_path):
+    proc = subprocess.Popen(train_cmd(chat_dir, tmp_path / "w", "--config.steps=200", "--config.checkpoint_every=100"),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    csv_path = tmp_path / "w" / "metrics.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (csv_path.exists() and len(csv_path.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "SIGTERM: saved checkpoint at step" in out
+    steps = [int(p.name) for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps and max(steps) >= 2 and max(steps) < 100

@@ -1,0 +1,43 @@
+"""DiffMAS training with the paper's hyperparameters on Qwen3-8B.
+
+LoRA rank 8, alpha 16, AdamW lr 5e-5 with warmup + cosine decay, gradient
+accumulation 64, m = 10 latent steps, sequential planner -> critic -> refiner -> solver.
+Targets: gsm8k worked solutions by default (--config.task=jsonl --config.task_path=FILE
+for trajectories written by a stronger model). Needs an accelerator.
+
+    python -m diffmas_jax.train --config configs/qwen3_8b_train.py --workdir runs/q8 \
+        --config.trace_grad=full
+"""
+import importlib.util
+import os
+
+
+def _base():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded_train.py")
+    spec = importlib.util.spec_from_file_location("embedded_train", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def get_config():
+    c = _base()
+    c.model = "Qwen/Qwen3-8B"
+    c.dtype = "bfloat16"
+    c.task = "gsm8k"
+    c.limit = 7473
+    c.latent_steps = "10"
+    c.enable_thinking = False
+    c.lora_rank, c.lora_alpha = 8, 16.0
+    c.lr = 5e-5
+    c.batch_size = 1
+    c.grad_accum = 64
+    c.steps = 64 * 100
+    c.warmup_steps = 10
+    c.weight_decay = 0.0
+    c.max_target_tokens = 512
+    c.remat = True
+    c.checkpoint_every = 640
+    c.eval_every = 640
+    c.eval_items = 64
+    return c
