@@ -248,6 +248,7 @@ def make_record(task, item, index: int, samples: list, row: int, latency: float,
         if extra in rec0:
             record[extra] = rec0[extra]
     record["generated_logprobs"] = [round(float(x), 4) for x in rec0.get("generated_logprobs", [])]
+    record["generated_entropy"] = [round(float(x), 4) for x in rec0.get("generated_entropy", [])]
     if len(outs) > 1:
         record["samples"] = [
             {"seed": s, "prediction": sc["prediction"], "correct": bool(sc["correct"]), "output": t,
@@ -337,8 +338,8 @@ def build_summary(cfg: dict, items: list, done: dict, run: dict) -> dict:
         "decoding": {
             "perplexity": metrics.perplexity(all_lps),
             "surprisal_curve": metrics.surprisal_curve(all_lps),
-            "surprisal_note": ("mean negative log-prob of the emitted token by output position; "
-                               "not the full-distribution entropy, which decoding does not keep"),
+            "surprisal_note": "mean negative log-prob of the emitted token by output position",
+            "entropy_curve": metrics.entropy_curve([r.get("generated_entropy", []) for r in recs]),
             "self_consistency": sc,
         },
         "resumed_with": run["resumed_with"],

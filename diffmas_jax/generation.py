@@ -56,6 +56,7 @@ class DecodeState:
     done: jax.Array        # [B] bool
     tokens: jax.Array      # [B, N] generated ids (pad after a row's end)
     logprobs: jax.Array    # [B, N] model log-prob of each generated token
+    entropy: jax.Array     # [B, N] entropy (nats) of the model's next-token distribution
     count: jax.Array       # [B] tokens generated per row
     step: jax.Array        # scalar: steps taken
     rng: jax.Array
@@ -73,6 +74,7 @@ def start_decode(trace: KVTrace, last_logits, max_new_tokens: int, rng, done=Non
         done=jnp.zeros((b,), bool) if done is None else done,
         tokens=jnp.zeros((b, max_new_tokens), jnp.int32),
         logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
+        entropy=jnp.zeros((b, max_new_tokens), jnp.float32),
         count=jnp.zeros((b,), jnp.int32), step=jnp.int32(0), rng=rng)
 
 
@@ -93,7 +95,9 @@ def decode_steps(params, cfg: ModelConfig, state: DecodeState, *, num_steps: int
         tok = sample_tokens(s.logits, sub, sampling)
         live = ~s.done
         tok = jnp.where(live, tok, pad_id)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(s.logits, -1), tok[:, None], -1)[:, 0]
+        logp = jax.nn.log_softmax(s.logits, -1)
+        lp = jnp.take_along_axis(logp, tok[:, None], -1)[:, 0]
+        ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
         out = forward(params, cfg, s.trace, tokens=tok[:, None], valid=live[:, None],
                       segment=segment, kind=TEXT, offset=base + s.step, visible=visible, lora=lora,
                       lora_scale=lora_scale, compute_dtype=compute_dtype)
@@ -102,6 +106,7 @@ def decode_steps(params, cfg: ModelConfig, state: DecodeState, *, num_steps: int
             done=s.done | jnp.isin(tok, eos),
             tokens=s.tokens.at[:, s.step].set(tok),
             logprobs=s.logprobs.at[:, s.step].set(jnp.where(live, lp, 0.0)),
+            entropy=s.entropy.at[:, s.step].set(jnp.where(live, ent, 0.0)),
             count=s.count + live.astype(jnp.int32), step=s.step + 1, rng=rng)
 
     return jax.lax.while_loop(cond, body, state)
@@ -169,13 +174,19 @@ class Generation:
     tokens: list[list[int]]
     logprobs: list[list[float]]
     texts: list[str]
+    entropies: list[list[float]]
     trace: KVTrace
 
 
-def finish_rows(state: DecodeState) -> tuple[list[list[int]], list[list[float]]]:
+def finish_rows(state: DecodeState, with_entropy: bool = False):
+    """Per-row generated ids and log-probs (and entropies), trimmed to each row's length."""
     toks, lps, cnt = (np.asarray(state.tokens), np.asarray(state.logprobs), np.asarray(state.count))
-    return ([toks[i, :cnt[i]].tolist() for i in range(len(cnt))],
-            [lps[i, :cnt[i]].tolist() for i in range(len(cnt))])
+    out = ([toks[i, :cnt[i]].tolist() for i in range(len(cnt))],
+           [lps[i, :cnt[i]].tolist() for i in range(len(cnt))])
+    if with_entropy:
+        ent = np.asarray(state.entropy)
+        out += ([ent[i, :cnt[i]].tolist() for i in range(len(cnt))],)
+    return out
 
 
 def decode_to_text(params, cfg, tokenizer, trace, last_logits, *, max_new_tokens: int,
@@ -201,11 +212,11 @@ def decode_to_text(params, cfg, tokenizer, trace, last_logits, *, max_new_tokens
             state = dataclasses.replace(state, done=state.done | jnp.asarray(hit))
             if all(np.asarray(state.done)):
                 break
-    toks, lps = finish_rows(state)
+    toks, lps, ents = finish_rows(state, with_entropy=True)
     texts = [tokenizer.decode(t, skip_special_tokens=skip_special_tokens) for t in toks] \
         if tokenizer is not None else [""] * len(toks)
     texts = [cut_at_stop(t, stop) for t in texts]
-    return Generation(tokens=toks, logprobs=lps, texts=texts, trace=state.trace)
+    return Generation(tokens=toks, logprobs=lps, texts=texts, entropies=ents, trace=state.trace)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

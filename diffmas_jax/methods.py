@@ -162,7 +162,7 @@ def _trace_method(model, questions, answer_instruction, mc, lora, lora_scale, se
         records.append(dict(
             prompt_tokens=int(sum(int(v[i].sum()) for _, v, _ in encoded) + int(s_valid[i].sum())),
             generated_tokens=len(gen.tokens[i]), latent_slots=latent, trace_per_agent=per_agent,
-            generated_logprobs=gen.logprobs[i], generated_ids=gen.tokens[i]))
+            generated_logprobs=gen.logprobs[i], generated_entropy=gen.entropies[i], generated_ids=gen.tokens[i]))
     return BatchResult(texts=gen.texts, records=records)
 
 
@@ -184,7 +184,8 @@ def _text_mas(model, questions, answer_instruction, mc, lora, lora_scale, seed) 
         if is_solver:
             records = [dict(prompt_tokens=int(prompt_tokens[i]), generated_tokens=len(gen.tokens[i]) + int(written[i]),
                             answer_tokens=len(gen.tokens[i]), latent_slots=0,
-                            trace_per_agent={}, generated_logprobs=gen.logprobs[i], generated_ids=gen.tokens[i],
+                            trace_per_agent={}, generated_logprobs=gen.logprobs[i],
+                            generated_entropy=gen.entropies[i], generated_ids=gen.tokens[i],
                             notes=[t for _, t in notes[i]]) for i in range(len(questions))]
             return BatchResult(texts=gen.texts, records=records)
         for i, text in enumerate(gen.texts):

@@ -138,3 +138,10 @@ def self_consistency(sample_correct: Sequence[Sequence[bool]], majority_correct:
             "majority_vote_accuracy": float(np.mean(np.asarray(majority_correct, np.float64))),
             "agreement": float(np.mean(np.asarray(agreement, np.float64))),
             "pass_at_n": float(np.mean([s.max() if s.size else 0.0 for s in sc]))}
+
+
+def entropy_curve(entropies: Sequence[Sequence[float]], max_points: int = 64) -> dict:
+    """Mean next-token entropy (nats) by output position, binned like ``surprisal_curve``."""
+    curve = surprisal_curve([[-e for e in seq] for seq in entropies], max_points)
+    curve["mean_entropy"] = curve.pop("mean_nll")
+    return curve

@@ -22,6 +22,10 @@ def test_greedy_matches_transformers_generate(embedded, embedded_hf):
                                        pad_token_id=embedded.tokenizer.pad_token_id)
         assert g.tokens[i] == ref[0, len(ids):].tolist(), p
         assert len(g.logprobs[i]) == len(g.tokens[i]) and all(lp <= 0 for lp in g.logprobs[i])
+        # Entropy of the full next-token distribution, checked against HF's logits at step 0.
+        with torch.no_grad():
+            first = torch.log_softmax(embedded_hf(torch.tensor([ids])).logits[0, -1], -1)
+        assert g.entropies[i][0] == pytest.approx(float(-(first.exp() * first).sum()), abs=1e-3)
 
 
 def test_batch_invariance_ragged(embedded):

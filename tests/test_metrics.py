@@ -88,3 +88,9 @@ def test_self_consistency_summary():
     assert sc["agreement"] == pytest.approx((2 / 3 + 1 + 1 / 3) / 3)
     assert sc["pass_at_n"] == pytest.approx(2 / 3)
     assert metrics.self_consistency([], [], [])["majority_vote_accuracy"] is None
+
+
+def test_entropy_curve_averages_by_position():
+    from diffmas_jax.metrics import entropy_curve
+    c = entropy_curve([[1.0, 2.0], [3.0]])
+    assert c["position"] == [0, 1] and c["mean_entropy"] == [2.0, 2.0] and c["count"] == [2, 1]
