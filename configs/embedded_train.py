@@ -10,7 +10,7 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.model = "embedded"
     c.dtype = "float32"
-    c.method = "diffmas"              # diffmas | single_sft
+    c.method = "diffmas"              # diffmas | single_sft | text_mas_sft
     c.task = "arith"                  # generated arithmetic word problems (offline)
     c.task_path = placeholder(str)     # task=jsonl: the JSONL file of (question, answer, target)
     c.split = "train"
@@ -25,6 +25,7 @@ def get_config():
     c.visibility = "full"             # full | latent_only
     c.trace_grad = "stop"             # stop | full
     c.enable_thinking = placeholder(bool)
+    c.text_max_new_tokens = 64        # text_mas_sft: tokens each upstream agent writes
     # LoRA
     c.lora_rank = 8
     c.lora_alpha = 16.0

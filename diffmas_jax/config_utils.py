@@ -37,7 +37,7 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
     # model
     c.model = "embedded"                     # 'embedded', a local HF dir / .gguf file, or a Hub id
     c.dtype = "float32"                      # weights and compute: float32 | bfloat16
-    c.lora = config_dict.placeholder(str)    # adapter dir (method 'diffmas' only)
+    c.lora = config_dict.placeholder(str)    # adapter dir: diffmas, or single/text_mas for SFT baselines
     c.lora_scale = 1.0                       # multiplies the adapter's alpha/rank (1.0 = as trained)
     # method
     c.method = "latent_mas"                  # single | text_mas | latent_mas | stitch_mas | diffmas
@@ -178,9 +178,10 @@ def resolve(config) -> dict:
         cfg["roles"] = roles
     if cfg["method"] == "diffmas" and not cfg["lora"]:
         raise UserError("method 'diffmas' needs a trained adapter: set --config.lora=DIR")
-    if cfg["lora"] and cfg["method"] != "diffmas":
-        raise UserError(f"lora is set but method is {cfg['method']!r}; adapters are used by "
-                        "method 'diffmas' only")
+    if cfg["lora"] and cfg["method"] == "latent_mas":
+        # latent_mas + adapter is what 'diffmas' names; other methods take an adapter for
+        # the SFT baselines (single + Single+SFT adapter, text_mas + TextMAS+SFT adapter).
+        raise UserError("lora is set with method 'latent_mas'; use method 'diffmas' for the trained trace")
     if cfg["lora"]:
         if not Path(cfg["lora"]).expanduser().exists():
             raise UserError(f"lora adapter {cfg['lora']} not found")

@@ -166,29 +166,41 @@ def _trace_method(model, questions, answer_instruction, mc, lora, lora_scale, se
     return BatchResult(texts=gen.texts, records=records)
 
 
-def _text_mas(model, questions, answer_instruction, mc, lora, lora_scale, seed) -> BatchResult:
-    """Upstream agents speak; each later agent reads all earlier agents' text."""
+def speak_upstream(model, questions, mc: MethodConfig, lora=None, lora_scale: float = 1.0, seed: int = 0):
+    """TextMAS Stage I: each upstream agent writes text after reading the earlier agents' text.
+
+    Returns (notes per question as [(role, text)], prompt tokens per question, written tokens per question).
+    """
     agents = mc.agents()
     notes: list[list[tuple[str, str]]] = [[] for _ in questions]
     prompt_tokens = np.zeros(len(questions), int)
     written = np.zeros(len(questions), int)
-    for j, agent in enumerate(agents):
-        is_solver = j == len(agents) - 1
-        chats = [agent_messages(agent, q, answer_instruction=answer_instruction, is_solver=is_solver,
-                                notes=notes[i]) for i, q in enumerate(questions)]
+    for j, agent in enumerate(agents[:-1]):
+        chats = [agent_messages(agent, q, notes=notes[i]) for i, q in enumerate(questions)]
         prompt_tokens += [len(render_chat(model.tokenizer, c, mc.enable_thinking)) for c in chats]
-        gen = generate(model, chats, max_new_tokens=mc.max_new_tokens if is_solver else mc.text_max_new_tokens,
-                       sampling=mc.sampling, seed=seed + j, enable_thinking=mc.enable_thinking,
-                       compute_dtype=mc.compute_dtype, bucket=mc.prompt_bucket,
-                       lora=select_lora(lora, agent.role), lora_scale=lora_scale)
-        if is_solver:
-            records = [dict(prompt_tokens=int(prompt_tokens[i]), generated_tokens=len(gen.tokens[i]) + int(written[i]),
-                            answer_tokens=len(gen.tokens[i]), latent_slots=0,
-                            trace_per_agent={}, generated_logprobs=gen.logprobs[i],
-                            generated_entropy=gen.entropies[i], generated_ids=gen.tokens[i],
-                            notes=[t for _, t in notes[i]]) for i in range(len(questions))]
-            return BatchResult(texts=gen.texts, records=records)
+        gen = generate(model, chats, max_new_tokens=mc.text_max_new_tokens, sampling=mc.sampling, seed=seed + j,
+                       enable_thinking=mc.enable_thinking, compute_dtype=mc.compute_dtype,
+                       bucket=mc.prompt_bucket, lora=select_lora(lora, agent.role), lora_scale=lora_scale)
         for i, text in enumerate(gen.texts):
             notes[i].append((agent.role, text))
             written[i] += len(gen.tokens[i])
-    raise AssertionError("unreachable")
+    return notes, prompt_tokens, written
+
+
+def _text_mas(model, questions, answer_instruction, mc, lora, lora_scale, seed) -> BatchResult:
+    """Upstream agents speak; the solver reads all of their text."""
+    solver = mc.agents()[-1]
+    notes, prompt_tokens, written = speak_upstream(model, questions, mc, lora, lora_scale, seed)
+    chats = [agent_messages(solver, q, answer_instruction=answer_instruction, is_solver=True, notes=notes[i])
+             for i, q in enumerate(questions)]
+    prompt_tokens = prompt_tokens + [len(render_chat(model.tokenizer, c, mc.enable_thinking)) for c in chats]
+    gen = generate(model, chats, max_new_tokens=mc.max_new_tokens, sampling=mc.sampling,
+                   seed=seed + len(mc.agents()) - 1, enable_thinking=mc.enable_thinking,
+                   compute_dtype=mc.compute_dtype, bucket=mc.prompt_bucket,
+                   lora=select_lora(lora, solver.role), lora_scale=lora_scale)
+    records = [dict(prompt_tokens=int(prompt_tokens[i]), generated_tokens=len(gen.tokens[i]) + int(written[i]),
+                    answer_tokens=len(gen.tokens[i]), latent_slots=0, trace_per_agent={},
+                    generated_logprobs=gen.logprobs[i], generated_entropy=gen.entropies[i],
+                    generated_ids=gen.tokens[i], notes=[t for _, t in notes[i]])
+               for i in range(len(questions))]
+    return BatchResult(texts=gen.texts, records=records)

@@ -63,6 +63,30 @@ def validate(c) -> None:
         raise UserError(f"on_nan must be 'stop' or 'skip', got {c.on_nan!r}")
 
 
+def upstream_notes(model, mc, train_items, eval_items, workdir: Path, max_new_tokens: int):
+    """TextMAS+SFT: the upstream agents' text for every item, generated once by the base model."""
+    import dataclasses as dc
+    from tqdm import tqdm
+    from diffmas_jax.methods import speak_upstream
+    cache = workdir / "text_notes.json"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+    else:
+        saved = {}
+    mc = dc.replace(mc, method="text_mas", text_max_new_tokens=max_new_tokens)
+    todo = [it for it in train_items + eval_items if it.id not in saved]
+    for k in tqdm(range(0, len(todo), 8), desc="upstream text", disable=not todo):
+        chunk = todo[k:k + 8]
+        notes, _, _ = speak_upstream(model, [it.question for it in chunk], mc)
+        saved.update({it.id: n for it, n in zip(chunk, notes)})
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(saved))
+        os.replace(tmp, cache)
+    get = lambda items: [[tuple(x) for x in saved[it.id]] for it in items]
+    return get(train_items), get(eval_items)
+
+
 def main(argv) -> int:
     c = _CONFIG.value
     if c is None:
@@ -119,10 +143,13 @@ def main(argv) -> int:
         raise UserError(f"{len(train_items)} training items is fewer than batch_size {c.batch_size}")
 
     model = load_model(c.model, dtype=c.dtype)
+    notes = eval_notes = None
+    if c.method == "text_mas_sft":  # the base model's upstream text, written once (cached in workdir)
+        notes, eval_notes = upstream_notes(model, mc, train_items, eval_items, workdir, int(c.text_max_new_tokens))
     data, agents = encode_items(model.tokenizer, train_items, task.answer_instruction, mc, c.method,
-                                int(c.max_target_tokens))
+                                int(c.max_target_tokens), notes=notes)
     eval_data, _ = encode_items(model.tokenizer, eval_items, task.answer_instruction, mc, c.method,
-                                int(c.max_target_tokens)) if n_eval else (None, None)
+                                int(c.max_target_tokens), notes=eval_notes) if n_eval else (None, None)
     latent = tuple(a.latent_steps for a in agents[:-1])
     capacity = step_capacity(data, latent, c.trace_capacity)
     sc = StepConfig(method=c.method, trace_grad=c.trace_grad, roles=tuple(a.role for a in agents),

@@ -24,7 +24,7 @@ from diffmas_jax.model.transformer import resolve_dtype
 from diffmas_jax.stages import Realign, agent_stage, teacher_forced_nll
 from diffmas_jax.trace import KVTrace, TraceOverflowError
 
-TRAIN_METHODS = ("diffmas", "single_sft")
+TRAIN_METHODS = ("diffmas", "single_sft", "text_mas_sft")
 TRACE_GRADS = ("stop", "full")
 
 
@@ -61,8 +61,11 @@ class EncodedData:
 
 
 def encode_items(tokenizer, items, answer_instruction: str, mc: MethodConfig, method: str,
-                 max_target_tokens: int, bucket: int = 32) -> tuple[EncodedData, tuple]:
-    """Tokenize every item once into fixed shapes, so the whole run compiles once."""
+                 max_target_tokens: int, bucket: int = 32, notes=None) -> tuple[EncodedData, tuple]:
+    """Tokenize every item once into fixed shapes, so the whole run compiles once.
+
+    ``notes`` (text_mas_sft): per item, the upstream agents' text that the solver reads.
+    """
     agents = mc.agents() if method == "diffmas" else MethodConfig(method="single", layout=mc.layout,
                                                                    roles=mc.roles).agents()
     upstream, solver = agents[:-1], agents[-1]
@@ -74,9 +77,10 @@ def encode_items(tokenizer, items, answer_instruction: str, mc: MethodConfig, me
         up_tokens.append(t)
         up_valid.append(v)
     seqs, marks = [], []
-    for it in items:
+    for i, it in enumerate(items):
         prompt = render_chat(tokenizer, agent_messages(solver, it.question, answer_instruction=answer_instruction,
-                                                       is_solver=True, has_team=method == "diffmas"),
+                                                       is_solver=True, has_team=method != "single_sft",
+                                                       notes=notes[i] if notes else ()),
                              mc.enable_thinking)
         target = tokenizer(it.target, add_special_tokens=False)["input_ids"][:max_target_tokens - 1] + [eos]
         seqs.append(prompt + target)

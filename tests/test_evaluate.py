@@ -180,7 +180,7 @@ def test_config_resolution():
     assert config_utils.resolve(config_utils.eval_config(latent_steps=0))["latent_steps"] == 0
     for bad, msg in ((dict(limit=0), "limit"), (dict(batch_size=-1), "batch_size"), (dict(top_p=0.0), "top_p"),
                      (dict(latent_steps="a,b"), "latent_steps"), (dict(realign="x"), "realign"),
-                     (dict(lora="/nonexistent/adapter"), "lora is set but method")):
+                     (dict(lora="/nonexistent/adapter"), "lora is set with method 'latent_mas'")):
         with pytest.raises(UserError, match=msg):
             config_utils.resolve(config_utils.eval_config(**bad))
     with pytest.raises(UserError, match="unknown agent role"):

@@ -47,11 +47,12 @@ def random_lora(cfg, lcfg, seed=0):
     return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape), lora)
 
 
-def setup_step(model, trace_grad, roles=("planner", "critic", "solver"), steps=(2, 2), n=4, method="diffmas"):
+def setup_step(model, trace_grad, roles=("planner", "critic", "solver"), steps=(2, 2), n=4, method="diffmas",
+               notes=None):
     mc = MethodConfig(method="latent_mas", roles=roles, latent_steps=steps)
     task = get_task("arith", size=64)
     items = task.load("train", limit=n)
-    data, agents = encode_items(model.tokenizer, items, task.answer_instruction, mc, method, 24)
+    data, agents = encode_items(model.tokenizer, items, task.answer_instruction, mc, method, 24, notes=notes)
     latent = tuple(a.latent_steps for a in agents[:-1])
     lcfg = LoraConfig(rank=4, alpha=8.0)
     sc = StepConfig(method=method, trace_grad=trace_grad, roles=tuple(a.role for a in agents), latent_steps=latent,
@@ -116,6 +117,18 @@ def test_trace_grad_full_reaches_upstream_and_stop_does_not(chat):
     # The upstream agents' use of the shared adapter adds gradient in full mode.
     diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), out["full"][1], out["stop"][1])
     assert max(jax.tree.leaves(diff)) > 1e-6
+
+
+@pytest.mark.parametrize("method", ["single_sft", "text_mas_sft"])
+def test_sft_baselines_train_the_solver_without_a_trace(chat, method):
+    notes = [[("planner", "First add, then subtract.")]] * 2 if method == "text_mas_sft" else None
+    sc, lcfg, batch, realign = setup_step(chat, "full", n=2, method=method, notes=notes)
+    assert sc.latent_steps == () and len(sc.roles) == 1 and batch["up_tokens"] == []
+    text = chat.tokenizer.decode(np.asarray(batch["tokens"][0]))
+    assert ("First add, then subtract." in text) == (method == "text_mas_sft")
+    loss, grads, norms = loss_and_grads(random_lora(chat.cfg, lcfg), chat.params, chat.cfg, realign, batch, sc)
+    assert np.isfinite(float(loss)) and norms.shape == (0,)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 0
 
 
 def test_overfit_one_batch(chat):
