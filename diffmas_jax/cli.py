@@ -1,7 +1,9 @@
 """Shared CLI plumbing: bad input ends with one clear line and a non-zero exit."""
 from __future__ import annotations
 
+import os
 import sys
+from typing import Optional
 
 from diffmas_jax.model.config import ModelConfigError
 from diffmas_jax.model.loading import ModelNotFoundError
@@ -39,3 +41,21 @@ def run_cli(main, argv=None) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def enable_compilation_cache() -> Optional[str]:
+    """Keep compiled programs on disk so a resumed or repeated run skips compiling.
+
+    JAX_COMPILATION_CACHE_DIR, when set, wins (JAX reads it itself); otherwise the
+    cache lives under the diffmas_jax cache root (DIFFMAS_CACHE / ~/.cache/diffmas_jax).
+    """
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    try:
+        import jax
+        from diffmas_jax.model.loading import cache_root
+        path = str(cache_root() / "jax_cache")
+        jax.config.update("jax_compilation_cache_dir", path)
+        return path
+    except Exception:  # a cache is an optimisation, never a reason to fail
+        return None

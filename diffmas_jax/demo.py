@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-items", type=int, default=40)
     ap.add_argument("--latent-steps", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--with-sft", action="store_true",
+                    help="also train and evaluate Single+SFT (same targets, no trace): separates learning "
+                         "the task from learning to communicate")
     args = ap.parse_args(argv)
     wd = Path(args.workdir)
     wd.mkdir(parents=True, exist_ok=True)
@@ -64,15 +67,22 @@ def main(argv=None) -> int:
     run([py, "-m", "diffmas_jax.train", "--config", str(REPO / "configs/embedded_train.py"),
          "--workdir", str(wd / "train"), f"--config.steps={args.train_steps}", "--config.limit=400",
          "--config.checkpoint_every=10", "--config.eval_every=10", *common])
+    if args.with_sft:
+        run([py, "-m", "diffmas_jax.train", "--config", str(REPO / "configs/embedded_train.py"),
+             "--workdir", str(wd / "train_sft"), f"--config.steps={args.train_steps}", "--config.limit=400",
+             "--config.checkpoint_every=10", "--config.eval_every=10", "--config.method=single_sft", *common])
     rows = []
-    for method in ("single", "latent_mas", "diffmas"):
-        extra = [f"--config.lora={wd / 'train' / 'adapter'}"] if method == "diffmas" else []
+    runs = [("single", "single", []), ("latent_mas", "latent_mas", []),
+            ("diffmas", "diffmas", [f"--config.lora={wd / 'train' / 'adapter'}"])]
+    if args.with_sft:
+        runs.insert(1, ("single+sft", "single", [f"--config.lora={wd / 'train_sft' / 'adapter'}"]))
+    for name, method, extra in runs:
         run([py, "-m", "diffmas_jax.evaluate", "--config", str(REPO / "configs/embedded_eval.py"),
-             "--workdir", str(wd / f"eval_{method}"), f"--config.method={method}", "--config.task=arith",
+             "--workdir", str(wd / f"eval_{name.replace('+', '_')}"), f"--config.method={method}", "--config.task=arith",
              f"--config.limit={args.eval_items}", "--config.batch_size=8",
              f"--config.max_new_tokens={args.max_new_tokens}", *common, *extra])
-        s = json.loads((wd / f"eval_{method}" / "summary.json").read_text())
-        rows.append((method, s))
+        s = json.loads((wd / f"eval_{name.replace('+', '_')}" / "summary.json").read_text())
+        rows.append((name, s))
     plot_loss(wd / "train" / "metrics.csv", wd / "loss.png")
     lines = ["| method | accuracy | 95% CI | n | prompt tok/q | generated tok/q | s/q |", "|---|---|---|---|---|---|---|"]
     for method, s in rows:

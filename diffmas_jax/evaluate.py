@@ -32,7 +32,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from diffmas_jax import config_utils, metrics
-from diffmas_jax.cli import UserError, run_cli
+from diffmas_jax.cli import UserError, enable_compilation_cache, run_cli
 
 ITEMS, SUMMARY, CONFIG = "items.jsonl", "summary.json", "config.json"
 SAMPLE_SEED_STRIDE = 1_000_003  # seed of (batch b, sample s) = seed + b + s * stride
@@ -433,24 +433,6 @@ def evaluate(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     summary = build_summary(cfg, items, done, run)
     write_summary(workdir, summary)
     return summary
-
-
-def enable_compilation_cache() -> Optional[str]:
-    """Keep compiled programs on disk so a resumed or repeated run skips compiling.
-
-    JAX_COMPILATION_CACHE_DIR, when set, wins (JAX reads it itself); otherwise the
-    cache lives under the diffmas_jax cache root (DIFFMAS_CACHE / ~/.cache/diffmas_jax).
-    """
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return os.environ["JAX_COMPILATION_CACHE_DIR"]
-    try:
-        import jax
-        from diffmas_jax.model.loading import cache_root
-        path = str(cache_root() / "jax_cache")
-        jax.config.update("jax_compilation_cache_dir", path)
-        return path
-    except Exception:  # a cache is an optimisation, never a reason to fail
-        return None
 
 
 def _usage() -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffmas_jax.cli import UserError, run_cli
+from diffmas_jax.cli import UserError, enable_compilation_cache, run_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (resumes if it holds a run)")
@@ -107,6 +107,7 @@ def main(argv) -> int:
                             f"use a new --workdir")
 
     # Everything that can fail on bad input happens before anything is written.
+    enable_compilation_cache()
     import jax
     import jax.numpy as jnp
     import numpy as np
