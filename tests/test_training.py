@@ -131,6 +131,21 @@ def test_sft_baselines_train_the_solver_without_a_trace(chat, method):
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 0
 
 
+def test_per_role_adapters_get_gradient_only_through_the_trace(chat):
+    sc, _, batch, realign = setup_step(chat, "stop", roles=("planner", "solver"), steps=(2,), n=2)
+    lcfg = LoraConfig(rank=2, alpha=4.0, targets=("q", "v"), per_role=True)
+    lora = init_lora(chat.cfg, lcfg, jax.random.PRNGKey(0), roles=sc.roles)
+    lora = jax.tree.map(lambda x: x + 0.05, lora)
+    assert set(lora["roles"]) == {"planner", "solver"}
+    norm = lambda t: max(float(jnp.abs(x).max()) for x in jax.tree.leaves(t))
+    for mode in ("stop", "full"):
+        sc_m = StepConfig(**{**sc.__dict__, "trace_grad": mode, "lora_scale": lcfg.scale})
+        _, grads, _ = loss_and_grads(lora, chat.params, chat.cfg, realign, batch, sc_m)
+        assert norm(grads["roles"]["solver"]) > 0
+        # The planner's adapter only matters through the trace it writes.
+        assert (norm(grads["roles"]["planner"]) > 0) == (mode == "full")
+
+
 def test_overfit_one_batch(chat):
     sc, lcfg, batch, realign = setup_step(chat, "stop", roles=("planner", "solver"), steps=(2,), n=2)
     lora = init_lora(chat.cfg, LoraConfig(rank=8, alpha=16.0), jax.random.PRNGKey(0))
