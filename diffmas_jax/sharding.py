@@ -1,0 +1,114 @@
+"""Mesh sharding: the one place that maps logical axis names to mesh axes.
+
+Parameters carry logical axis names (``model.transformer.param_axes``); the KV
+trace and activations use the names below. ``LOGICAL_RULES`` maps each name to
+a mesh axis (or None: replicated). A dimension that the mesh axis does not
+divide stays replicated rather than failing, so one rule set serves every model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES: dict[str, Optional[object]] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "layers": None,
+    "norm": None,
+    "slots": None,
+    "head_dim": None,
+}
+
+TRACE_AXES = {"k": ("layers", "batch", "slots", "kv_heads", "head_dim"),
+              "v": ("layers", "batch", "slots", "kv_heads", "head_dim"),
+              "valid": ("batch", "slots"), "segment": ("batch", "slots"), "kind": ("batch", "slots"),
+              "pos": ("batch", "slots"), "next_pos": ("batch",)}
+
+
+class MeshError(ValueError):
+    """A mesh that does not fit the devices."""
+
+
+def make_mesh(shape: Sequence[int] = (1, -1, 1), devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one entry may be -1 for 'the rest of the devices'."""
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    shape = list(shape)
+    if len(shape) != len(MESH_AXES):
+        raise MeshError(f"mesh shape needs {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
+    if shape.count(-1) > 1:
+        raise MeshError(f"at most one mesh entry may be -1, got {shape}")
+    known = math.prod(s for s in shape if s != -1)
+    if known <= 0 or n % known:
+        raise MeshError(f"mesh {tuple(shape)} does not divide the {n} available devices")
+    shape = [n // known if s == -1 else s for s in shape]
+    if math.prod(shape) != n:
+        raise MeshError(f"mesh {tuple(shape)} uses {math.prod(shape)} devices but {n} are available")
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def spec_for(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules=None) -> P:
+    """PartitionSpec for a tensor with logical ``axes``; undividable dims stay replicated."""
+    rules = LOGICAL_RULES if rules is None else rules
+    used, out = set(), []
+    for name, dim in zip(axes, shape):
+        target = rules.get(name) if name else None
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        names = tuple(a for a in names if a not in used and mesh.shape[a] > 1)
+        size = math.prod(mesh.shape[a] for a in names)
+        if not names or dim % size:
+            out.append(None)
+            continue
+        used.update(names)
+        out.append(names[0] if len(names) == 1 else names)
+    return P(*out)
+
+
+def param_shardings(cfg, mesh: Mesh, rules=None) -> dict:
+    """NamedSharding for every parameter, as a pytree matching the params."""
+    from diffmas_jax.model.transformer import _is_leaf, param_shapes
+    return jax.tree.map(lambda s: NamedSharding(mesh, spec_for(s[1], s[0], mesh, rules)),
+                        param_shapes(cfg), is_leaf=_is_leaf)
+
+
+def param_placer(cfg, mesh: Mesh, rules=None):
+    """``place(path, host_array)`` for ``load_model``: each tensor goes straight into its shards."""
+    from diffmas_jax.model.weights import expected_param_paths
+    shapes = expected_param_paths(cfg)
+    from diffmas_jax.model.transformer import param_axes
+    axes = {".".join(k.key for k in p): a for p, a in
+            jax.tree_util.tree_flatten_with_path(param_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))[0]}
+
+    def place(path, arr):
+        sharding = NamedSharding(mesh, spec_for(axes[path], shapes[path], mesh, rules))
+        # make_array_from_callback hands each device only its slice of the host array.
+        return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+    return place
+
+
+def shard_trace(trace, mesh: Mesh, rules=None):
+    """Put a KVTrace's buffers on the mesh (batch over data/fsdp, kv heads over tensor)."""
+    upd = {name: jax.device_put(getattr(trace, name),
+                                NamedSharding(mesh, spec_for(axes, getattr(trace, name).shape, mesh, rules)))
+           for name, axes in TRACE_AXES.items()}
+    return trace.replace(**upd)
+
+
+def bytes_per_device(tree) -> int:
+    """Largest number of bytes any one device holds for ``tree``."""
+    per: dict = {}
+    for x in jax.tree.leaves(tree):
+        for shard in x.addressable_shards:
+            per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
+    return max(per.values()) if per else 0

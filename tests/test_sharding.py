@@ -1,0 +1,79 @@
+"""Sharding on 8 simulated CPU devices (each check runs in a fresh process, since
+XLA_FLAGS must be set before jax is imported)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent('''
+    import os, sys, json
+    import jax, jax.numpy as jnp, numpy as np
+    assert jax.device_count() == 8, jax.devices()
+    sys.path.insert(0, {tests!r})
+    from conftest import save_tiny_model
+    from diffmas_jax.model.loading import load_model
+    from diffmas_jax.model.transformer import jit_forward
+    from diffmas_jax.sharding import (MeshError, bytes_per_device, make_mesh, param_placer, shard_trace)
+    from diffmas_jax.trace import KVTrace
+    path = save_tiny_model(__import__("pathlib").Path({tmp!r}) / "m", "qwen3", num_attention_heads=8,
+                           num_key_value_heads=4, hidden_size=64, intermediate_size=128)
+    ref = load_model(str(path), with_tokenizer=False)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 256, size=(8, 24)))
+    want = np.asarray(jit_forward(ref.params, ref.cfg, KVTrace.create(ref.cfg, 8, 32), tokens=ids).logits)
+    out = {{}}
+    for shape in [(1, 8, 1), (2, 2, 2), (1, 2, 4)]:
+        mesh = make_mesh(shape)
+        m = load_model(str(path), with_tokenizer=False, place=param_placer(ref.cfg, mesh))
+        tr = shard_trace(KVTrace.create(m.cfg, 8, 32), mesh)
+        got = np.asarray(jit_forward(m.params, m.cfg, tr, tokens=ids).logits)
+        out[str(shape)] = dict(diff=float(np.abs(got - want).max()), bytes=bytes_per_device(m.params))
+    out["single_bytes"] = bytes_per_device(ref.params)
+
+    # A sharded DiffMAS train step (trace_grad=full) equals the single-device one.
+    from diffmas_jax.lora import LoraConfig, init_lora
+    from diffmas_jax.stages import make_realign
+    from diffmas_jax.training import StepConfig, loss_and_grads
+    rng = np.random.default_rng(1)
+    batch = dict(up_tokens=[jnp.asarray(rng.integers(3, 256, (8, 16)))], up_valid=[jnp.ones((8, 16), bool)],
+                 tokens=jnp.asarray(rng.integers(3, 256, (8, 24))), valid=jnp.ones((8, 24), bool),
+                 target_mask=jnp.asarray(np.arange(24)[None].repeat(8, 0) >= 16))
+    sc = StepConfig(method="diffmas", trace_grad="full", roles=("planner", "solver"), latent_steps=(2,),
+                    up_lengths=(16,), solver_length=24, capacity=42, lora_scale=2.0)
+    lora = jax.tree.map(lambda x: x + 0.01, init_lora(ref.cfg, LoraConfig(rank=4), jax.random.PRNGKey(0)))
+    f = jax.jit(lambda p, lo, b: loss_and_grads(lo, p, ref.cfg, make_realign(p, ref.cfg), b, sc))
+    l0, g0, n0 = f(ref.params, lora, batch)
+    mesh = make_mesh((2, 4, 1))
+    sp = load_model(str(path), with_tokenizer=False, place=param_placer(ref.cfg, mesh)).params
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    sb = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp")))), batch)
+    l1, g1, n1 = f(sp, lora, sb)
+    out["train_loss_diff"] = abs(float(l0) - float(l1))
+    out["train_grad_diff"] = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+    for bad in [(3, -1, 1), (1, -1, -1), (16, 1, 1)]:
+        try:
+            make_mesh(bad)
+            out[str(bad)] = "no error"
+        except MeshError as e:
+            out[str(bad)] = str(e)
+    print("RESULT" + json.dumps(out))
+''')
+
+
+def test_sharded_forward_equals_unsharded_and_params_shrink(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    code = SCRIPT.format(tests=os.path.dirname(__file__), tmp=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    out = json.loads(r.stdout.split("RESULT", 1)[1])
+    for shape in ["(1, 8, 1)", "(2, 2, 2)", "(1, 2, 4)"]:
+        assert out[shape]["diff"] < 1e-4, (shape, out[shape])
+    # fsdp over 8 devices holds a fraction of the params per device
+    assert out["(1, 8, 1)"]["bytes"] < 0.3 * out["single_bytes"]
+    assert out["(1, 2, 4)"]["bytes"] < out["(2, 2, 2)"]["bytes"] < out["single_bytes"]
+    assert out["train_loss_diff"] < 1e-5 and out["train_grad_diff"] < 1e-5, out
+    assert "does not divide the 8 available devices" in out["(3, -1, 1)"]
+    assert "at most one mesh entry may be -1" in out["(1, -1, -1)"]
+    assert "does not divide" in out["(16, 1, 1)"] or "uses 16 devices" in out["(16, 1, 1)"]
