@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -183,12 +182,11 @@ def child_jax(spec):
 def child_torch(spec):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-    from diffmas_jax.model.loading import resolve_model_dir  # no jax import
 
     res = {"rss_start_mb": rss_mb()}
     torch.set_num_threads(spec["threads"])
     t0 = time.perf_counter()
-    path = str(resolve_model_dir(spec["model"]))
+    path = spec["model"]  # the HF directory the parent resolved (no jax import in this process)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
