@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,21 @@ def rss_mb() -> float:
 
 def bucket(n: int, multiple: int = 32) -> int:
     return max(multiple, -(-n // multiple) * multiple)
+
+
+def timed_with_phases(fn, repeats: int):
+    """Like median_time, for ``fn(phases)`` that fills a dict of per-phase seconds (syncing between
+    phases); returns (median s, samples, last result, per-phase medians)."""
+    samples, per_phase, out = [], {}, None
+    for _ in range(repeats):
+        ph = {}
+        t0 = time.perf_counter()
+        out = fn(ph)
+        samples.append(time.perf_counter() - t0)
+        for k, v in ph.items():
+            per_phase.setdefault(k, []).append(v)
+    return (statistics.median(samples), samples, out,
+            {k: statistics.median(v) for k, v in per_phase.items()})
 
 
 def build_messages(questions, instruction):
@@ -160,9 +176,7 @@ def child_jax(spec):
     first, out = timed_first(forced)
     res["rss_after_first_mb"] = rss_mb()
     log(f"  jax B={b} N={n_new}: first call {first:.1f}s; timing {spec['repeats']} repeat(s)")
-    med, samples, out = median_time(forced, spec["repeats"])
-    phases = {}
-    forced(phases)
+    med, samples, out, phases = timed_with_phases(forced, spec["repeats"])
     res["forced"] = {"first_call_s": first, "median_s": med, "samples_s": samples, "generated": out["generated"],
                      "phases_s": phases, "tokens": out["tokens"]}
     res["slots_per_row"], res["prompt_slots"] = out["slots_per_row"], out["prompt_slots"]
@@ -285,9 +299,7 @@ def child_torch(spec):
     first, out = timed_first(run)
     res["rss_after_first_mb"] = rss_mb()
     log(f"  torch B={b} N={n_new}: first call {first:.1f}s; timing {spec['repeats']} repeat(s)")
-    med, samples, out = median_time(run, spec["repeats"])
-    phases = {}
-    run(phases=phases)
+    med, samples, out, phases = timed_with_phases(lambda phases: run(phases=phases), spec["repeats"])
     res["forced"] = {"first_call_s": first, "median_s": med, "samples_s": samples, "generated": out["generated"],
                      "phases_s": phases, "tokens": out["tokens"]}
     res["rss_after_forced_mb"] = rss_mb()
@@ -465,7 +477,7 @@ def main(argv=None):
             t_peak = f"{t['rss_peak_mb']:.0f}" if t else "n/a"
             md.append(f"| B={b}, N={n} | {slots} | {fmt(kv_mb(hf_cfg, slots, b))} | {j['rss_loaded_mb']:.0f} | "
                       f"{j['rss_peak_mb']:.0f} | {t_load} | {t_peak} |")
-    md += ["", "Where the time goes (one extra forced run with a sync after each phase, seconds):", "",
+    md += ["", "Where the time goes (forced runs sync after each phase; per-phase medians, seconds):", "",
            "| configuration | side | " + " | ".join(["tokenize + alloc", "make_realign", "upstream agents",
                                                     "solver prefill", "decode"]) + " |",
            "|---|---|---:|---:|---:|---:|---:|"]
