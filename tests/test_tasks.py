@@ -23,7 +23,7 @@ EXPECTED = {  # task -> (kind, number of test items in the local copy)
 
 
 def test_registry():
-    assert set(EXPECTED) | {"gpqa_diamond", "jsonl"} == set(TASK_NAMES)
+    assert set(EXPECTED) | {"gpqa_diamond", "jsonl", "arith"} == set(TASK_NAMES)
     for name in TASK_NAMES:
         task = get_task(name) if name != "jsonl" else get_task(name, path="x.jsonl")
         assert isinstance(task, Task) and task.name == name
@@ -341,3 +341,17 @@ def test_hub_rows_are_normalised(monkeypatch):
     assert (aime.id, aime.gold, aime.target) == ("aime24/1", "7", "The answer is \\boxed{7}.")
     gpqa = get_task("gpqa_diamond").load("test")[0]
     assert gpqa.id == "rec0" and gpqa.choices["ABCD".index(gpqa.gold)] == "right 0"
+
+
+def test_generated_arithmetic_task():
+    task = get_task("arith", size=50)
+    train, test = task.load("train"), task.load("test", limit=10)
+    assert len(train) == 50 and len(test) == 10
+    assert train == get_task("arith", size=50).load("train")              # deterministic
+    assert [it.id for it in test] != [it.id for it in train[:10]]  # separate streams
+    for it in train:  # the worked target scores correct against its own gold
+        assert task.score(it, it.target)["correct"], it
+    with pytest.raises(TaskError, match="has no split 'dev'"):
+        task.load("dev")
+    with pytest.raises(TaskError, match="arith size must be positive"):
+        get_task("arith", size=0)
