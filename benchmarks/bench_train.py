@@ -120,6 +120,16 @@ def matmul_peak(n: int, repeats: int):
     return 2 * n ** 3 / med, med, samples
 
 
+def torch_matmul_peak(n: int, repeats: int, threads: int):
+    """Median FLOP/s of an n x n float32 torch.mm (for context: PyTorch's own matmul speed)."""
+    import torch
+    torch.set_num_threads(threads)
+    a, bm = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, bm)
+    med, samples, _ = median_time(lambda: torch.mm(a, bm), repeats)
+    return 2 * n ** 3 / med, med, samples
+
+
 # --------------------------------------------------------------------------- diffmas_jax side
 class JaxTrain:
     def __init__(self, model, rank, lr):
@@ -268,6 +278,10 @@ def main(argv=None):
     jx = JaxTrain(mdl, args.rank, args.lr)
     th = None
     if not args.skip_torch:
+        n_pk = info["matmul_peak"]["n"]
+        tpeak, tpeak_s, tpeak_samples = torch_matmul_peak(n_pk, 3 if q else 10, threads)
+        info["torch_matmul_peak"] = {"n": n_pk, "flop_s": tpeak, "median_s": tpeak_s, "samples_s": tpeak_samples}
+        log(f"torch.mm peak: {tpeak / 1e9:.1f} GFLOP/s")
         t0 = time.perf_counter()
         th = TorchTrain(mdl.path, args.rank, args.lr, threads)
         log(f"loaded transformers model in {time.perf_counter() - t0:.1f}s")
@@ -326,7 +340,10 @@ def main(argv=None):
           f"q,k,v,o,gate,up,down; AdamW + clip 1.0. Tokens/step = B x (K x (prompt + m) + solver). "
           f"Medians of {reps} step(s) after a warm-up step. Ratio = diffmas_jax / transformers throughput "
           f"(>1: diffmas_jax faster). Matmul peak: {peak / 1e9:.1f} GFLOP/s "
-          f"(jitted {info['matmul_peak']['n']}x{info['matmul_peak']['n']} f32 jnp.dot, median).", "",
+          f"(jitted {info['matmul_peak']['n']}x{info['matmul_peak']['n']} f32 jnp.dot, median; both '% of peak' "
+          f"columns use it"
+          + (f"; for context, torch.mm of the same size: {info['torch_matmul_peak']['flop_s'] / 1e9:.1f} GFLOP/s"
+             if "torch_matmul_peak" in info else "") + ").", "",
           "| measurement | tokens/step | diffmas_jax s/step | diffmas_jax tok/s | transformers s/step "
           "| transformers tok/s | ratio | GFLOP/step | diffmas_jax % of peak | transformers % of peak |",
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
