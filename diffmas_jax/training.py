@@ -166,7 +166,7 @@ def make_train_step(cfg, sc: StepConfig, optimizer):
         loss, grads, norms = loss_and_grads(lora, params, cfg, realign, batch, sc)
         updates, opt_state = optimizer.update(grads, opt_state, lora)
         lora = optax.apply_updates(lora, updates)
-        return lora, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "segment_grad_norms": norms}
+        return lora, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "segment_grad_norms": norms}
 
     return jax.jit(step, donate_argnums=(0, 1))
 
