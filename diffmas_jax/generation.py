@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffmas_jax.model.config import ModelConfig
-from diffmas_jax.model.transformer import forward, last_valid_index, resolve_dtype, take_rows
+from diffmas_jax.model.transformer import forward, last_valid_index, lm_logits, resolve_dtype, take_rows
 from diffmas_jax.trace import PROMPT, TEXT, KVTrace
 
 
@@ -125,7 +125,6 @@ def prefill(params, cfg, trace, tokens, valid, *, segment=0, kind=PROMPT, visibl
                   return_logits=False)
     idx = last_valid_index(valid)
     hidden = take_rows(out.hidden, idx)
-    from diffmas_jax.model.transformer import lm_logits
     return out.trace, lm_logits(params, cfg, hidden), hidden
 
 

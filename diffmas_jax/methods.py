@@ -113,6 +113,20 @@ def run_batch(model, questions: Sequence[str], answer_instruction: str, mc: Meth
     return _trace_method(model, questions, answer_instruction, mc, lora, lora_scale, seed)
 
 
+_REALIGN_CACHE: dict = {}
+
+
+def _realign_for(model, mode: str, lam: float):
+    """W_a depends only on the weights: solve it once per model, not once per batch."""
+    embed = model.params["embed"]
+    key = (id(embed), mode, lam)
+    if key not in _REALIGN_CACHE:
+        _REALIGN_CACHE.clear()  # hold one model's matrix at a time
+        # Keeping the embedding referenced keeps its id from being reused by another array.
+        _REALIGN_CACHE[key] = (embed, make_realign(model.params, model.cfg, mode, lam))
+    return _REALIGN_CACHE[key][1]
+
+
 def _encode(model, agent, questions, mc, **kw):
     seqs = [render_chat(model.tokenizer, agent_messages(agent, q, **kw), mc.enable_thinking) for q in questions]
     tokens, valid = pad_batch(seqs, model.tokenizer.pad_token_id or 0, multiple=mc.prompt_bucket)
@@ -132,7 +146,7 @@ def _trace_method(model, questions, answer_instruction, mc, lora, lora_scale, se
     capacity = sum(t.shape[1] + a.latent_steps for (t, _, _), a in zip(encoded, upstream)) \
         + s_tokens.shape[1] + mc.max_new_tokens
     trace = KVTrace.create(model.cfg, len(questions), capacity, dtype=dtype)
-    realign = make_realign(model.params, model.cfg, mc.realign, mc.realign_lambda)
+    realign = _realign_for(model, mc.realign, mc.realign_lambda)
     stitch_pos = jnp.zeros((len(questions),), jnp.int32)
     for j, (agent, (tokens, valid, _)) in enumerate(zip(upstream, encoded)):
         if mc.method == "stitch_mas":  # an empty cache of its own: positions restart at 0
