@@ -66,11 +66,35 @@ def build_agents(layout: str = "sequential", roles: Optional[Sequence[str]] = No
     return tuple(Agent(r, s) for r, s in zip(roles[:-1], steps)) + (Agent(roles[-1], 0),)
 
 
+class Question(str):
+    """A question that carries context for some agents only (a plain ``str`` everywhere else).
+
+    ``context`` maps a role name, or ``"upstream"`` (every agent before the solver), to
+    text shown under "Facts:" in that agent's prompt. The solver sees only a key naming
+    its own role, and a lone agent (Single) sees none: facts given to the upstream agents
+    reach the solver only through the trace (or TextMAS notes).
+    """
+
+    def __new__(cls, text: str, context: Optional[dict] = None):
+        obj = super().__new__(cls, text)
+        obj.context = dict(context or {})
+        return obj
+
+
+def role_context(agent: Agent, question: str, *, is_solver: bool, has_team: bool) -> str:
+    ctx = getattr(question, "context", None) or {}
+    if not has_team or not ctx:
+        return ""
+    return ctx.get(agent.role) or ("" if is_solver else ctx.get("upstream", "")) or ""
+
+
 def agent_messages(agent: Agent, question: str, *, answer_instruction: str = "", is_solver: bool = False,
                    notes: Sequence[tuple[str, str]] = (), has_team: bool = True) -> list[dict]:
-    """Chat messages for one agent. ``notes`` are earlier agents' texts (TextMAS)."""
+    """Chat messages for one agent. ``notes`` are earlier agents' texts (TextMAS);
+    a ``Question`` adds its per-role context (see ``role_context``)."""
     brief = ROLE_BRIEFS[agent.role] if has_team else ROLE_BRIEFS["single"]
-    parts = [f"Question:\n{question.strip()}"]
+    facts = role_context(agent, question, is_solver=is_solver, has_team=has_team)
+    parts = ([f"Facts:\n{facts.strip()}"] if facts else []) + [f"Question:\n{question.strip()}"]
     if notes:
         shared = "\n\n".join(f"[{role.capitalize()}]\n{text.strip()}" for role, text in notes)
         parts.append(f"Notes from your teammates:\n{shared}")

@@ -23,7 +23,7 @@ EXPECTED = {  # task -> (kind, number of test items in the local copy)
 
 
 def test_registry():
-    assert set(EXPECTED) | {"gpqa_diamond", "jsonl", "arith"} == set(TASK_NAMES)
+    assert set(EXPECTED) | {"gpqa_diamond", "jsonl", "arith", "comm"} == set(TASK_NAMES)
     for name in TASK_NAMES:
         task = get_task(name) if name != "jsonl" else get_task(name, path="x.jsonl")
         assert isinstance(task, Task) and task.name == name

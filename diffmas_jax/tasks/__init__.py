@@ -10,6 +10,7 @@ import inspect
 
 from .base import Item, Task, TaskError
 from .choice_tasks import ARC, CommonsenseQA, GPQADiamond, MedQA, OpenBookQA
+from .comm import Communication
 from .code_tasks import HumanEvalPlus, MBPPPlus
 from .custom import JsonlTask
 from .math_tasks import AIME, GSM8K, MATH500
@@ -30,6 +31,7 @@ _FACTORIES = {
     "math500": MATH500,
     "jsonl": JsonlTask,
     "arith": Arithmetic,
+    "comm": Communication,
 }
 TASK_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
