@@ -7,6 +7,7 @@ setup(
     description="DiffMAS in JAX/Flax: latent multi-agent communication trained end to end with LoRA",
     python_requires=">=3.10",
     packages=find_packages(include=["diffmas_jax", "diffmas_jax.*"]),
+    package_data={"diffmas_jax": ["data/*.json"]},  # the paper's reported numbers (tables.py)
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10",
