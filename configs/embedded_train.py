@@ -52,4 +52,8 @@ def get_config():
     c.log_every = 1
     c.on_nan = "stop"                 # stop | skip
     c.export_peft = True
+    # hardware (diffmas_jax.mesh_presets, diffmas_jax.memory)
+    c.mesh_preset = placeholder(str)          # v4-8 | v5e-8 | v5e-16 | v5p-8 | gpu-8 | gpu-1
+    c.mesh = placeholder(str)                 # "data,fsdp,tensor" (one may be -1); wins over the preset
+    c.device_memory_gib = placeholder(float)  # per-device memory for the estimate if the device hides it
     return c

@@ -47,5 +47,12 @@ class Checkpointer:
 
 
 def abstract_like(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-                        if not hasattr(x, "dtype") else jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    """Restore targets shaped like ``tree``. A jax array's sharding comes along, so a
+    checkpoint saved on one mesh restores straight into the shards of the current one
+    (another shape, another device count) instead of the layout it was saved with."""
+    def one(x):
+        if not hasattr(x, "dtype"):
+            return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)
+                                    if isinstance(x, jax.Array) else None)
+    return jax.tree.map(one, tree)

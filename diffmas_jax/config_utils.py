@@ -27,7 +27,8 @@ REALIGNS = ("ridge", "norm", "none")
 # Fields that do not change what an item's result is: a run may resume with new values.
 # (seed and batch_size join them for greedy decoding, whose rows do not depend on batch
 # company; with sampling they pick the random streams, so they must match.)
-RESUMABLE_FIELDS = ("limit", "batch_size", "seed", "prompt_bucket", "bootstrap_resamples")
+RESUMABLE_FIELDS = ("limit", "batch_size", "seed", "prompt_bucket", "bootstrap_resamples",
+                    "mesh_preset", "mesh", "device_memory_gib")
 SAMPLING_FIELDS = ("seed", "batch_size")
 
 
@@ -73,6 +74,10 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
     c.seed = 0
     c.prompt_bucket = 32
     c.bootstrap_resamples = 2000
+    # hardware (diffmas_jax.mesh_presets, diffmas_jax.memory)
+    c.mesh_preset = config_dict.placeholder(str)          # v4-8 | v5e-8 | v5e-16 | v5p-8 | gpu-8 | gpu-1
+    c.mesh = config_dict.placeholder(str)                 # "data,fsdp,tensor" (one may be -1); wins over the preset
+    c.device_memory_gib = config_dict.placeholder(float)  # per-device memory for the estimate if the device hides it
     for key, value in overrides.items():
         if key not in c:
             raise KeyError(f"eval_config has no field {key!r}")

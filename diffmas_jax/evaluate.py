@@ -31,7 +31,7 @@ from typing import Optional
 from absl import flags
 from ml_collections import config_flags
 
-from diffmas_jax import config_utils, metrics
+from diffmas_jax import config_utils, distributed, metrics
 from diffmas_jax.cli import UserError, enable_compilation_cache, run_cli
 
 ITEMS, SUMMARY, CONFIG = "items.jsonl", "summary.json", "config.json"
@@ -55,6 +55,8 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_write(path: Path, data: str | bytes) -> None:
     """Write a whole file so readers see the old or the new version, never a mix."""
+    if not distributed.is_main_process():
+        return  # on a pod only process 0 writes the workdir
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
@@ -123,6 +125,8 @@ def rewrite_items(path: Path, done: dict) -> None:
 
 def append_items(path: Path, records: list[dict]) -> None:
     """One write per batch, flushed and fsynced before the summary says it is done."""
+    if not distributed.is_main_process():
+        return  # on a pod only process 0 writes the workdir
     with open(path, "ab") as f:
         f.write(b"".join(_json_line(r) for r in records))
         f.flush()
@@ -372,6 +376,7 @@ def evaluate(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     check_previous_config(workdir, cfg)
     items_path = workdir / ITEMS
     done, repair = read_items(items_path)
+    done = distributed.broadcast_from_main(done)  # on a pod every host runs the items process 0 has not done
     todo_n = sum(1 for it in items if it.id not in done)
 
     adapter, lora_scale, adapter_meta, model, load_s = None, 1.0, None, None, None
@@ -380,8 +385,11 @@ def evaluate(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
             adapter, lora_scale, adapter_meta = adapter_parts(load_adapter(cfg["lora"]), cfg)
         from diffmas_jax.model.loading import load_model
         t0 = time.perf_counter()
+        from diffmas_jax import memory
+        memory.preflight_model(cfg, cfg["model"], cfg["dtype"])  # the weights alone must fit before they load
         model = load_model(cfg["model"], dtype=cfg["dtype"])
         load_s = round(time.perf_counter() - t0, 3)
+        memory.preflight_eval(model, cfg, mc, items, adapter)  # per-device estimate; error if it cannot fit
 
     # Everything the user asked for checks out: from here on files are written.
     workdir.mkdir(parents=True, exist_ok=True)
@@ -402,7 +410,8 @@ def evaluate(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     from diffmas_jax.methods import run_batch
     bs, sampling = cfg["batch_size"], cfg["temperature"] > 0
     bar = tqdm(total=len(items), initial=len(items) - todo_n, unit="item", file=sys.stderr,
-               desc=f"{cfg['method']}/{cfg['task']}", disable=not progress, dynamic_ncols=True)
+               desc=f"{cfg['method']}/{cfg['task']}", disable=not progress or not distributed.is_main_process(),
+               dynamic_ncols=True)
     try:
         for b, start in enumerate(range(0, len(items), bs)):
             chunk = items[start:start + bs]
@@ -502,8 +511,11 @@ def main(argv=None) -> int:
         print(_usage())
         return 0
     config, workdir = parse_flags(argv)
+    distributed.maybe_initialize()  # on a pod: connect the hosts before anything touches a device
     enable_compilation_cache()
     summary = evaluate(config, workdir)
+    if not distributed.is_main_process():
+        return 0
     acc, (lo, hi) = summary["accuracy"], summary["accuracy_ci95"]
     cfg = summary["config"]
     line = (f"{cfg['method']} on {cfg['task']}: accuracy {acc:.3f} (95% CI {lo:.3f}-{hi:.3f}), "

@@ -94,6 +94,9 @@ def main(argv) -> int:
     if not _WORKDIR.value:
         raise UserError("--workdir is required")
     validate(c)
+    from diffmas_jax import distributed, memory
+    distributed.maybe_initialize()  # on a pod: connect the hosts before anything touches a device
+    main_proc = distributed.is_main_process()  # only process 0 logs and writes the workdir
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     workdir = Path(_WORKDIR.value)
@@ -143,6 +146,7 @@ def main(argv) -> int:
     if len(train_items) < c.batch_size:
         raise UserError(f"{len(train_items)} training items is fewer than batch_size {c.batch_size}")
 
+    memory.preflight_model(c, c.model, c.dtype)  # the weights alone must fit before they load
     model = load_model(c.model, dtype=c.dtype)
     notes = eval_notes = None
     if c.method == "text_mas_sft":  # the base model's upstream text, written once (cached in workdir)
@@ -164,9 +168,11 @@ def main(argv) -> int:
     lora = init_lora(model.cfg, lcfg, jax.random.PRNGKey(c.seed), roles=sc.roles)
     opt_state = optimizer.init(lora)
     realign = make_realign(model.params, model.cfg, c.realign, float(c.realign_lambda))
+    memory.preflight_train(model.cfg, c, sc, lcfg)  # per-device estimate before compiling; error if it cannot fit
 
     workdir.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(resolved, indent=2))
+    if main_proc:
+        config_path.write_text(json.dumps(resolved, indent=2))
     ckpt = Checkpointer(workdir / "checkpoints", keep=int(c.keep_checkpoints))
     start = 0
     restored = ckpt.restore_latest(abstract_like({"lora": lora, "opt_state": opt_state}))
@@ -190,8 +196,8 @@ def main(argv) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
 
     from tensorboardX import SummaryWriter
-    tb = SummaryWriter(str(workdir / "tensorboard"))
-    csv_path = workdir / "metrics.csv"
+    tb = SummaryWriter(str(distributed.output_dir(workdir) / "tensorboard"))
+    csv_path = distributed.output_dir(workdir) / "metrics.csv"
     fields = ["step", "loss", "grad_norm", "tokens_per_s", "eval_loss"] + \
         [f"seg_grad_{j}_{r}" for j, r in enumerate(sc.roles[:-1])]
     if start == 0 or not csv_path.exists():
@@ -203,13 +209,16 @@ def main(argv) -> int:
         with open(csv_path, "w", newline="") as f:
             csv.writer(f).writerows(keep)
 
-    print(f"training {c.method} (trace_grad={c.trace_grad}) on {n} items, {count_params(lora):,} LoRA params, "
-          f"trace capacity {capacity}", flush=True)
+    if main_proc:
+        print(f"training {c.method} (trace_grad={c.trace_grad}) on {n} items, {count_params(lora):,} LoRA params, "
+              f"trace capacity {capacity}", flush=True)
     last_good = start if restored else None
-    bar = tqdm(range(start, int(c.steps)), initial=start, total=int(c.steps), desc="train", dynamic_ncols=True)
+    bar = tqdm(range(start, int(c.steps)), initial=start, total=int(c.steps), desc="train", dynamic_ncols=True,
+               disable=not main_proc)
     t_last = time.perf_counter()
     for step in bar:
-        batch = jax.tree.map(jnp.asarray, batch_of(data, indices(step)))
+        # Each host reads only its rows of the global batch (all of them on a single host).
+        batch = distributed.global_batch(batch_of(data, distributed.local_indices(indices(step))))
         if c.on_nan == "skip":
             host_lora, host_opt = jax.device_get((lora, opt_state))
         new_lora, new_opt, m = train_step(lora, opt_state, model.params, realign, batch)
@@ -253,6 +262,8 @@ def main(argv) -> int:
     bar.close()
     tb.close()
     ckpt.close()
+    if not main_proc:
+        return 0
     save_adapter(workdir / "adapter", lora, lcfg, extra={"model": c.model, "roles": list(sc.roles),
                                                          "trace_grad": c.trace_grad, "method": c.method})
     if c.export_peft and not lcfg.per_role:
