@@ -1,0 +1,99 @@
+"""Multi-host helpers: when to initialise, which rows each host loads, and a real
+two-process run on CPU (2 processes x 2 simulated devices, gloo collectives)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffmas_jax import distributed
+from diffmas_jax.cli import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_when_to_initialize():
+    assert not distributed.should_initialize({})
+    assert not distributed.should_initialize({"TPU_WORKER_HOSTNAMES": "localhost"})  # one-host TPU VM
+    assert distributed.should_initialize({"TPU_WORKER_HOSTNAMES": "t1k-w-0,t1k-w-1,t1k-w-2,t1k-w-3"})
+    assert distributed.should_initialize({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234", "JAX_NUM_PROCESSES": "2",
+                                          "JAX_PROCESS_ID": "1"})
+    assert not distributed.should_initialize({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234", "JAX_NUM_PROCESSES": "1"})
+    assert distributed.should_initialize({"SLURM_NTASKS": "4"})
+    assert distributed.should_initialize({"DIFFMAS_DISTRIBUTED": "1"})
+    assert not distributed.should_initialize({"DIFFMAS_DISTRIBUTED": "0", "TPU_WORKER_HOSTNAMES": "a,b"})
+    assert distributed.initialize_kwargs({}) == {}
+    assert distributed.initialize_kwargs({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "4",
+                                          "JAX_PROCESS_ID": "2"}) == \
+        {"coordinator_address": "h:1", "num_processes": 4, "process_id": 2}
+    with pytest.raises(UserError, match="JAX_PROCESS_ID is not"):
+        distributed.initialize_kwargs({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "4"})
+    # single host: a no-op, and this process is the main one writing the workdir
+    assert distributed.maybe_initialize({}) is False
+    assert distributed.is_main_process() and distributed.process_count() == 1
+    assert distributed.output_dir("/some/workdir") == Path("/some/workdir")
+
+
+def test_each_host_gets_its_share_of_the_rows():
+    idx = np.arange(100, 108)
+    parts = [distributed.local_indices(idx, p, 4).tolist() for p in range(4)]
+    assert parts == [[100, 101], [102, 103], [104, 105], [106, 107]]
+    assert distributed.local_indices(idx).tolist() == idx.tolist()  # one host: everything
+    with pytest.raises(UserError, match="does not split over 3 hosts"):
+        distributed.local_indices(idx, 0, 3)
+    items = list("abcdefg")
+    shards = [distributed.host_shard(items, p, 3) for p in range(3)]
+    assert sorted(sum(shards, [])) == items and shards[0] == ["a", "d", "g"]
+
+
+WORKER = textwrap.dedent('''
+    import json, sys
+    from diffmas_jax import distributed as d
+    assert d.maybe_initialize()
+    import jax, numpy as np
+    from diffmas_jax.sharding import make_mesh
+    mesh = make_mesh((1, -1, 1))  # 4 devices over both processes
+    rows = d.local_indices(np.arange(8) + 100)
+    batch = d.global_batch({"x": rows[:, None] * np.ones((1, 3), np.int32)}, mesh)
+    total = int(jax.jit(lambda b: b["x"].sum())(batch))
+    out = dict(index=d.process_index(), count=d.process_count(), main=d.is_main_process(), rows=rows.tolist(),
+               global_shape=list(batch["x"].shape), local_devices=len(jax.local_devices()),
+               devices=jax.device_count(), total=total,
+               shared=d.broadcast_from_main({"done": ["a", "b"] if d.is_main_process() else []}),
+               writes_workdir=str(d.output_dir("/w")) == "/w")
+    d.sync("done")
+    print("RESULT" + json.dumps(out), flush=True)
+''')
+
+
+def test_two_processes_build_one_global_batch_and_agree():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER], env=env, cwd=str(REPO),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert p.returncode == 0, stderr[-2000:]
+        outs.append(json.loads(stdout.split("RESULT", 1)[1]))
+    a, b = outs
+    assert (a["index"], b["index"]) == (0, 1) and a["count"] == b["count"] == 2
+    assert a["main"] and not b["main"] and a["writes_workdir"] and not b["writes_workdir"]
+    assert a["rows"] == [100, 101, 102, 103] and b["rows"] == [104, 105, 106, 107]
+    assert a["global_shape"] == b["global_shape"] == [8, 3] and a["devices"] == 4 and a["local_devices"] == 2
+    assert a["total"] == b["total"] == 3 * sum(range(100, 108))  # one global array from both hosts' rows
+    assert a["shared"] == b["shared"] == {"done": ["a", "b"]}   # process 0's view, on every host
