@@ -37,6 +37,7 @@ from diffmas_jax.cli import UserError, run_cli
 
 LATENT_METHODS = ("latent_mas", "stitch_mas", "diffmas")
 TRAINED = ("diffmas", "single_sft", "text_mas_sft")
+SOLO = ("single", "single_sft")   # one agent: the roles do not matter
 METHOD_ORDER = ("single", "single_sft", "text_mas", "text_mas_sft", "latent_mas", "stitch_mas", "diffmas", "c2c")
 LABELS = {"single": "Single", "single_sft": "Single+SFT", "text_mas": "TextMAS", "text_mas_sft": "TextMAS+SFT",
           "latent_mas": "LatentMAS", "stitch_mas": "StitchMAS", "diffmas": "DiffMAS", "c2c": "C2C"}
@@ -59,6 +60,7 @@ class Run:
     communication: Optional[str]   # latent methods only
     visibility: Optional[str]      # latent methods only
     seed: int
+    agents: Optional[str] = None   # "planner,solver" or the layout; None for Single / Single+SFT
 
     @property
     def key(self) -> tuple:
@@ -165,7 +167,19 @@ def make_run(summary_path: Path) -> Run:
                trace_grad=(meta.get("trace_grad") or "?") if method == "diffmas" else None,
                communication=cfg.get("communication", "concat") if latent else None,
                visibility=cfg.get("visibility", "full") if latent else None,
-               seed=int(cfg.get("seed", 0) or 0))
+               seed=int(cfg.get("seed", 0) or 0), agents=None if method in SOLO else _agents(cfg))
+
+
+def _agents(cfg: dict) -> str:
+    roles = cfg.get("roles")
+    if roles:
+        return ",".join(roles) if isinstance(roles, (list, tuple)) else ",".join(
+            r.strip() for r in str(roles).split(",") if r.strip())
+    return str(cfg.get("layout") or "sequential")
+
+
+def agents_label(agents: Optional[str]) -> str:
+    return "" if agents is None else agents.replace(",", "→")
 
 
 def find_summaries(workdirs) -> list[Path]:
@@ -197,9 +211,9 @@ def load_runs(workdirs) -> tuple[list[Run], list[str]]:
     runs = [make_run(p) for p in paths]
     by = defaultdict(list)
     for r in runs:
-        by[(r.key, r.seed)].append(r)
+        by[(r.key, r.agents, r.seed)].append(r)
     kept, notes = [], []
-    for (_, seed), rs in by.items():
+    for (_, _, seed), rs in by.items():
         rs.sort(key=lambda r: (not r.complete, -r.n, str(r.dir)))
         kept.append(rs[0])
         if len(rs) > 1:
@@ -356,9 +370,15 @@ class Table:
 
 
 class Builder:
+    """Tables over runs of one agent configuration per (model, task) (plus Single, which has none)."""
+
     def __init__(self, runs: list, paper: Paper, main_steps=10, main_trace_grad="stop", comm_tasks=COMM_TASKS,
                  all_paper_rows=False):
         self.paper = paper
+        self.agents = {}
+        for r in runs:
+            if r.agents is not None:
+                assert self.agents.setdefault((r.model, r.task), r.agents) == r.agents, "one agent set per task"
         self.main_steps, self.main_tg, self.comm_tasks = main_steps, main_trace_grad, tuple(comm_tasks)
         groups = defaultdict(list)
         for r in runs:
@@ -405,7 +425,8 @@ class Builder:
 
     def setting(self, model, task, m, tg) -> str:
         has_diffmas = any(True for _ in self.keys(model=model, task=task, method="diffmas"))
-        return f"m={m}" + (f", trace_grad={tg}" if has_diffmas else "")
+        who = agents_label(self.agents.get((model, task)))
+        return (f"{who}, " if who else "") + f"m={m}" + (f", trace_grad={tg}" if has_diffmas else "")
 
     def diffmas_variants(self, model, task, comm=None, vis=None):
         want = {"model": model, "task": task, "method": "diffmas"}
@@ -481,15 +502,17 @@ class Builder:
                      notes=["same targets, same LoRA; the SFT adapters never see a trace: a DiffMAS gain over "
                             "them is a gain from communication, not from learning the task"])
 
-    def stitch_table(self) -> Optional[Table]:
-        if not any(k[2] == "stitch_mas" for k in self.cells):
+    def stitch_table(self, paper_only=False) -> Optional[Table]:
+        """Rows where StitchMAS was run; with paper_only, the paper's rows that have no StitchMAS run."""
+        if not paper_only and not any(k[2] == "stitch_mas" for k in self.cells):
             return None
         rows = []
         for model, task in self.model_tasks():
             ms = sorted({d["m"] for d in self.keys(model=model, task=task, method="stitch_mas", comm="concat",
                                                    vis="full")}, key=str)
-            if not ms and self.paper.stitch(model, task, "stitch_mas") is not None:
-                ms = [self.pick_steps(model, task)]
+            if paper_only:
+                ms = [self.pick_steps(model, task)] if not ms and self.paper.stitch(model, task, "stitch_mas") \
+                    is not None else []
             for m in ms:
                 tg = self.pick_tg(model, task, m)
                 c = {k: self.get(model, task, k, m, tg) for k in ("latent_mas", "stitch_mas", "diffmas")}
@@ -497,7 +520,9 @@ class Builder:
                              *[acc_entry(c[k], self.paper.stitch(model, task, k) if m == 10 else None) for k in c],
                              gain(c["diffmas"], c["stitch_mas"])])
         return Table("stitch", "StitchMAS (segments built apart) vs DiffMAS",
-                     ["model", "task", "setting", "LatentMAS", "StitchMAS", "DiffMAS", "DiffMAS − StitchMAS"], rows, 3)
+                     ["model", "task", "setting", "LatentMAS", "StitchMAS", "DiffMAS", "DiffMAS − StitchMAS"], rows, 3,
+                     notes=["each row compares runs with the same agents; with a single upstream agent "
+                            "StitchMAS and LatentMAS coincide"])
 
     def trace_grad_table(self) -> Optional[Table]:
         tgs = {k[4] for k in self.cells if k[2] == "diffmas"}
@@ -509,7 +534,9 @@ class Builder:
         settings |= {(mo, t, self.pick_steps(mo, t), "concat", "full") for mo, t, *_ in settings}
         for model, task, m, comm, vis in sorted(settings, key=str):
             stop, full = (self.get(model, task, "diffmas", m, t, comm, vis) for t in ("stop", "full"))
-            rows.append([model, task, f"m={m}, {comm}, {vis}", acc_entry(stop), acc_entry(full), gain(full, stop)])
+            who = agents_label(self.agents.get((model, task)))
+            rows.append([model, task, f"{who}, m={m}, {comm}, {vis}", acc_entry(stop), acc_entry(full),
+                         gain(full, stop)])
         return Table("trace_grad", "DiffMAS trace_grad: stop (trace is a constant) vs full (through upstream agents)",
                      ["model", "task", "setting", "stop", "full", "full − stop"], rows, 3)
 
@@ -524,7 +551,8 @@ class Builder:
             if (model, task, m, vis) not in with_overwrite or meth == "stitch_mas":
                 continue
             concat, over = (self.get(model, task, meth, m, tg, c, vis) for c in ("concat", "overwrite"))
-            rows.append([model, task, LABELS[meth] + (f" ({tg})" if tg else ""), f"m={m}, {vis}",
+            who = agents_label(self.agents.get((model, task)))
+            rows.append([model, task, LABELS[meth] + (f" ({tg})" if tg else ""), f"{who}, m={m}, {vis}",
                          acc_entry(concat), acc_entry(over), gain(over, concat)])
         return Table("communication", "Concatenated vs overwritten communication",
                      ["model", "task", "method", "setting", "concat", "overwrite", "overwrite − concat"], rows, 4,
@@ -561,7 +589,8 @@ class Builder:
                                              if r.method in METHOD_ORDER else 99, str(r.latent_steps), r.seed)):
             s, tok = r.summary, r.summary.get("tokens_per_question") or {}
             num = lambda v, f: text_entry(format(v, f) if isinstance(v, (int, float)) else "missing")
-            setting = ", ".join(x for x in (f"m={r.latent_steps}" if r.latent_steps is not None else "",
+            setting = ", ".join(x for x in (agents_label(r.agents),
+                                            f"m={r.latent_steps}" if r.latent_steps is not None else "",
                                             r.trace_grad or "", r.communication if r.communication == "overwrite" else "",
                                             r.visibility if r.visibility == "latent_only" else "", f"seed {r.seed}") if x)
             rows.append([r.model, r.task, LABELS.get(r.method, r.method), setting,
@@ -573,10 +602,35 @@ class Builder:
                      notes=["seconds are wall time of the machine that ran each cell"])
 
 
+def main_agents(runs) -> dict:
+    """(model, task) -> the agent set most of its runs use (ties: alphabetical)."""
+    counts = Counter((r.model, r.task, r.agents) for r in runs if r.agents is not None)
+    out: dict = {}
+    for (model, task, agents), _ in sorted(counts.items(), key=lambda x: (-x[1], str(x[0]))):
+        out.setdefault((model, task), agents)
+    return out
+
+
+def _merge(tables: list) -> Optional[Table]:
+    tables = [t for t in tables if t is not None]
+    if not tables:
+        return None
+    rows = [row for t in tables for row in t.rows]
+    return dataclasses.replace(tables[0], rows=sorted(rows, key=lambda r: [str(x) for x in r[:tables[0].n_labels]]))
+
+
 def build_tables(runs, paper: Optional[Paper] = None, **kw) -> list[Table]:
-    b = Builder(runs, paper or Paper(load_paper()), **kw)
-    tables = [b.main_table(), b.latent_steps_table(), b.sft_table(), b.stitch_table(), b.trace_grad_table(),
-              b.communication_table(), b.comm_benchmark_table(), b.cost_table(runs)]
+    """Main-type tables use each (model, task)'s main agent set; the trace_grad and
+    concat/overwrite ablations report every agent set that has runs."""
+    paper = paper or Paper(load_paper())
+    main = main_agents(runs)
+    with_agents = lambda keep: [r for r in runs if r.agents is None or keep(r)]
+    b = Builder(with_agents(lambda r: main[(r.model, r.task)] == r.agents), paper, **kw)
+    per_set = [Builder(with_agents(lambda r, a=a: r.agents == a), paper, **kw)
+               for a in sorted({r.agents for r in runs if r.agents is not None})]
+    tables = [b.main_table(), b.latent_steps_table(), b.sft_table(), _merge([x.stitch_table() for x in per_set] + [b.stitch_table(paper_only=True)]),
+              _merge([x.trace_grad_table() for x in per_set]), _merge([x.communication_table() for x in per_set]),
+              b.comm_benchmark_table(), b.cost_table(runs)]
     return [t for t in tables if t is not None and t.rows]
 
 
@@ -634,7 +688,7 @@ _TEX_ESC = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\
 
 def tex(s: str) -> str:
     s = "".join(_TEX_ESC.get(ch, ch) for ch in str(s))
-    return s.replace("−", "$-$").replace("—", "---").replace("·", r"$\cdot$")
+    return s.replace("−", "$-$").replace("—", "---").replace("·", r"$\cdot$").replace("→", r"$\to$")
 
 
 def tex_entry(e: dict) -> str:

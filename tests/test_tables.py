@@ -11,13 +11,14 @@ from diffmas_jax.tables import build_tables, fmt_entry, load_runs
 
 
 def write_run(root, name, task, method, correct, *, model="embedded", m=10, lora=None, trace_grad=None,
-              communication="concat", visibility="full", seed=0, n_total=None, ci=None, items=True):
+              communication="concat", visibility="full", seed=0, n_total=None, ci=None, items=True, roles=None):
     """An evaluation workdir as evaluate.py writes it (summary.json, config.json, items.jsonl)."""
     d = root / name
     d.mkdir(parents=True)
     n = len(correct)
     cfg = {"model": model, "task": task, "method": method, "latent_steps": m, "lora": lora, "seed": seed,
-           "communication": communication, "visibility": visibility, "limit": n_total or n}
+           "communication": communication, "visibility": visibility, "limit": n_total or n, "roles": roles,
+           "layout": "sequential"}
     acc = sum(correct) / n if n else None
     s = {"complete": n == (n_total or n), "n": n, "n_total": n_total or n, "correct": int(sum(correct)),
          "accuracy": acc, "accuracy_ci95": ci or ([max(0.0, acc - 0.1), min(1.0, acc + 0.1)] if n else [None, None]),
@@ -53,7 +54,11 @@ def make_grid(tmp_path):
         write_run(r, f"e_diff_m{m}", "gsm8k", "diffmas", ones(k + 1), m=m, lora=str(adapter), trace_grad="stop")
     write_run(r, "e_ssft", "gsm8k", "single", ones(5), lora=str(adapter), trace_grad="stop")
     write_run(r, "e_stitch", "gsm8k", "stitch_mas", ones(1))
-    write_run(r, "e_over", "gsm8k", "latent_mas", ones(2), communication="overwrite")
+    # concat vs overwrite with two upstream agents: another agent set, kept apart from the main one
+    pcs = ["planner", "critic", "solver"]
+    write_run(r, "e_pcs", "gsm8k", "latent_mas", ones(5), roles=pcs)
+    write_run(r, "e_over", "gsm8k", "latent_mas", ones(2), communication="overwrite", roles=pcs)
+    write_run(r, "e_stitch_pcs", "gsm8k", "stitch_mas", ones(4), roles=pcs)
     write_run(r, "e_arc_single", "arc_easy", "single", ones(4), n_total=20)             # incomplete
     write_run(r, "e_arc_latent", "arc_easy", "latent_mas", ones(0))                      # a real zero
     # a Qwen3-8B run on AIME24: paper numbers sit beside ours
@@ -90,7 +95,7 @@ def test_main_table_cells_gains_and_paper(grid):
     main = ts["main"]
     assert main.header[3:] == ["Single", "TextMAS", "LatentMAS", "DiffMAS", "DiffMAS − Single"]
     e = row_of(main, "embedded (SmolLM2-135M)", "gsm8k")
-    assert e["setting"] == "m=10, trace_grad=stop"
+    assert e["setting"] == "sequential, m=10, trace_grad=stop"
     assert (e["Single"]["value"], e["TextMAS"]["value"], e["DiffMAS"]["value"]) == (20.0, 30.0, 60.0)
     assert e["Single"]["n"] == 10 and e["Single"]["ci"] == pytest.approx([10.0, 30.0])
     assert fmt_entry(e["LatentMAS"]) == "30.0 [20.0, 40.0] (n=10)"
@@ -143,15 +148,18 @@ def test_ablation_tables(grid):
     assert sft["Single+SFT"]["value"] == 50.0 and sft["TextMAS+SFT"]["kind"] == "missing"
     assert sft["DiffMAS − Single+SFT"]["value"] == pytest.approx(10.0)
     assert sft["DiffMAS − TextMAS+SFT"]["kind"] == "missing"
-    st = row_of(ts["stitch"], emb, "gsm8k")
+    st = row_of(ts["stitch"], emb, "gsm8k", "sequential, m=10, trace_grad=stop")
     assert st["StitchMAS"]["value"] == 10.0 and st["DiffMAS − StitchMAS"]["value"] == pytest.approx(50.0)
-    tg = row_of(ts["trace_grad"], emb, "gsm8k", "m=10, concat, full")
+    st3 = row_of(ts["stitch"], emb, "gsm8k", "planner→critic→solver, m=10")   # compared within its agent set
+    assert (st3["LatentMAS"]["value"], st3["StitchMAS"]["value"], st3["DiffMAS"]["kind"]) == (50.0, 40.0, "missing")
+    tg = row_of(ts["trace_grad"], emb, "gsm8k", "sequential, m=10, concat, full")
     assert (tg["stop"]["value"], tg["full"]["value"]) == (60.0, 70.0)
     assert tg["full − stop"]["value"] == pytest.approx(10.0)
-    assert len(ts["communication"].rows) == 3                      # m=10 only: where overwrite was run
-    ov = row_of(ts["communication"], emb, "gsm8k", "LatentMAS")
-    assert (ov["concat"]["value"], ov["overwrite"]["value"]) == (30.0, 20.0)
-    assert row_of(ts["communication"], emb, "gsm8k", "DiffMAS (stop)")["overwrite"]["kind"] == "missing"
+    ov = ts["communication"]
+    assert len(ov.rows) == 1                  # where overwrite was run: the planner→critic→solver set
+    row = row_of(ov, emb, "gsm8k", "LatentMAS", "planner→critic→solver, m=10, full")
+    assert (row["concat"]["value"], row["overwrite"]["value"]) == (50.0, 20.0)
+    assert row["overwrite − concat"]["value"] == pytest.approx(-30.0)
     # Paper numbers: Qwen3-8B's m sweep and StitchMAS beside ours, missing where we have no run
     q = row_of(sweep, "Qwen3-8B", "aime24", "DiffMAS (stop)")
     assert q["m=10"]["value"] == 50.0 and q["m=10"]["paper"] == 76.7
