@@ -40,6 +40,9 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
     c.dtype = "float32"                      # weights and compute: float32 | bfloat16
     c.lora = config_dict.placeholder(str)    # adapter dir: diffmas, or single/text_mas for SFT baselines
     c.lora_scale = 1.0                       # multiplies the adapter's alpha/rank (1.0 = as trained)
+    c.fuser = config_dict.placeholder(str)   # method c2c: trained fuser dir (train with method=c2c)
+    c.receiver = config_dict.placeholder(str)  # method c2c: the answering model; None: model
+    c.sharer = config_dict.placeholder(str)  # method c2c: None = the receiver (identical setting)
     # method
     c.method = "latent_mas"                  # single | text_mas | latent_mas | stitch_mas | diffmas
     c.layout = "sequential"                  # sequential | hierarchical
@@ -196,6 +199,8 @@ def resolve(config) -> dict:
         if not d.is_dir():
             raise UserError(f"data_dir {cfg['data_dir']} does not exist or is not a directory")
         cfg["data_dir"] = str(d.resolve())
+    from diffmas_jax.c2c import resolve_config as resolve_c2c
+    resolve_c2c(cfg)  # fuser, receiver and sharer (method c2c)
     cfg["model"] = resolve_model(cfg["model"])
     return json.loads(json.dumps(cfg))  # plain JSON types: what config.json will hold
 

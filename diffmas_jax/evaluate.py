@@ -388,6 +388,9 @@ def evaluate(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
         from diffmas_jax import memory
         memory.preflight_model(cfg, cfg["model"], cfg["dtype"])  # the weights alone must fit before they load
         model = load_model(cfg["model"], dtype=cfg["dtype"])
+        if cfg["method"] == "c2c":  # the receiver, plus the sharer and the trained fuser
+            from diffmas_jax import c2c
+            model = c2c.load_system(model, cfg["model"], cfg["sharer"], cfg["fuser"], dtype=cfg["dtype"])
         load_s = round(time.perf_counter() - t0, 3)
         memory.preflight_eval(model, cfg, mc, items, adapter)  # per-device estimate; error if it cannot fit
 

@@ -6,6 +6,7 @@
     stitch_mas  as latent_mas, but each agent builds its segment from an empty cache
                 (earlier segments hidden, positions restart); the solver reads all
     diffmas     latent_mas with a trained LoRA adapter
+    c2c         a learned cache fuser between consecutive agents (diffmas_jax.c2c)
 
 Communication variants are visibility rules, not separate pipelines: ``overwrite``
 lets each agent see only the previous agent's segment, ``latent_only`` lets the
@@ -27,7 +28,7 @@ from diffmas_jax.model.transformer import Visibility, make_visibility, resolve_d
 from diffmas_jax.stages import jit_agent_stage, jit_solver_prefill, make_realign
 from diffmas_jax.trace import LATENT, KVTrace
 
-METHODS = ("single", "text_mas", "latent_mas", "stitch_mas", "diffmas")
+METHODS = ("single", "text_mas", "latent_mas", "stitch_mas", "diffmas", "c2c")
 COMMUNICATIONS = ("concat", "overwrite")
 VISIBILITIES = ("full", "latent_only")
 
@@ -106,6 +107,9 @@ def run_batch(model, questions: Sequence[str], answer_instruction: str, mc: Meth
               lora=None, lora_scale: float = 1.0, seed: int = 0) -> BatchResult:
     """Run one method on a batch of questions; the answer comes from the last agent."""
     mc.validate()
+    if mc.method == "c2c":  # ``model`` is a c2c.C2CSystem (receiver, sharer, fuser)
+        from diffmas_jax import c2c
+        return c2c.run_batch(model, questions, answer_instruction, mc, seed=seed)
     if mc.method == "diffmas" and lora is None:
         raise ValueError("method 'diffmas' needs a trained adapter (config.lora=DIR)")
     if mc.method == "text_mas":

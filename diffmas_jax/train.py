@@ -93,6 +93,9 @@ def main(argv) -> int:
         raise UserError("--config is required (e.g. configs/embedded_train.py)")
     if not _WORKDIR.value:
         raise UserError("--workdir is required")
+    if c.method == "c2c":  # the fuser has its own data, step and state
+        from diffmas_jax.c2c_training import train_c2c
+        return train_c2c(c, Path(_WORKDIR.value))
     validate(c)
     from diffmas_jax import distributed, memory
     distributed.maybe_initialize()  # on a pod: connect the hosts before anything touches a device

@@ -1,0 +1,425 @@
+"""C2C (Cache-to-Cache, Fu et al. 2025): a learned fuser from a sharer's KV cache into a receiver's.
+
+Both models read the same prompt with shared position ids; for every prompt token but
+the last, each receiver layer's keys and values become
+
+    K_recv + gate * weight * proj([K_sharer, K_recv])        (the same for V)
+
+with one fuser per receiver layer (separate weights for K and V), reading sharer layer
+``clamp(t + S - T, 0, S - 1)`` ("last aligned") or a proportional-depth layer. The
+receiver then reads its last prompt token on the fused cache and decodes alone.
+
+The fuser is its own pytree (like the LoRA tree): leaves are stacked over receiver
+layers and applied with ``vmap``, so its size and compile time do not depend on
+Python loops over depth. Gates are one logit per layer for K and one for V: in
+training ``sigmoid((logit + Gumbel) / tau)`` with tau annealed per optimizer step, at
+eval a hard ``logit > 0``. A closed gate leaves the receiver's cache bit for bit.
+
+Multi-agent: C2C is the channel between consecutive agents. Agent 0 reads its prompt
+alone; agent j's cache is its own reading of its prompt fused with the previous agent's
+reading of the same tokens on top of that agent's cache (the backbone with agent j-1's
+context is the sharer; positions continue along the chain, as in the shared trace).
+With one agent, the sharer is the sharer model reading the same prompt: plain C2C.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffmas_jax.model.config import ModelConfig
+from diffmas_jax.model.transformer import default_positions, forward, resolve_dtype, rms_norm
+from diffmas_jax.trace import PROMPT, KVTrace
+
+LAYER_MAPS = ("last", "proportional")
+
+
+class FuserConfigError(ValueError):
+    """A fuser that cannot be built or does not fit the given models."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FuserConfig:
+    """Shapes of one sharer -> receiver fuser (hashable: a jit static argument)."""
+    sharer_layers: int
+    sharer_kv_heads: int
+    sharer_head_dim: int
+    receiver_layers: int
+    receiver_kv_heads: int
+    receiver_head_dim: int
+    hidden: int = 1024          # the reference's size; CPU configs use less
+    depth: int = 3              # residual blocks: 1 shared + (depth - 2) projection + 1 weight (>= 3)
+    dropout: float = 0.1
+    layer_map: str = "last"     # last | proportional
+
+    @classmethod
+    def for_models(cls, sharer: ModelConfig, receiver: ModelConfig, **kw) -> "FuserConfig":
+        return cls(sharer.num_layers, sharer.num_kv_heads, sharer.head_dim,
+                   receiver.num_layers, receiver.num_kv_heads, receiver.head_dim, **kw).validate()
+
+    def validate(self) -> "FuserConfig":
+        if self.layer_map not in LAYER_MAPS:
+            raise FuserConfigError(f"unknown layer_map {self.layer_map!r}; choose one of {', '.join(LAYER_MAPS)}")
+        if int(self.hidden) <= 0:
+            raise FuserConfigError(f"fuser hidden size must be positive, got {self.hidden}")
+        if int(self.depth) < 3:
+            raise FuserConfigError(f"fuser depth must be >= 3 (shared, projection and weight blocks), got {self.depth}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise FuserConfigError(f"fuser dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+    def check_models(self, sharer: ModelConfig, receiver: ModelConfig) -> None:
+        want = (self.sharer_layers, self.sharer_kv_heads, self.sharer_head_dim,
+                self.receiver_layers, self.receiver_kv_heads, self.receiver_head_dim)
+        got = (sharer.num_layers, sharer.num_kv_heads, sharer.head_dim,
+               receiver.num_layers, receiver.num_kv_heads, receiver.head_dim)
+        if want != got:
+            raise FuserConfigError(
+                f"the fuser was built for (layers, kv_heads, head_dim) sharer {want[:3]} -> receiver {want[3:]}, "
+                f"but the models are sharer {got[:3]} -> receiver {got[3:]}")
+
+    @property
+    def sharer_features(self) -> int:
+        return self.sharer_kv_heads * self.sharer_head_dim
+
+    @property
+    def receiver_features(self) -> int:
+        return self.receiver_kv_heads * self.receiver_head_dim
+
+
+def layer_alignment(sharer_layers: int, receiver_layers: int, mode: str = "last") -> np.ndarray:
+    """Sharer layer read by each receiver layer t.
+
+    ``last``: clamp(t + S - T, 0, S - 1), so the last layers line up (a deeper sharer
+    skips its first layers, a shallower one repeats its first layer). ``proportional``:
+    round(t (S - 1) / (T - 1)), first to first and last to last.
+    """
+    s, t = int(sharer_layers), int(receiver_layers)
+    idx = np.arange(t)
+    if mode == "last":
+        return np.clip(idx + s - t, 0, s - 1)
+    if mode == "proportional":
+        if t == 1:
+            return np.array([s - 1])
+        return np.rint(idx * (s - 1) / (t - 1)).astype(np.int64)
+    raise FuserConfigError(f"unknown layer_map {mode!r}; choose one of {', '.join(LAYER_MAPS)}")
+
+
+# --------------------------------------------------------------------------- params
+# Initialised with numpy: dozens of small threefry draws compile for many seconds on a CPU.
+def _uniform(rng, shape, fan_in):
+    bound = 1.0 / np.sqrt(fan_in)  # PyTorch's nn.Linear default
+    return rng.uniform(-bound, bound, shape).astype(np.float32)
+
+
+def _linear_init(rng, lead, din, dout):
+    return {"kernel": _uniform(rng, lead + (din, dout), din), "bias": _uniform(rng, lead + (dout,), din)}
+
+
+def _block_init(rng, lead, h):
+    return {"norm": np.ones(lead + (h,), np.float32), "w1": _uniform(rng, lead + (h, h), h),
+            "w2": _uniform(rng, lead + (h, h), h)}
+
+
+def init_fuser(fc: FuserConfig, key) -> dict:
+    """{'k': part, 'v': part}; every leaf has a leading receiver-layer axis. Gate logits start at 0.
+
+    ``key``: a jax PRNG key or an int seed."""
+    fc.validate()
+    seed = np.asarray(jax.random.key_data(key) if isinstance(key, jax.Array) else key, np.uint32).ravel()
+    rng = np.random.default_rng(seed.tolist())
+    t, h = (fc.receiver_layers,), fc.hidden
+
+    def part():
+        return {"in": _linear_init(rng, t, fc.sharer_features + fc.receiver_features, h),
+                "trunk": _block_init(rng, t, h),
+                "proj_blocks": _block_init(rng, t + (fc.depth - 2,), h),
+                "proj_out": _linear_init(rng, t, h, fc.receiver_features),
+                "weight_block": _block_init(rng, t, h),
+                "weight_out": _linear_init(rng, t, h, fc.receiver_kv_heads),
+                "gate": np.zeros(t, np.float32)}
+
+    return jax.tree.map(jnp.asarray, {"k": part(), "v": part()})
+
+
+def decays(path) -> bool:
+    """Weight decay on matrices only (not norms, biases or gate logits)."""
+    return getattr(path[-1], "key", None) in ("kernel", "w1", "w2")
+
+
+# --------------------------------------------------------------------------- apply
+def _dropout(x, key, rate):
+    if rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def _block(p, h, key, rate):
+    """Residual FFN: h + dropout(W2 gelu(W1 rmsnorm(h)))."""
+    x = rms_norm(h, p["norm"], 1e-6)
+    x = jax.nn.gelu(x @ p["w1"], approximate=False) @ p["w2"]
+    return h + _dropout(x, key, rate)
+
+
+def _linear(p, x):
+    return x @ p["kernel"] + p["bias"]
+
+
+def _fuse_layer(p, s, r, key, temperature, *, train: bool, rate: float):
+    """One receiver layer. s [B, N, Fs] sharer features; r [B, N, KVH, hd] receiver K or V."""
+    b, n, kvh, hd = r.shape
+    keys = jax.random.split(key, 4)
+    rf = r.astype(jnp.float32)
+    h = _linear(p["in"], jnp.concatenate([s.astype(jnp.float32), rf.reshape(b, n, kvh * hd)], axis=-1))
+    h = _block(p["trunk"], h, keys[0], rate)
+    y = h
+    for i in range(p["proj_blocks"]["w1"].shape[0]):
+        y = _block(jax.tree.map(lambda a: a[i], p["proj_blocks"]), y, jax.random.fold_in(keys[1], i), rate)
+    proj = _linear(p["proj_out"], y).reshape(b, n, kvh, hd)
+    weight = jax.nn.sigmoid(_linear(p["weight_out"], _block(p["weight_block"], h, keys[2], rate)))[..., None]
+    if train:  # Gumbel-sigmoid, one noise sample per row, token and head (as the reference)
+        u = jax.random.uniform(keys[3], (b, n, kvh, 1), jnp.float32, 1e-20, 1.0)
+        gate = jax.nn.sigmoid((p["gate"] - jnp.log(-jnp.log(u))) / temperature)
+        return (rf + gate * weight * proj).astype(r.dtype)
+    # Hard gate: a closed one returns the receiver's values themselves, not r + 0 * (...).
+    return jnp.where(p["gate"] > 0, (rf + weight * proj).astype(r.dtype), r)
+
+
+def fuse_kv(fuser: dict, fc: FuserConfig, k_s, v_s, k_r, v_r, mask, *, train: bool = False,
+            temperature=1.0, rng=None):
+    """Fused (K, V) for the receiver.
+
+    k_s/v_s [S, B, N, KVHs, hds] sharer cache, k_r/v_r [T, B, N, KVHr, hdr] receiver
+    cache of the same N tokens; mask [B, N] marks the slots to fuse (others stay as
+    they are). ``train``: Gumbel-sigmoid gates at ``temperature`` and dropout.
+    """
+    idx = jnp.asarray(layer_alignment(fc.sharer_layers, fc.receiver_layers, fc.layer_map))
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    rate = fc.dropout if train else 0.0
+    t, b, n = k_r.shape[:3]
+    layer = jax.vmap(partial(_fuse_layer, train=train, rate=rate), in_axes=(0, 0, 0, 0, None))
+    out = []
+    for name, xs, xr, key in (("k", k_s, k_r, jax.random.fold_in(rng, 0)), ("v", v_s, v_r, jax.random.fold_in(rng, 1))):
+        feats = xs[idx].reshape(t, b, n, -1)
+        fused = layer(fuser[name], feats, xr, jax.random.split(key, t), jnp.asarray(temperature, jnp.float32))
+        out.append(jnp.where(mask[None, :, :, None, None], fused, xr))
+    return tuple(out)
+
+
+jit_fuse_kv = jax.jit(fuse_kv, static_argnames=("fc", "train"))
+
+
+# --------------------------------------------------------------------------- stages
+def prompt_cache(r_params, r_cfg: ModelConfig, head, valid, *, capacity: int, segment=0, next_pos=None,
+                 fuser=None, fc: Optional[FuserConfig] = None, s_params=None, s_cfg: Optional[ModelConfig] = None,
+                 s_trace: Optional[KVTrace] = None, s_head=None, train: bool = False, temperature=1.0, rng=None,
+                 compute_dtype=jnp.float32, remat: bool = False) -> KVTrace:
+    """The receiver's cache of a prompt head (every token but the last) in a new trace.
+
+    With a sharer (``s_cfg``), the sharer reads ``s_head`` (the same tokens, or the
+    receiver's tokens aligned to the sharer's vocabulary) on top of ``s_trace`` (its
+    context; None: empty) at the receiver's positions, and the head slots are fused.
+    ``next_pos`` [B]: where the receiver's positions start (default 0).
+    """
+    dtype = resolve_dtype(compute_dtype)
+    b, n = head.shape
+    trace = KVTrace.create(r_cfg, b, capacity, dtype=dtype)
+    if next_pos is not None:
+        trace = trace.replace(next_pos=next_pos)
+    pos = default_positions(trace, valid)
+    out = forward(r_params, r_cfg, trace, tokens=head, valid=valid, positions=pos, segment=segment, kind=PROMPT,
+                  compute_dtype=dtype, return_logits=False, remat=remat).trace
+    if s_cfg is None:
+        return out
+    if s_trace is None:
+        s_trace = KVTrace.create(s_cfg, b, n, dtype=dtype)
+    s0 = s_trace.length
+    s_out = forward(s_params, s_cfg, s_trace, tokens=head if s_head is None else s_head, valid=valid,
+                    positions=pos, segment=segment, kind=PROMPT, compute_dtype=dtype, return_logits=False,
+                    remat=remat).trace
+    k, v = fuse_kv(fuser, fc, s_out.k[:, :, s0:s0 + n], s_out.v[:, :, s0:s0 + n], out.k[:, :, :n], out.v[:, :, :n],
+                   valid, train=train, temperature=temperature, rng=rng)
+    return out.replace(k=out.k.at[:, :, :n].set(k), v=out.v.at[:, :, :n].set(v))
+
+
+def chain_cache(fuser, fc: FuserConfig, r_params, r_cfg: ModelConfig, s_params, s_cfg: ModelConfig,
+                heads: Sequence, valids: Sequence, lasts: Sequence, s_head=None, *, extra: int,
+                train: bool = False, temperature=1.0, rng=None, compute_dtype=jnp.float32,
+                remat: bool = False) -> KVTrace:
+    """The last agent's fused prompt-head cache, with ``extra`` free slots after it.
+
+    heads/valids: per agent [B, H_j] (receiver tokens, every prompt token but the last);
+    lasts: the last prompt token [B] of every agent but the last. One agent: plain C2C
+    from the sharer model (``s_head``: its aligned tokens, None when the tokenizers
+    match). Several: agent j-1 (the receiver model with its cache) shares into agent j.
+    """
+    k = len(heads) - 1
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    kw = dict(train=train, temperature=temperature, compute_dtype=compute_dtype, remat=remat)
+    if k == 0:
+        return prompt_cache(r_params, r_cfg, heads[0], valids[0], capacity=heads[0].shape[1] + extra, segment=0,
+                            fuser=fuser, fc=fc, s_params=s_params, s_cfg=s_cfg, s_head=s_head, rng=rng, **kw)
+    trace = None
+    for j in range(k + 1):
+        cap = heads[j].shape[1] + (1 + heads[j + 1].shape[1] if j < k else extra)
+        if j == 0:
+            cur = prompt_cache(r_params, r_cfg, heads[0], valids[0], capacity=cap, segment=0, **kw)
+        else:
+            cur = prompt_cache(r_params, r_cfg, heads[j], valids[j], capacity=cap, segment=j,
+                               next_pos=trace.next_pos, fuser=fuser, fc=fc, s_params=r_params, s_cfg=r_cfg,
+                               s_trace=trace, rng=jax.random.fold_in(rng, j), **kw)
+        if j < k:  # the agent's last prompt token, read on its (fused) cache: its full context
+            cur = forward(r_params, r_cfg, cur, tokens=lasts[j][:, None], segment=j, kind=PROMPT,
+                          compute_dtype=resolve_dtype(compute_dtype), return_logits=False, remat=remat).trace
+        trace = cur
+    return trace
+
+
+jit_chain_cache = jax.jit(chain_cache, static_argnames=("fc", "r_cfg", "s_cfg", "extra", "train",
+                                                        "compute_dtype", "remat"))
+
+
+# --------------------------------------------------------------------------- files
+def save_fuser(path, fuser: dict, fc: FuserConfig, meta: Optional[dict] = None) -> Path:
+    """fuser.json (shapes, options, metadata) + fuser.safetensors (the flattened tree)."""
+    from safetensors.numpy import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    flat = {"/".join(k.key for k in p): np.asarray(v, np.float32)
+            for p, v in jax.tree_util.tree_flatten_with_path(fuser)[0]}
+    save_file(flat, str(path / "fuser.safetensors"))
+    (path / "fuser.json").write_text(json.dumps({"fuser": dataclasses.asdict(fc), "meta": meta or {}}, indent=2))
+    return path
+
+
+def load_fuser(path) -> tuple[dict, FuserConfig, dict]:
+    from safetensors.numpy import load_file
+    path = Path(path)
+    if not (path / "fuser.json").exists() or not (path / "fuser.safetensors").exists():
+        raise FileNotFoundError(f"no C2C fuser (fuser.json + fuser.safetensors) in {path}")
+    saved = json.loads((path / "fuser.json").read_text())
+    fc = FuserConfig(**saved["fuser"]).validate()
+    tree: dict = {}
+    for name, arr in load_file(str(path / "fuser.safetensors")).items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = jnp.asarray(arr)
+    t, h = fc.receiver_layers, fc.hidden
+    want = {"in": (t, fc.sharer_features + fc.receiver_features, h), "proj_out": (t, h, fc.receiver_features),
+            "weight_out": (t, h, fc.receiver_kv_heads)}
+    if set(tree) != {"k", "v"} or any(tree[p][n]["kernel"].shape != w for p in "kv" for n, w in want.items()):
+        raise FuserConfigError(f"{path}: fuser.safetensors does not match the shapes in fuser.json")
+    return tree, fc, saved.get("meta", {})
+
+
+# --------------------------------------------------------------------------- evaluation
+@dataclasses.dataclass
+class C2CSystem:
+    """What method 'c2c' runs on: receiver and sharer models (the same object in the
+    identical setting) and a trained fuser. Passed to ``methods.run_batch`` as the model."""
+    receiver: Any
+    sharer: Any
+    fuser: dict
+    fc: FuserConfig
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def identical(self) -> bool:
+        return self.sharer is self.receiver
+
+    @property
+    def tokenizer(self):
+        return self.receiver.tokenizer
+
+    @property
+    def cfg(self):
+        return self.receiver.cfg
+
+
+def pair_problem(n_agents: int, identical: bool) -> Optional[str]:
+    """Why an agent layout cannot run on this sharer/receiver pair (None: it can)."""
+    if n_agents > 1 and not identical:
+        return ("C2C between consecutive agents needs sharer = receiver (every agent shares into the next "
+                "and receives from the one before); use one agent (roles=solver) for a two-model pair")
+    return None
+
+
+def load_system(receiver, receiver_name: str, sharer_name: Optional[str], fuser_path, dtype="float32") -> C2CSystem:
+    """Receiver already loaded; loads the sharer (unless it is the receiver) and the fuser."""
+    from diffmas_jax.model.loading import load_model
+    fuser, fc, meta = load_fuser(fuser_path)
+    same = sharer_name in (None, "", receiver_name)
+    sharer = receiver if same else load_model(sharer_name, dtype=dtype)
+    fc.check_models(sharer.cfg, receiver.cfg)
+    return C2CSystem(receiver=receiver, sharer=sharer, fuser=fuser, fc=fc, meta=meta)
+
+
+def run_batch(system: C2CSystem, questions: Sequence[str], answer_instruction: str, mc, *, seed: int = 0):
+    """Method 'c2c' on a batch (``methods.run_batch`` dispatches here)."""
+    from diffmas_jax.c2c_training import encode_prompts
+    from diffmas_jax.generation import decode_to_text
+    from diffmas_jax.methods import BatchResult
+    from diffmas_jax.stages import jit_solver_prefill
+    agents = mc.agents()
+    k = len(agents) - 1
+    problem = pair_problem(len(agents), system.identical)
+    if problem:
+        raise ValueError(problem)
+    r, s = system.receiver, system.sharer
+    enc = encode_prompts(r.tokenizer, agents, questions, answer_instruction, mc.enable_thinking, mc.prompt_bucket,
+                         sharer_tokenizer=None if system.identical else s.tokenizer)
+    dtype = resolve_dtype(mc.compute_dtype)
+    heads = [jnp.asarray(h) for h in enc.heads]
+    valids = [jnp.asarray(v) for v in enc.valids]
+    lasts = [jnp.asarray(x) for x in enc.lasts]
+    s_head = None if enc.sharer_head is None else jnp.asarray(enc.sharer_head)
+    trace = jit_chain_cache(system.fuser, system.fc, r.params, r.cfg, s.params, s.cfg, heads, valids, lasts[:-1],
+                            s_head, extra=1 + mc.max_new_tokens, compute_dtype=dtype)
+    trace, logits = jit_solver_prefill(r.params, r.cfg, trace, lasts[-1][:, None], jnp.ones((len(questions), 1), bool),
+                                       segment=k, compute_dtype=dtype)
+    gen = decode_to_text(r.params, r.cfg, r.tokenizer, trace, logits, max_new_tokens=mc.max_new_tokens,
+                         sampling=mc.sampling, rng=jax.random.PRNGKey(seed), segment=k, compute_dtype=dtype)
+    records = []
+    for i in range(len(questions)):
+        lens = [int(v[i].sum()) + 1 for v in enc.valids]
+        shared = sum(lens[1:]) - k if k else lens[0] - 1   # tokens the sharer read
+        records.append(dict(
+            prompt_tokens=sum(lens) + shared, generated_tokens=len(gen.tokens[i]), latent_slots=0,
+            trace_per_agent={f"{j}:{a.role}": n for j, (a, n) in enumerate(zip(agents, lens))},
+            generated_logprobs=gen.logprobs[i], generated_entropy=gen.entropies[i], generated_ids=gen.tokens[i]))
+    return BatchResult(texts=gen.texts, records=records)
+
+
+def resolve_config(cfg: dict) -> None:
+    """The c2c part of ``config_utils.resolve`` (in place): fuser path, receiver = model, sharer."""
+    from diffmas_jax.agents import LAYOUTS
+    from diffmas_jax.cli import UserError
+    from diffmas_jax.config_utils import resolve_model
+    if cfg["method"] != "c2c":
+        if cfg.get("fuser"):
+            raise UserError(f"fuser is set but method is {cfg['method']!r}; the fuser is for method 'c2c'")
+        return
+    if not cfg.get("fuser"):
+        raise UserError("method 'c2c' needs a trained fuser: set --config.fuser=DIR "
+                        "(python -m diffmas_jax.train --config configs/embedded_c2c_train.py)")
+    fuser = Path(cfg["fuser"]).expanduser()
+    if not fuser.exists():
+        raise UserError(f"fuser {cfg['fuser']} not found")
+    if cfg.get("lora"):
+        raise UserError("method 'c2c' takes a fuser, not a LoRA adapter; unset lora")
+    cfg["fuser"] = str(fuser.resolve())
+    cfg["model"] = cfg["receiver"] = resolve_model(cfg.get("receiver") or cfg["model"])
+    cfg["sharer"] = resolve_model(cfg.get("sharer") or cfg["model"])
+    n_agents = len(cfg["roles"]) if cfg.get("roles") else len(LAYOUTS.get(cfg["layout"], ()))
+    problem = pair_problem(n_agents, cfg["sharer"] == cfg["model"])
+    if problem:
+        raise UserError(problem)
