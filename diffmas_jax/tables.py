@@ -182,16 +182,17 @@ def agents_label(agents: Optional[str]) -> str:
     return "" if agents is None else agents.replace(",", "→")
 
 
-def find_summaries(workdirs) -> list[Path]:
+def find_summaries(workdirs, skipped: Optional[list] = None) -> list[Path]:
     found = []
     for w in workdirs:
         p = Path(w).expanduser()
         if not p.exists():
             raise UserError(f"workdir {w} does not exist")
         if p.is_file():
-            if p.name != "summary.json":
-                raise UserError(f"{w} is a file but not a summary.json")
-            found.append(p)
+            if p.name == "summary.json":
+                found.append(p)
+            elif skipped is not None:  # e.g. a shell glob that also matched tables.md
+                skipped.append(str(w))
         else:
             found.extend(sorted(x for x in p.rglob("summary.json") if x.is_file()))
     seen, out = set(), []
@@ -205,14 +206,15 @@ def find_summaries(workdirs) -> list[Path]:
 
 def load_runs(workdirs) -> tuple[list[Run], list[str]]:
     """Every run under the workdirs, one per (cell, seed); duplicates noted."""
-    paths = find_summaries(workdirs)
+    skipped: list = []
+    paths = find_summaries(workdirs, skipped)
     if not paths:
         raise UserError(f"no summary.json found under {', '.join(map(str, workdirs))}")
     runs = [make_run(p) for p in paths]
     by = defaultdict(list)
     for r in runs:
         by[(r.key, r.agents, r.seed)].append(r)
-    kept, notes = [], []
+    kept, notes = [], ([f"ignored file(s) that are not summary.json: {', '.join(skipped)}"] if skipped else [])
     for (_, _, seed), rs in by.items():
         rs.sort(key=lambda r: (not r.complete, -r.n, str(r.dir)))
         kept.append(rs[0])
@@ -373,8 +375,9 @@ class Builder:
     """Tables over runs of one agent configuration per (model, task) (plus Single, which has none)."""
 
     def __init__(self, runs: list, paper: Paper, main_steps=10, main_trace_grad="stop", comm_tasks=COMM_TASKS,
-                 all_paper_rows=False):
+                 all_paper_rows=False, main_methods=None):
         self.paper = paper
+        self.main_methods = main_methods
         self.agents = {}
         for r in runs:
             if r.agents is not None:
@@ -435,8 +438,8 @@ class Builder:
 
     # the tables -------------------------------------------------------------
     def main_table(self) -> Table:
-        methods = ["single", "text_mas", "latent_mas", "diffmas"]
-        if any(k[2] == "c2c" for k in self.cells):
+        methods = list(self.main_methods or ["single", "text_mas", "latent_mas", "diffmas"])
+        if not self.main_methods and any(k[2] == "c2c" for k in self.cells):
             methods.append("c2c")
         rows = []
         for model, task in self.model_tasks():
@@ -444,13 +447,13 @@ class Builder:
             tg = self.pick_tg(model, task, m)
             cells = {meth: self.get(model, task, meth, m, tg) for meth in methods}
             entries = [acc_entry(cells[meth], self.paper.main(model, task, meth)) for meth in methods]
-            g = gain(cells["diffmas"], cells["single"])
+            g = gain(self.get(model, task, "diffmas", m, tg), self.get(model, task, "single"))
             pd, ps = self.paper.main(model, task, "diffmas"), self.paper.main(model, task, "single")
             if pd is not None and ps is not None:
                 g["paper"] = round(pd - ps, 1)
             rows.append([model, task, self.setting(model, task, m, tg), *entries, g])
         return Table("main", "Main results: accuracy (%) with 95% CI and n",
-                     ["model", "task", "setting", *[LABELS[m] for m in methods], "DiffMAS − Single"], rows, 3,
+                     ["model", "task", "setting", *[LABELS.get(m, m) for m in methods], "DiffMAS − Single"], rows, 3,
                      notes=["setting: latent steps m of LatentMAS/DiffMAS and DiffMAS's trace_grad; concat, "
                             "full visibility", "DiffMAS − Single: points, paired bootstrap over shared items"])
 
@@ -849,15 +852,24 @@ def main(argv=None) -> int:
                     help="tasks reported as the communication benchmark, not in the main tables")
     ap.add_argument("--all-paper-rows", action="store_true",
                     help="main table: also the paper's (model, task) rows for models with no run")
+    ap.add_argument("--methods", default=None,
+                    help="main table's method columns, comma separated (default: single,text_mas,latent_mas,"
+                         "diffmas, and c2c when there are c2c runs)")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
+    methods = [m.strip().replace("+sft", "_sft") for m in args.methods.split(",") if m.strip()] if args.methods \
+        else None
+    unknown = [m for m in methods or [] if m not in LABELS]
+    if unknown:
+        raise UserError(f"unknown method(s) {unknown} in --methods; known: {', '.join(LABELS)}")
     runs, notes = load_runs(args.workdirs)
     incomplete = [r for r in runs if not r.complete]
     if incomplete:
         notes.append(f"{len(incomplete)} incomplete run(s): " + ", ".join(str(r.dir) for r in incomplete))
     paper = Paper(load_paper())
     tables = build_tables(runs, paper, main_steps=args.main_latent_steps, main_trace_grad=args.main_trace_grad,
-                          comm_tasks=[t for t in args.comm_tasks.split(",") if t], all_paper_rows=args.all_paper_rows)
+                          comm_tasks=[t for t in args.comm_tasks.split(",") if t], all_paper_rows=args.all_paper_rows,
+                          main_methods=methods)
     md = to_markdown(tables, notes, paper)
     print(md)
     if args.out:

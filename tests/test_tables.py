@@ -271,3 +271,19 @@ def test_two_level_bootstrap_spreads_with_seed_variance():
     assert agree.accuracy == disagree.accuracy == 0.5
     assert d_hi - d_lo > 2 * (a_hi - a_lo)
     assert np.isclose(a_lo + a_hi, 1.0, atol=0.05)
+
+
+def test_methods_option_and_stray_files(grid, tmp_path, capsys):
+    """`--methods` picks the main table's columns; files a shell glob adds are skipped with a note."""
+    stray = tmp_path / "tables.md"
+    stray.write_text("old output")
+    out = tmp_path / "o"
+    assert tables.main(["--workdirs", str(grid), str(stray), "--out", str(out), "--methods", "single,single+sft",
+                        "--no-plots"]) == 0
+    data = json.loads((out / "tables.json").read_text())
+    main = next(t for t in data["tables"] if t["name"] == "main")
+    assert main["header"][3:] == ["Single", "Single+SFT", "DiffMAS − Single"]
+    assert any("ignored file(s)" in n and "tables.md" in n for n in data["input_notes"])
+    assert not list(out.glob("*.png"))
+    with pytest.raises(UserError, match="unknown method"):
+        tables.main(["--workdirs", str(grid), "--methods", "single,bogus"])
