@@ -40,11 +40,16 @@ def fact_token_mask(tokenizer, messages, facts: str, ids: list) -> np.ndarray:
     return np.array([s < end and e > start for s, e in enc["offset_mapping"]])
 
 
+class Captured(Exception):
+    """Raised at the start of decoding: the trace and rule the solver decodes with are recorded."""
+
+
 def capture_trace(monkeypatch):
     """Record, for every chunk written by run_batch, its slot offset and tokens, and the
-    final trace with the solver's visibility rule."""
+    trace with the solver's visibility rule as decoding starts (decoding itself is skipped:
+    every decoded token follows the same rule)."""
     seen = {"chunks": []}
-    stage, prefill, decode = methods.jit_agent_stage, methods.jit_solver_prefill, methods.decode_to_text
+    stage, prefill = methods.jit_agent_stage, methods.jit_solver_prefill
 
     def agent_stage(params, cfg, trace, tokens, valid, *a, **kw):
         seen["chunks"].append((kw["segment"], trace.length, np.asarray(tokens), np.asarray(valid)))
@@ -56,7 +61,7 @@ def capture_trace(monkeypatch):
 
     def decode_to_text(params, cfg, tok, trace, logits, **kw):
         seen["trace"], seen["visible"], seen["segment"] = trace, kw["visible"], kw["segment"]
-        return decode(params, cfg, tok, trace, logits, **kw)
+        raise Captured
 
     monkeypatch.setattr(methods, "jit_agent_stage", agent_stage)
     monkeypatch.setattr(methods, "jit_solver_prefill", solver_prefill)
@@ -87,7 +92,8 @@ def solver_view(model, items, monkeypatch, **kw):
     mc = MethodConfig(method=kw.pop("method", "latent_mas"), roles=ROLES, latent_steps=kw.pop("latent_steps", 3),
                       max_new_tokens=2, **kw)
     seen = capture_trace(monkeypatch)
-    run_batch(model, [it.question for it in items], get_task("comm").answer_instruction, mc)
+    with pytest.raises(Captured):
+        run_batch(model, [it.question for it in items], get_task("comm").answer_instruction, mc)
     trace = seen["trace"]
     visible = np.asarray(seen["visible"].slot_mask(trace)) & np.asarray(trace.valid)
     return mc, seen, trace, visible, slot_facts(model, items, seen, mc)
