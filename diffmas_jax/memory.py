@@ -20,7 +20,10 @@ evaluation batch:
   other        the realignment matrix (hidden x hidden, float32)
 
 It is an estimate (XLA fuses some buffers and adds scratch of its own), meant to say
-early and in one line that a run cannot fit, and which knob helps. It is pure
+early and in one line that a run cannot fit, and which knob helps. Checked against
+XLA's own ``compile().memory_analysis()`` of the train step (SmolLM2-135M shapes, B=4,
+planner prompt 64, m=4, solver 128, CPU): activations + trace within 0.89x-1.18x of
+XLA's temporary buffers, with and without remat, trace_grad stop and full. It is pure
 Python: no device is touched, so it runs before any weights load.
 """
 from __future__ import annotations
@@ -116,7 +119,7 @@ def _layer_act(cfg, mesh, batch: int, t: int, s: int, a: int) -> tuple[int, int]
     d = cfg.hidden_size
     q, kv, f = _div(cfg.q_size, tp), _div(cfg.kv_size, tp), _div(cfg.intermediate_size, tp)
     heads = _div(cfg.num_heads, tp)
-    dense = b * t * (4 * d + 3 * q + 3 * kv + 3 * f) * a
+    dense = b * t * (6 * d + 4 * q + 4 * kv + 4 * f) * a
     scores = b * heads * t * s * (4 + a)        # float32 scores and the probabilities in the compute dtype
     return int(dense), int(scores)
 
