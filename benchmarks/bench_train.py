@@ -178,13 +178,13 @@ class JaxTrain:
 
 # --------------------------------------------------------------------------- transformers side
 class TorchTrain:
-    def __init__(self, path, rank, lr, threads):
+    def __init__(self, path, rank, lr, threads, base=None, device="cpu"):
         import torch
         from transformers import AutoModelForCausalLM
         torch.set_num_threads(threads)
         self.torch = torch
-        self.path, self.rank, self.lr = path, rank, lr
-        self.base = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        self.path, self.rank, self.lr, self.device = path, rank, lr, device
+        self.base = base if base is not None else AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         emb = self.base.get_input_embeddings().weight.detach()
         self.target_norm = emb.norm(dim=-1).mean()
         self.model = None
@@ -213,8 +213,8 @@ class TorchTrain:
         from transformers import DynamicCache
         self.fresh()
         model, opt = self.model, self.opt
-        up_ids = [torch.tensor(u, dtype=torch.long) for u in up]
-        sol_ids = torch.tensor(sol, dtype=torch.long)
+        up_ids = [torch.tensor(u, dtype=torch.long, device=self.device) for u in up]
+        sol_ids = torch.tensor(sol, dtype=torch.long, device=self.device)
         labels = sol_ids[:, -n_tgt:]
         tn = self.target_norm
         st = {"losses": []}

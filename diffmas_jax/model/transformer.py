@@ -234,9 +234,8 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
             k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = k.astype(k_old.dtype), v.astype(v_old.dtype)
-        keys = jnp.concatenate([k_old, k], axis=1).astype(compute_dtype)
-        vals = jnp.concatenate([v_old, v], axis=1).astype(compute_dtype)
-        attn = attention(q, keys, vals, mask, cfg)
+        attn = attention(q, (k_old.astype(compute_dtype), k.astype(compute_dtype)),
+                         (v_old.astype(compute_dtype), v.astype(compute_dtype)), mask, cfg)
         h = h + dense(attn.reshape(b, t, cfg.q_size), p["o"], lo.get("o"), lora_scale)
         hn = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
         gate = dense(hn, p["gate"], lo.get("gate"), lora_scale)
@@ -246,7 +245,7 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
 
     body = jax.checkpoint(layer) if remat else layer
     xs = (params["layers"], lora_layers, trace.k[:, :, :old], trace.v[:, :, :old])
-    x, (k_new, v_new) = jax.lax.scan(body, x, xs)
+    x, (k_new, v_new) = jax.lax.scan(body, x, xs, unroll=layer_unroll(cfg, t))
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     meta = trace.write_meta(offset, valid, segment, kind, positions, next_pos)
     new_trace = meta.replace(
@@ -257,22 +256,43 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
     return ForwardOut(logits=logits, hidden=hidden, trace=new_trace)
 
 
+def layer_unroll(cfg: ModelConfig, chunk: int) -> int:
+    """How many layers one iteration of the layer scan runs.
+
+    On GPUs a scan iteration costs a host round trip (the loop predicate) plus kernel
+    launches; for one-token chunks (decode, latent steps) that overhead rivals the work,
+    so the layers are unrolled there. Elsewhere a rolled scan keeps compiles short."""
+    return cfg.num_layers if chunk <= 16 and jax.default_backend() == "gpu" else 1
+
+
 def attention(q, keys, vals, mask, cfg: ModelConfig):
-    """Grouped-query attention. q [B,T,H,hd]; keys/vals [B,S,KVH,hd]; mask [B,T,S]."""
+    """Grouped-query attention. q [B,T,H,hd]; keys/vals: [B,S,KVH,hd] arrays or tuples of them
+    (cache slots, chunk) whose slot axes concatenate; mask [B,T,sum S].
+
+    Scores are computed per part and only they are concatenated: joining the (small) score
+    blocks instead of the cache avoids copying the whole K/V cache on every decode step."""
     b, t = q.shape[:2]
+    keys = keys if isinstance(keys, tuple) else (keys,)
+    vals = vals if isinstance(vals, tuple) else (vals,)
     g = cfg.num_heads // cfg.num_kv_heads
     qg = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys).astype(jnp.float32)
+    scores = jnp.concatenate([jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) for k in keys], -1)
     scores = scores * (cfg.head_dim ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(vals.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, vals)
+    probs = jax.nn.softmax(scores, axis=-1).astype(vals[0].dtype)
+    out, start = 0, 0
+    for v in vals:
+        out = out + jnp.einsum("bkgts,bskd->btkgd", probs[..., start:start + v.shape[1]], v)
+        start += v.shape[1]
     return out.reshape(b, t, cfg.num_heads, cfg.head_dim)
 
 
 def lm_logits(params: Params, cfg: ModelConfig, hidden):
-    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    return (hidden @ w.astype(hidden.dtype)).astype(jnp.float32)
+    if cfg.tie_embeddings:  # contract with the [V, D] table directly: no transposed copy of it
+        logits = jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(hidden.dtype))
+    else:
+        logits = hidden @ params["lm_head"].astype(hidden.dtype)
+    return logits.astype(jnp.float32)
 
 
 def last_valid_index(valid):
