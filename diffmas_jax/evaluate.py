@@ -385,9 +385,10 @@ def evaluate(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
             adapter, lora_scale, adapter_meta = adapter_parts(load_adapter(cfg["lora"]), cfg)
         from diffmas_jax.model.loading import load_model
         t0 = time.perf_counter()
-        from diffmas_jax import memory
+        from diffmas_jax import memory, mesh_presets
         memory.preflight_model(cfg, cfg["model"], cfg["dtype"])  # the weights alone must fit before they load
-        model = load_model(cfg["model"], dtype=cfg["dtype"])
+        _, place = mesh_presets.mesh_and_placer(cfg, cfg["model"])  # the config's mesh (None: one device)
+        model = load_model(cfg["model"], dtype=cfg["dtype"], place=place)  # weights straight into their shards
         if cfg["method"] == "c2c":  # the receiver, plus the sharer and the trained fuser
             from diffmas_jax import c2c
             model = c2c.load_system(model, cfg["model"], cfg["sharer"], cfg["fuser"], dtype=cfg["dtype"])

@@ -158,3 +158,16 @@ def make_config_mesh(choice: MeshChoice, devices=None):
     """A jax Mesh for a resolved choice (via diffmas_jax.sharding.make_mesh)."""
     from diffmas_jax.sharding import make_mesh
     return make_mesh(choice.shape, devices=devices)
+
+
+def mesh_and_placer(config, model_name):
+    """(mesh, place) for a run: the config's mesh and a ``load_model(place=...)`` callback
+    that puts each weight straight into its shards. (None, None) when the config asks
+    for no mesh (everything on the default device, as before)."""
+    choice = resolve_mesh_config(config)
+    if choice.preset is None and choice.source.startswith("default"):
+        return None, None
+    from diffmas_jax.model.loading import load_config, resolve_model_dir
+    from diffmas_jax.sharding import param_placer
+    mesh = make_config_mesh(choice)
+    return mesh, param_placer(load_config(resolve_model_dir(model_name)), mesh)

@@ -97,7 +97,7 @@ def main(argv) -> int:
         from diffmas_jax.c2c_training import train_c2c
         return train_c2c(c, Path(_WORKDIR.value))
     validate(c)
-    from diffmas_jax import distributed, memory
+    from diffmas_jax import distributed, memory, mesh_presets
     distributed.maybe_initialize()  # on a pod: connect the hosts before anything touches a device
     main_proc = distributed.is_main_process()  # only process 0 logs and writes the workdir
     from absl import logging as absl_logging
@@ -150,7 +150,8 @@ def main(argv) -> int:
         raise UserError(f"{len(train_items)} training items is fewer than batch_size {c.batch_size}")
 
     memory.preflight_model(c, c.model, c.dtype)  # the weights alone must fit before they load
-    model = load_model(c.model, dtype=c.dtype)
+    mesh, place = mesh_presets.mesh_and_placer(c, c.model)  # the config's mesh (None: one device)
+    model = load_model(c.model, dtype=c.dtype, place=place)  # weights straight into their shards
     notes = eval_notes = None
     if c.method == "text_mas_sft":  # the base model's upstream text, written once (cached in workdir)
         notes, eval_notes = upstream_notes(model, mc, train_items, eval_items, workdir, int(c.text_max_new_tokens))
@@ -221,7 +222,7 @@ def main(argv) -> int:
     t_last = time.perf_counter()
     for step in bar:
         # Each host reads only its rows of the global batch (all of them on a single host).
-        batch = distributed.global_batch(batch_of(data, distributed.local_indices(indices(step))))
+        batch = distributed.global_batch(batch_of(data, distributed.local_indices(indices(step))), mesh)
         if c.on_nan == "skip":
             host_lora, host_opt = jax.device_get((lora, opt_state))
         new_lora, new_opt, m = train_step(lora, opt_state, model.params, realign, batch)

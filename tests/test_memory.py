@@ -154,3 +154,15 @@ def test_cli_refuses_a_model_that_cannot_fit_before_writing(tmp_path, module):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: model embedded needs ~0.") and "device has 0.3 GiB" in last, r.stderr[-2000:]
     assert not work.exists()
+
+
+def test_mesh_and_placer_puts_weights_on_the_configured_mesh():
+    import jax
+    from jax.sharding import NamedSharding
+    assert mesh_presets.mesh_and_placer({}, "embedded") == (None, None)  # no mesh asked for: as before
+    mesh, place = mesh_presets.mesh_and_placer({"mesh": "1,-1,1"}, "embedded")
+    assert dict(mesh.shape) == {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
+    import numpy as np
+    cfg = memory.model_config_for("embedded")
+    x = place("embed", np.zeros((cfg.vocab_size, cfg.hidden_size), np.float32))
+    assert isinstance(x.sharding, NamedSharding) and x.sharding.mesh.shape == mesh.shape
