@@ -237,7 +237,8 @@ def main(argv) -> int:
             raise UserError(f"non-finite loss ({loss}) at step {step + 1}; {where}")
         lora, opt_state = new_lora, new_opt
         now = time.perf_counter()
-        toks = int(np.asarray(batch["valid"]).sum() + sum(np.asarray(v).sum() for v in batch["up_valid"]))
+        # jnp sums: the batch may be a global array spread over several hosts
+        toks = int(jnp.sum(batch["valid"]) + sum(jnp.sum(v) for v in batch["up_valid"]))
         tps = toks / max(now - t_last, 1e-9)
         t_last = now
         row = {"step": step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps, "eval_loss": ""}
