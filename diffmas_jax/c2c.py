@@ -154,42 +154,53 @@ def decays(path) -> bool:
 
 
 # --------------------------------------------------------------------------- apply
-def _dropout(x, key, rate):
-    if rate <= 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0)
+def _dropout(x, keep, rate):
+    return x if keep is None else jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
-def _block(p, h, key, rate):
+def _block(p, h, keep, rate):
     """Residual FFN: h + dropout(W2 gelu(W1 rmsnorm(h)))."""
     x = rms_norm(h, p["norm"], 1e-6)
     x = jax.nn.gelu(x @ p["w1"], approximate=False) @ p["w2"]
-    return h + _dropout(x, key, rate)
+    return h + _dropout(x, keep, rate)
 
 
 def _linear(p, x):
     return x @ p["kernel"] + p["bias"]
 
 
-def _fuse_layer(p, s, r, key, temperature, *, train: bool, rate: float):
-    """One receiver layer. s [B, N, Fs] sharer features; r [B, N, KVH, hd] receiver K or V."""
+def _fuse_layer(p, s, r, noise, temperature, *, rate: float):
+    """One receiver layer. s [B, N, Fs] sharer features; r [B, N, KVH, hd] receiver K or V.
+
+    ``noise`` (training): uniforms for the Gumbel gate [B, N, KVH, 1] and dropout keep
+    masks [depth, B, N, H] (None without dropout); None at eval (hard gate)."""
     b, n, kvh, hd = r.shape
-    keys = jax.random.split(key, 4)
+    keep = (lambda i: None) if noise is None or noise[1] is None else (lambda i: noise[1][i])
     rf = r.astype(jnp.float32)
     h = _linear(p["in"], jnp.concatenate([s.astype(jnp.float32), rf.reshape(b, n, kvh * hd)], axis=-1))
-    h = _block(p["trunk"], h, keys[0], rate)
+    h = _block(p["trunk"], h, keep(0), rate)
     y = h
-    for i in range(p["proj_blocks"]["w1"].shape[0]):
-        y = _block(jax.tree.map(lambda a: a[i], p["proj_blocks"]), y, jax.random.fold_in(keys[1], i), rate)
+    depth = p["proj_blocks"]["w1"].shape[0] + 2
+    for i in range(depth - 2):
+        y = _block(jax.tree.map(lambda a: a[i], p["proj_blocks"]), y, keep(i + 1), rate)
     proj = _linear(p["proj_out"], y).reshape(b, n, kvh, hd)
-    weight = jax.nn.sigmoid(_linear(p["weight_out"], _block(p["weight_block"], h, keys[2], rate)))[..., None]
-    if train:  # Gumbel-sigmoid, one noise sample per row, token and head (as the reference)
-        u = jax.random.uniform(keys[3], (b, n, kvh, 1), jnp.float32, 1e-20, 1.0)
-        gate = jax.nn.sigmoid((p["gate"] - jnp.log(-jnp.log(u))) / temperature)
+    weight = jax.nn.sigmoid(_linear(p["weight_out"], _block(p["weight_block"], h, keep(depth - 1), rate)))[..., None]
+    if noise is not None:  # Gumbel-sigmoid, one noise sample per row, token and head (as the reference)
+        gate = jax.nn.sigmoid((p["gate"] - jnp.log(-jnp.log(noise[0]))) / temperature)
         return (rf + gate * weight * proj).astype(r.dtype)
     # Hard gate: a closed one returns the receiver's values themselves, not r + 0 * (...).
     return jnp.where(p["gate"] > 0, (rf + weight * proj).astype(r.dtype), r)
+
+
+def _training_noise(rng, fc: FuserConfig, t, b, n):
+    """All of a step's random numbers in one draw (each threefry call costs seconds of CPU compile)."""
+    gate = (2, t, b, n, fc.receiver_kv_heads, 1)
+    drop = (2, t, fc.depth, b, n, fc.hidden) if fc.dropout > 0 else (0,)
+    ng, nd = int(np.prod(gate)), int(np.prod(drop))
+    u = jax.random.uniform(rng, (ng + nd,), jnp.float32)
+    gumbel_u = jnp.clip(u[:ng].reshape(gate), 1e-20, 1.0 - 1e-7)
+    keep = (u[ng:].reshape(drop) >= fc.dropout) if fc.dropout > 0 else None
+    return [(gumbel_u[i], None if keep is None else keep[i]) for i in range(2)]
 
 
 def fuse_kv(fuser: dict, fc: FuserConfig, k_s, v_s, k_r, v_r, mask, *, train: bool = False,
@@ -201,14 +212,13 @@ def fuse_kv(fuser: dict, fc: FuserConfig, k_s, v_s, k_r, v_r, mask, *, train: bo
     they are). ``train``: Gumbel-sigmoid gates at ``temperature`` and dropout.
     """
     idx = jnp.asarray(layer_alignment(fc.sharer_layers, fc.receiver_layers, fc.layer_map))
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    rate = fc.dropout if train else 0.0
     t, b, n = k_r.shape[:3]
-    layer = jax.vmap(partial(_fuse_layer, train=train, rate=rate), in_axes=(0, 0, 0, 0, None))
+    noise = _training_noise(jax.random.PRNGKey(0) if rng is None else rng, fc, t, b, n) if train else [None, None]
+    layer = jax.vmap(partial(_fuse_layer, rate=fc.dropout if train else 0.0), in_axes=(0, 0, 0, 0, None))
     out = []
-    for name, xs, xr, key in (("k", k_s, k_r, jax.random.fold_in(rng, 0)), ("v", v_s, v_r, jax.random.fold_in(rng, 1))):
+    for name, xs, xr, nz in (("k", k_s, k_r, noise[0]), ("v", v_s, v_r, noise[1])):
         feats = xs[idx].reshape(t, b, n, -1)
-        fused = layer(fuser[name], feats, xr, jax.random.split(key, t), jnp.asarray(temperature, jnp.float32))
+        fused = layer(fuser[name], feats, xr, nz, jnp.asarray(temperature, jnp.float32))
         out.append(jnp.where(mask[None, :, :, None, None], fused, xr))
     return tuple(out)
 

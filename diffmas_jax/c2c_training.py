@@ -265,7 +265,7 @@ def train_c2c(c, workdir: Path) -> int:
                        max_target=int(max([data.n_target.max()] + ([eval_data.n_target.max()] if n_eval else []))))
     optimizer = make_c2c_optimizer(float(c.lr), opt_steps, float(c.warmup_frac), float(c.weight_decay),
                                    float(c.clip), int(c.grad_accum))
-    fuser = init_fuser(fc, jax.random.PRNGKey(c.seed))
+    fuser = init_fuser(fc, int(c.seed))
     opt_state = optimizer.init(fuser)
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -276,6 +276,10 @@ def train_c2c(c, workdir: Path) -> int:
     if restored is not None:
         start, state, _ = restored
         fuser, opt_state = state["fuser"], state["opt_state"]
+    # Fresh and restored state placed alike (Orbax hands back committed arrays): the step
+    # compiles to the same program, so a resumed run hits the compilation cache.
+    fuser, opt_state = jax.device_put((fuser, opt_state), jax.devices()[0])
+    if restored is not None:
         print(f"resumed from step {start} ({workdir / 'checkpoints'})", flush=True)
 
     n, bs = len(train_items), int(c.batch_size)
