@@ -193,13 +193,15 @@ def _fuse_layer(p, s, r, noise, temperature, *, rate: float):
 
 
 def _training_noise(rng, fc: FuserConfig, t, b, n):
-    """All of a step's random numbers in one draw (each threefry call costs seconds of CPU compile)."""
-    gate = (2, t, b, n, fc.receiver_kv_heads, 1)
-    drop = (2, t, fc.depth, b, n, fc.hidden) if fc.dropout > 0 else (0,)
-    ng, nd = int(np.prod(gate)), int(np.prod(drop))
-    u = jax.random.uniform(rng, (ng + nd,), jnp.float32)
-    gumbel_u = jnp.clip(u[:ng].reshape(gate), 1e-20, 1.0 - 1e-7)
-    keep = (u[ng:].reshape(drop) >= fc.dropout) if fc.dropout > 0 else None
+    """A step's random numbers in two draws (each threefry call costs seconds of CPU compile):
+    uniforms for the Gumbel gates, 16-bit integers for the dropout masks (2 bytes, not 4,
+    per activation element)."""
+    kg, kd = jax.random.split(rng)
+    gumbel_u = jax.random.uniform(kg, (2, t, b, n, fc.receiver_kv_heads, 1), jnp.float32, 1e-20, 1.0)
+    keep = None
+    if fc.dropout > 0:
+        bits = jax.random.bits(kd, (2, t, fc.depth, b, n, fc.hidden), jnp.uint16)
+        keep = bits >= jnp.uint16(round(fc.dropout * 65536))
     return [(gumbel_u[i], None if keep is None else keep[i]) for i in range(2)]
 
 
