@@ -238,6 +238,8 @@ def train_c2c(c, workdir: Path) -> int:
             raise UserError(f"{workdir} holds a run with a different config ({', '.join(diff)}); use a new --workdir")
 
     enable_compilation_cache()
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     from tqdm import tqdm
     from diffmas_jax.checkpoint import Checkpointer, abstract_like
     from diffmas_jax.lora import count_params
