@@ -10,8 +10,8 @@ with one fuser per receiver layer (separate weights for K and V), reading sharer
 receiver then reads its last prompt token on the fused cache and decodes alone.
 
 The fuser is its own pytree (like the LoRA tree): leaves are stacked over receiver
-layers and applied with ``vmap``, so its size and compile time do not depend on
-Python loops over depth. Gates are one logit per layer for K and one for V: in
+layers and applied with ``vmap``, so compile time does not grow with the number of
+layers. Gates are one logit per layer for K and one for V: in
 training ``sigmoid((logit + Gumbel) / tau)`` with tau annealed per optimizer step, at
 eval a hard ``logit > 0``. A closed gate leaves the receiver's cache bit for bit.
 
