@@ -51,7 +51,8 @@ def get_config():
     c.eval_items = 8
     c.log_every = 1
     c.on_nan = "stop"                 # stop | skip
-    c.export_peft = True
+    c.export_peft = True              # workdir/peft: a PEFT adapter directory
+    c.export_merged = False           # workdir/merged: an HF checkpoint with the LoRA merged in
     # hardware (diffmas_jax.mesh_presets, diffmas_jax.memory)
     c.mesh_preset = placeholder(str)          # v4-8 | v5e-8 | v5e-16 | v5p-8 | gpu-8 | gpu-1
     c.mesh = placeholder(str)                 # "data,fsdp,tensor" (one may be -1); wins over the preset

@@ -45,8 +45,8 @@ class LoraConfig:
         bad = [t for t in self.targets if t not in LORA_TARGETS]
         if bad or not self.targets:
             raise LoraConfigError(f"unknown LoRA target(s) {bad or '(none given)'}; choose from {', '.join(LORA_TARGETS)}")
-        if self.dropout != 0.0:
-            raise LoraConfigError("LoRA dropout is not supported; set dropout=0.0")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise LoraConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         return self
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from diffmas_jax.model.config import ModelConfig
-from diffmas_jax.model.transformer import (Visibility, forward, last_valid_index, lm_logits,
+from diffmas_jax.model.transformer import (LoraDropout, Visibility, forward, last_valid_index, lm_logits,
                                            resolve_dtype, take_rows)
 from diffmas_jax.trace import LATENT, PROMPT, TEXT, KVTrace
 
@@ -60,7 +60,7 @@ def make_realign(params, cfg: ModelConfig, mode: str = "ridge", lam: float = 1e-
 
 def think(params, cfg: ModelConfig, trace: KVTrace, seed_hidden, realign: Realign, *, steps: int,
           segment, active=None, visible: Optional[Visibility] = None, lora=None, lora_scale: float = 1.0,
-          compute_dtype=jnp.float32, remat: bool = False):
+          compute_dtype=jnp.float32, remat: bool = False, dropout: Optional[LoraDropout] = None):
     """m latent steps under ``lax.scan``; returns (trace, last hidden)."""
     if steps == 0:
         return trace, seed_hidden
@@ -73,7 +73,8 @@ def think(params, cfg: ModelConfig, trace: KVTrace, seed_hidden, realign: Realig
         tr, h = carry
         out = forward(params, cfg, tr, embeds=realign(h)[:, None], valid=active[:, None], segment=segment,
                       kind=LATENT, offset=base + i, visible=visible, lora=lora, lora_scale=lora_scale,
-                      compute_dtype=compute_dtype, return_logits=False, remat=remat)
+                      compute_dtype=compute_dtype, return_logits=False, remat=remat,
+                      dropout=None if dropout is None else dropout.fold(i))
         return (out.trace, out.hidden[:, 0]), None
 
     (trace, h), _ = jax.lax.scan(step, (trace, seed_hidden), jnp.arange(steps))
@@ -82,15 +83,17 @@ def think(params, cfg: ModelConfig, trace: KVTrace, seed_hidden, realign: Realig
 
 def agent_stage(params, cfg: ModelConfig, trace: KVTrace, tokens, valid, realign: Realign, *,
                 steps: int, segment, visible: Optional[Visibility] = None, lora=None,
-                lora_scale: float = 1.0, compute_dtype=jnp.float32, remat: bool = False) -> KVTrace:
+                lora_scale: float = 1.0, compute_dtype=jnp.float32, remat: bool = False,
+                dropout: Optional[LoraDropout] = None) -> KVTrace:
     """An upstream agent: prefill its prompt, then think ``steps`` latent steps."""
     out = forward(params, cfg, trace, tokens=tokens, valid=valid, segment=segment, kind=PROMPT,
                   visible=visible, lora=lora, lora_scale=lora_scale, compute_dtype=compute_dtype,
-                  return_logits=False, remat=remat)
+                  return_logits=False, remat=remat, dropout=None if dropout is None else dropout.fold(0))
     seed = take_rows(out.hidden, last_valid_index(valid))  # the row's last *real* token
     trace, _ = think(params, cfg, out.trace, seed, realign, steps=steps, segment=segment,
                      active=valid.any(axis=1), visible=visible, lora=lora, lora_scale=lora_scale,
-                     compute_dtype=compute_dtype, remat=remat)
+                     compute_dtype=compute_dtype, remat=remat,
+                     dropout=None if dropout is None else dropout.fold(1))
     return trace
 
 
@@ -106,7 +109,8 @@ def solver_prefill(params, cfg: ModelConfig, trace: KVTrace, tokens, valid, *, s
 
 def teacher_forced_nll(params, cfg: ModelConfig, trace: KVTrace, tokens, valid, target_mask, *, segment,
                        visible: Optional[Visibility] = None, lora=None, lora_scale: float = 1.0,
-                       compute_dtype=jnp.float32, remat: bool = False, max_target: Optional[int] = None):
+                       compute_dtype=jnp.float32, remat: bool = False, max_target: Optional[int] = None,
+                       dropout: Optional[LoraDropout] = None):
     """Solver prompt + target in one chunk; returns (summed target NLL, number of target tokens).
 
     ``target_mask`` [B, T] marks the target tokens (a contiguous span per row); token t
@@ -115,7 +119,7 @@ def teacher_forced_nll(params, cfg: ModelConfig, trace: KVTrace, tokens, valid, 
     """
     out = forward(params, cfg, trace, tokens=tokens, valid=valid, segment=segment, kind=PROMPT,
                   visible=visible, lora=lora, lora_scale=lora_scale, compute_dtype=compute_dtype,
-                  return_logits=False, remat=remat)
+                  return_logits=False, remat=remat, dropout=dropout)
     b, t = tokens.shape
     k = t - 1 if max_target is None else min(max_target, t - 1)
     target_mask = target_mask & valid

@@ -29,7 +29,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (resumes if it
 # Fields whose change makes an existing workdir a different experiment.
 IDENTITY_FIELDS = ("model", "dtype", "method", "task", "split", "limit", "layout", "roles", "latent_steps",
                    "realign", "communication", "visibility", "trace_grad", "lora_rank", "lora_alpha",
-                   "lora_targets", "lora_per_role", "batch_size", "steps", "grad_accum", "lr", "seed",
+                   "lora_targets", "lora_dropout", "lora_per_role", "batch_size", "steps", "grad_accum", "lr", "seed",
                    "max_target_tokens")
 
 
@@ -120,7 +120,8 @@ def main(argv) -> int:
     from tqdm import tqdm
 
     from diffmas_jax.checkpoint import Checkpointer, abstract_like
-    from diffmas_jax.lora import LoraConfig, LoraConfigError, count_params, export_peft, init_lora, save_adapter
+    from diffmas_jax.lora import (LoraConfig, LoraConfigError, count_params, export_merged, export_peft, init_lora,
+                                  save_adapter)
     from diffmas_jax.methods import MethodConfig
     from diffmas_jax.model.loading import load_model
     from diffmas_jax.stages import make_realign
@@ -165,7 +166,7 @@ def main(argv) -> int:
                     latent_steps=latent, up_lengths=tuple(t.shape[1] for t in data.up_tokens),
                     solver_length=data.tokens.shape[1], capacity=capacity, lora_scale=lcfg.scale,
                     communication=c.communication, visibility=c.visibility, remat=bool(c.remat),
-                    compute_dtype=c.dtype,
+                    compute_dtype=c.dtype, lora_dropout=lcfg.dropout,
                     max_target=int(max([data.n_target.max()] + ([eval_data.n_target.max()] if n_eval else []))))
     optimizer = make_optimizer(float(c.lr), int(c.steps), int(c.warmup_steps), float(c.weight_decay),
                                float(c.clip), int(c.grad_accum))
@@ -225,7 +226,9 @@ def main(argv) -> int:
         batch = distributed.global_batch(batch_of(data, distributed.local_indices(indices(step))), mesh)
         if c.on_nan == "skip":
             host_lora, host_opt = jax.device_get((lora, opt_state))
-        new_lora, new_opt, m = train_step(lora, opt_state, model.params, realign, batch)
+        # Dropout masks, like the data order, are a function of (seed, step) alone.
+        drop_rng = jax.random.fold_in(jax.random.PRNGKey(c.seed + 1), step) if lcfg.dropout > 0 else None
+        new_lora, new_opt, m = train_step(lora, opt_state, model.params, realign, batch, drop_rng)
         loss = float(m["loss"])
         if not math.isfinite(loss):
             where = f"last good checkpoint: step {last_good}" if last_good is not None else "no checkpoint yet"
@@ -273,6 +276,8 @@ def main(argv) -> int:
                                                          "trace_grad": c.trace_grad, "method": c.method})
     if c.export_peft and not lcfg.per_role:
         export_peft(workdir / "peft", lora, lcfg, model.cfg, base_model=str(model.path))
+    if c.get("export_merged") and not lcfg.per_role:  # a plain HF checkpoint with the LoRA folded in
+        export_merged(workdir / "merged", model.params, lora, lcfg.scale, model.cfg, model.path)
     print(f"done: adapter in {workdir / 'adapter'}", flush=True)
     return 0
 

@@ -20,7 +20,7 @@ import optax
 from diffmas_jax.agents import agent_messages, render_chat
 from diffmas_jax.generation import bucket_length, pad_batch
 from diffmas_jax.methods import MethodConfig, select_lora, solver_visibility, upstream_visibility
-from diffmas_jax.model.transformer import resolve_dtype
+from diffmas_jax.model.transformer import LoraDropout, resolve_dtype
 from diffmas_jax.stages import Realign, agent_stage, teacher_forced_nll
 from diffmas_jax.trace import KVTrace, TraceOverflowError
 
@@ -44,6 +44,7 @@ class StepConfig:
     remat: bool = False
     compute_dtype: str = "float32"
     max_target: Optional[int] = None  # static bound on target tokens per row (LM-head cost)
+    lora_dropout: float = 0.0         # dropout on the LoRA input; needs a per-step rng
 
     def method_config(self) -> MethodConfig:
         return MethodConfig(method="latent_mas", roles=self.roles, latent_steps=self.latent_steps,
@@ -98,9 +99,15 @@ def batch_of(data: EncodedData, idx) -> dict:
             "tokens": data.tokens[idx], "valid": data.valid[idx], "target_mask": data.target_mask[idx]}
 
 
-def loss_and_grads(lora, params, cfg, realign: Realign, batch: dict, sc: StepConfig):
-    """Returns (loss, lora grads, per-upstream-segment gradient norms [K])."""
+def loss_and_grads(lora, params, cfg, realign: Realign, batch: dict, sc: StepConfig, rng=None):
+    """Returns (loss, lora grads, per-upstream-segment gradient norms [K]).
+
+    ``rng`` drives LoRA dropout (``sc.lora_dropout > 0``); each stage folds in its index."""
     dtype = resolve_dtype(sc.compute_dtype)
+    if sc.lora_dropout > 0 and rng is None:
+        raise ValueError("lora_dropout > 0 needs an rng for the step")
+    drop = LoraDropout(sc.lora_dropout, rng) if sc.lora_dropout > 0 else None
+    stage_drop = (lambda j: None) if drop is None else drop.fold
     b = batch["tokens"].shape[0]
     k_up = len(sc.latent_steps)
     mc = sc.method_config()
@@ -114,7 +121,7 @@ def loss_and_grads(lora, params, cfg, realign: Realign, batch: dict, sc: StepCon
             out = agent_stage(params, cfg, prev.replace(k=k, v=v), batch["up_tokens"][j], batch["up_valid"][j],
                               realign, steps=sc.latent_steps[j], segment=j, visible=upstream_visibility(mc, j),
                               lora=select_lora(lo, role), lora_scale=sc.lora_scale, compute_dtype=dtype,
-                              remat=sc.remat)
+                              remat=sc.remat, dropout=stage_drop(j))
             return (out.k, out.v), out
 
         if sc.trace_grad == "full":
@@ -133,7 +140,7 @@ def loss_and_grads(lora, params, cfg, realign: Realign, batch: dict, sc: StepCon
         nll, n = teacher_forced_nll(params, cfg, tr, batch["tokens"], batch["valid"], batch["target_mask"],
                                     segment=k_up, visible=vis, lora=select_lora(lo, solver_role),
                                     lora_scale=sc.lora_scale, compute_dtype=dtype, remat=sc.remat,
-                                    max_target=sc.max_target)
+                                    max_target=sc.max_target, dropout=stage_drop(k_up))
         return nll / jnp.maximum(n, 1.0)
 
     loss, (g_lora, g_k, g_v) = jax.value_and_grad(solver_loss, argnums=(0, 1, 2))(lora, trace.k, trace.v)
@@ -161,9 +168,11 @@ def make_optimizer(lr: float, total_steps: int, warmup_steps: int, weight_decay:
 
 
 def make_train_step(cfg, sc: StepConfig, optimizer):
-    """A jitted (lora, opt_state, params, realign, batch) -> (lora, opt_state, metrics)."""
-    def step(lora, opt_state, params, realign, batch):
-        loss, grads, norms = loss_and_grads(lora, params, cfg, realign, batch, sc)
+    """A jitted (lora, opt_state, params, realign, batch[, rng]) -> (lora, opt_state, metrics).
+
+    ``rng`` (the step's dropout key) is needed only when ``sc.lora_dropout > 0``."""
+    def step(lora, opt_state, params, realign, batch, rng=None):
+        loss, grads, norms = loss_and_grads(lora, params, cfg, realign, batch, sc, rng)
         updates, opt_state = optimizer.update(grads, opt_state, lora)
         lora = optax.apply_updates(lora, updates)
         return lora, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "segment_grad_norms": norms}
@@ -173,7 +182,9 @@ def make_train_step(cfg, sc: StepConfig, optimizer):
 
 def make_eval_loss(cfg, sc: StepConfig):
     def f(lora, params, realign, batch):
-        return loss_and_grads(lora, params, cfg, realign, batch, dataclasses.replace(sc, trace_grad="stop"))[0]
+        # Evaluation: no dropout, no gradient through the trace.
+        return loss_and_grads(lora, params, cfg, realign, batch,
+                              dataclasses.replace(sc, trace_grad="stop", lora_dropout=0.0))[0]
     return jax.jit(f)
 
 

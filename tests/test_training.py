@@ -17,7 +17,7 @@ from diffmas_jax.lora import (LoraConfig, LoraConfigError, export_merged, export
                               merge_lora, save_adapter)
 from diffmas_jax.methods import MethodConfig
 from diffmas_jax.model.loading import load_model
-from diffmas_jax.model.transformer import jit_forward
+from diffmas_jax.model.transformer import LoraDropout, dense, jit_forward
 from diffmas_jax.stages import make_realign
 from diffmas_jax.tasks import get_task
 from diffmas_jax.trace import KVTrace
@@ -89,6 +89,37 @@ def test_zero_b_lora_leaves_logits_unchanged(chat):
     a = jit_forward(chat.params, chat.cfg, tr, tokens=ids).logits
     b = jit_forward(chat.params, chat.cfg, tr, tokens=ids, lora=lora, lora_scale=2.0).logits
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_lora_dropout_drops_the_lora_input_only(chat):
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 8))
+    p = {"kernel": jax.random.normal(jax.random.PRNGKey(2), (8, 5))}
+    lo = {"a": jax.random.normal(jax.random.PRNGKey(3), (8, 2)), "b": jax.random.normal(jax.random.PRNGKey(4), (2, 5))}
+    drop = LoraDropout(0.25, jax.random.PRNGKey(5))
+    keep = jax.random.bernoulli(drop.key, 0.75, x.shape)
+    want = x @ p["kernel"] + 2.0 * (((x * keep) / 0.75) @ lo["a"]) @ lo["b"]  # PEFT: B(A(dropout(x))) * scale
+    np.testing.assert_allclose(np.asarray(dense(x, p, lo, 2.0, drop)), np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(dense(x, p, None, 2.0, drop)), np.asarray(x @ p["kernel"]))
+    # With B = 0 the LoRA branch is zero whatever is dropped: the base path never sees dropout.
+    lora = init_lora(chat.cfg, LoraConfig(rank=4), jax.random.PRNGKey(0))
+    ids, tr = jnp.asarray([[5, 9, 200, 31, 7]]), KVTrace.create(chat.cfg, 1, 8)
+    a = jit_forward(chat.params, chat.cfg, tr, tokens=ids).logits
+    b = jit_forward(chat.params, chat.cfg, tr, tokens=ids, lora=lora, dropout=LoraDropout(0.5, jax.random.PRNGKey(0)))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b.logits))
+
+
+def test_lora_dropout_masks_follow_the_step_rng(chat):
+    import dataclasses
+    sc, lcfg, batch, realign = setup_step(chat, "full")
+    lora = random_lora(chat.cfg, lcfg)
+    sc_d = dataclasses.replace(sc, lora_dropout=0.3)
+    loss = lambda s, rng: float(loss_and_grads(lora, chat.params, chat.cfg, realign, batch, s, rng)[0])
+    k0, k1 = jax.random.PRNGKey(0), jax.random.PRNGKey(1)
+    assert loss(sc_d, k0) == loss(sc_d, k0)               # replayable: resume gives the same masks
+    assert loss(sc_d, k0) != loss(sc_d, k1)               # and they really change with the key
+    assert loss(sc_d, k0) != loss(sc, None)
+    with pytest.raises(ValueError, match="needs an rng"):
+        loss(sc_d, None)
 
 
 def test_gradients_and_optimizer_state_only_for_lora(chat):
@@ -165,6 +196,8 @@ def test_bad_lora_configs():
         LoraConfig(targets=("q", "qkv")).validate()
     with pytest.raises(LoraConfigError, match="rank must be positive, got 0"):
         LoraConfig(rank=0).validate()
+    with pytest.raises(LoraConfigError, match=r"dropout must be in \[0, 1\), got 1.0"):
+        LoraConfig(dropout=1.0).validate()
 
 
 def test_peft_export_and_merged_checkpoint_match(chat, chat_dir, tmp_path):
@@ -200,9 +233,12 @@ def train_cmd(model_dir, workdir, *extra):
 
 def test_kill_and_resume_matches_uninterrupted(chat_dir, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    ref = subprocess.run(train_cmd(chat_dir, tmp_path / "ref"), capture_output=True, text=True, env=env, timeout=600)
+    # With LoRA dropout on, resuming must also replay the dropout masks; the merged export is checked too.
+    extra = ("--config.lora_dropout=0.1", "--config.export_merged=True")
+    ref = subprocess.run(train_cmd(chat_dir, tmp_path / "ref", *extra), capture_output=True, text=True, env=env,
+                         timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    proc = subprocess.Popen(train_cmd(chat_dir, tmp_path / "run"), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_cmd(chat_dir, tmp_path / "run", *extra), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
     ck = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 300
@@ -211,13 +247,23 @@ def test_kill_and_resume_matches_uninterrupted(chat_dir, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "run" / "adapter").exists()  # really interrupted
-    again = subprocess.run(train_cmd(chat_dir, tmp_path / "run"), capture_output=True, text=True, env=env, timeout=600)
+    again = subprocess.run(train_cmd(chat_dir, tmp_path / "run", *extra), capture_output=True, text=True, env=env,
+                           timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from step" in again.stdout
     a, b = load_adapter(tmp_path / "ref" / "adapter"), load_adapter(tmp_path / "run" / "adapter")
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6), a.tree, b.tree)
     rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 9)]  # no duplicate or lost step
+    import transformers
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "merged"), dtype=torch.float32)
+    lcfg = LoraConfig(rank=a.config.rank, alpha=a.config.alpha)
+    ids = np.asarray([[5, 9, 200, 31, 7]])
+    chat = load_model(str(chat_dir))
+    ours = jit_forward(chat.params, chat.cfg, KVTrace.create(chat.cfg, 1, 8), tokens=jnp.asarray(ids),
+                       lora=b.tree, lora_scale=lcfg.scale).logits
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(torch.tensor(ids)).logits.numpy(), np.asarray(ours), atol=1e-4)
 
 
 @pytest.mark.parametrize("flag,message", [

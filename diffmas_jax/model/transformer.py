@@ -10,6 +10,8 @@ causality, visibility and the sliding window.
 
 LoRA is a separate pytree: ``forward(..., lora=tree, lora_scale=alpha/r)``
 adds ``scale * (x A) B`` to the targeted projections without touching params.
+``dropout=LoraDropout(rate, key)`` drops the LoRA branch's input as PEFT does
+(training only; the base path never sees dropout).
 """
 from __future__ import annotations
 
@@ -117,12 +119,34 @@ def apply_rope(x, cos, sin):
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def dense(x, p, lora=None, lora_scale=1.0):
+@partial(jax.tree_util.register_dataclass, data_fields=["key"], meta_fields=["rate"])
+@dataclasses.dataclass(frozen=True)
+class LoraDropout:
+    """Dropout on the LoRA input (PEFT's ``lora_dropout``): a static rate and a PRNG key.
+
+    Every call site derives its own key with :meth:`fold` so that each layer, target,
+    agent stage and latent step draws an independent mask, and a training step's masks
+    are a function of (seed, step) alone: resuming replays them exactly."""
+    rate: float
+    key: jax.Array
+
+    def fold(self, *data) -> "LoraDropout":
+        key = self.key
+        for d in data:
+            key = jax.random.fold_in(key, d)
+        return LoraDropout(self.rate, key)
+
+
+def dense(x, p, lora=None, lora_scale=1.0, dropout: Optional[LoraDropout] = None):
     y = x @ p["kernel"].astype(x.dtype)
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
     if lora is not None:
-        y = y + lora_scale * ((x @ lora["a"].astype(x.dtype)) @ lora["b"].astype(x.dtype))
+        xl = x
+        if dropout is not None and dropout.rate > 0:
+            keep = jax.random.bernoulli(dropout.key, 1.0 - dropout.rate, x.shape)
+            xl = jnp.where(keep, x / (1.0 - dropout.rate), 0).astype(x.dtype)
+        y = y + lora_scale * ((xl @ lora["a"].astype(x.dtype)) @ lora["b"].astype(x.dtype))
     return y
 
 
@@ -177,7 +201,7 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
             segment=0, kind=PROMPT, visible: Optional["Visibility"] = None, offset=None,
             lora: Optional[Params] = None, lora_scale: float = 1.0,
             compute_dtype=jnp.float32, return_logits: bool = True,
-            remat: bool = False) -> ForwardOut:
+            remat: bool = False, dropout: Optional[LoraDropout] = None) -> ForwardOut:
     """Run new tokens (or input embeddings) on top of ``trace``.
 
     tokens [B, T] int or embeds [B, T, D]; valid [B, T] marks real tokens (pads
@@ -223,12 +247,19 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
     cos, sin = rope_tables(cfg, positions, compute_dtype)
     lora_layers = lora if lora is not None else {}
 
+    use_dropout = dropout is not None and dropout.rate > 0 and lora is not None
+
     def layer(h, xs):
-        p, lo, k_old, v_old = xs
+        p, lo, k_old, v_old, idx = xs
+
+        def proj(x, name):
+            drop = dropout.fold(idx, LORA_TARGETS.index(name)) if use_dropout else None
+            return dense(x, p[name], lo.get(name), lora_scale, drop)
+
         hn = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
-        q = dense(hn, p["q"], lo.get("q"), lora_scale).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = dense(hn, p["k"], lo.get("k"), lora_scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = dense(hn, p["v"], lo.get("v"), lora_scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q = proj(hn, "q").reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = proj(hn, "k").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = proj(hn, "v").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
             k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
@@ -236,15 +267,14 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
         k, v = k.astype(k_old.dtype), v.astype(v_old.dtype)
         attn = attention(q, (k_old.astype(compute_dtype), k.astype(compute_dtype)),
                          (v_old.astype(compute_dtype), v.astype(compute_dtype)), mask, cfg)
-        h = h + dense(attn.reshape(b, t, cfg.q_size), p["o"], lo.get("o"), lora_scale)
+        h = h + proj(attn.reshape(b, t, cfg.q_size), "o")
         hn = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
-        gate = dense(hn, p["gate"], lo.get("gate"), lora_scale)
-        up = dense(hn, p["up"], lo.get("up"), lora_scale)
-        h = h + dense(jax.nn.silu(gate) * up, p["down"], lo.get("down"), lora_scale)
+        h = h + proj(jax.nn.silu(proj(hn, "gate")) * proj(hn, "up"), "down")
         return h, (k, v)
 
     body = jax.checkpoint(layer) if remat else layer
-    xs = (params["layers"], lora_layers, trace.k[:, :, :old], trace.v[:, :, :old])
+    xs = (params["layers"], lora_layers, trace.k[:, :, :old], trace.v[:, :, :old],
+          jnp.arange(cfg.num_layers))
     x, (k_new, v_new) = jax.lax.scan(body, x, xs, unroll=layer_unroll(cfg, t))
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     meta = trace.write_meta(offset, valid, segment, kind, positions, next_pos)
