@@ -105,6 +105,11 @@ def shard_trace(trace, mesh: Mesh, rules=None):
     return trace.replace(**upd)
 
 
+def replicate(tree, mesh: Mesh):
+    """Every leaf replicated on the mesh (LoRA and its optimizer state: small, read by every shard)."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
 def bytes_per_device(tree) -> int:
     """Largest number of bytes any one device holds for ``tree``."""
     per: dict = {}

@@ -172,6 +172,9 @@ def main(argv) -> int:
                                float(c.clip), int(c.grad_accum))
     lora = init_lora(model.cfg, lcfg, jax.random.PRNGKey(c.seed), roles=sc.roles)
     opt_state = optimizer.init(lora)
+    if mesh is not None:  # replicated, as the step returns them: every step reuses one executable
+        from diffmas_jax.sharding import replicate
+        lora, opt_state = replicate(lora, mesh), replicate(opt_state, mesh)
     realign = make_realign(model.params, model.cfg, c.realign, float(c.realign_lambda))
     memory.preflight_train(model.cfg, c, sc, lcfg)  # per-device estimate before compiling; error if it cannot fit
 
@@ -195,7 +198,7 @@ def main(argv) -> int:
         perm = np.random.default_rng([c.seed, epoch]).permutation(n)
         return perm[k * c.batch_size:(k + 1) * c.batch_size]
 
-    train_step = make_train_step(model.cfg, sc, optimizer)
+    train_step = make_train_step(model.cfg, sc, optimizer, mesh)
     eval_loss = make_eval_loss(model.cfg, sc) if n_eval else None
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))

@@ -167,17 +167,23 @@ def make_optimizer(lr: float, total_steps: int, warmup_steps: int, weight_decay:
     return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
 
 
-def make_train_step(cfg, sc: StepConfig, optimizer):
+def make_train_step(cfg, sc: StepConfig, optimizer, mesh=None):
     """A jitted (lora, opt_state, params, realign, batch[, rng]) -> (lora, opt_state, metrics).
 
-    ``rng`` (the step's dropout key) is needed only when ``sc.lora_dropout > 0``."""
+    ``rng`` (the step's dropout key) is needed only when ``sc.lora_dropout > 0``. With a
+    ``mesh`` the LoRA, optimizer state and metrics come out replicated on it: pass them in
+    replicated (``sharding.replicate``) and every step reuses the first step's executable."""
     def step(lora, opt_state, params, realign, batch, rng=None):
         loss, grads, norms = loss_and_grads(lora, params, cfg, realign, batch, sc, rng)
         updates, opt_state = optimizer.update(grads, opt_state, lora)
         lora = optax.apply_updates(lora, updates)
         return lora, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "segment_grad_norms": norms}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    from jax.sharding import NamedSharding, PartitionSpec
+    rep = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=(rep, rep, rep))
 
 
 def make_eval_loss(cfg, sc: StepConfig):

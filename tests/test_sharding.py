@@ -51,6 +51,20 @@ SCRIPT = textwrap.dedent('''
     l1, g1, n1 = f(sp, lora, sb)
     out["train_loss_diff"] = abs(float(l0) - float(l1))
     out["train_grad_diff"] = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+    # The jitted train step with the mesh's output shardings: one executable for every step.
+    from diffmas_jax.sharding import replicate
+    from diffmas_jax.training import make_optimizer, make_train_step
+    opt = make_optimizer(1e-3, 10, 0, 0.0, 1.0, 1)
+    step = make_train_step(ref.cfg, sc, opt, mesh)
+    lo, st = replicate(lora, mesh), replicate(opt.init(lora), mesh)
+    realign = make_realign(sp, ref.cfg)
+    losses = []
+    for _ in range(3):
+        lo, st, met = step(lo, st, sp, realign, sb)
+        losses.append(float(met["loss"]))
+    out["step_executables"] = step._cache_size()
+    out["step_first_loss_diff"] = abs(losses[0] - float(l0))
+    out["step_losses_fall"] = losses[2] < losses[0]
     for bad in [(3, -1, 1), (1, -1, -1), (16, 1, 1)]:
         try:
             make_mesh(bad)
@@ -74,6 +88,9 @@ def test_sharded_forward_equals_unsharded_and_params_shrink(tmp_path):
     assert out["(1, 8, 1)"]["bytes"] < 0.3 * out["single_bytes"]
     assert out["(1, 2, 4)"]["bytes"] < out["(2, 2, 2)"]["bytes"] < out["single_bytes"]
     assert out["train_loss_diff"] < 1e-5 and out["train_grad_diff"] < 1e-5, out
+    # explicit output shardings: steps 2 and 3 reuse step 1's executable, and it trains
+    assert out["step_executables"] == 1, out
+    assert out["step_first_loss_diff"] < 1e-5 and out["step_losses_fall"], out
     assert "does not divide the 8 available devices" in out["(3, -1, 1)"]
     assert "at most one mesh entry may be -1" in out["(1, -1, -1)"]
     assert "does not divide" in out["(16, 1, 1)"] or "uses 16 devices" in out["(16, 1, 1)"]
