@@ -3,19 +3,10 @@
     python -m diffmas_jax.train --config configs/qwen3_4b_train.py --workdir runs/qwen3_4b \
         --config.mesh_preset=v5e-8 --config.trace_grad=full
 """
-import importlib.util
-import os
-
-
-def _base():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen3_8b_train.py")
-    spec = importlib.util.spec_from_file_location("qwen3_8b_train", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+from diffmas_jax.config_utils import sibling_config
 
 
 def get_config():
-    c = _base()
+    c = sibling_config(__file__, "qwen3_8b_train.py")
     c.model = "Qwen/Qwen3-4B"
     return c

@@ -8,20 +8,11 @@ for trajectories written by a stronger model). Needs an accelerator.
     python -m diffmas_jax.train --config configs/qwen3_8b_train.py --workdir runs/q8 \
         --config.trace_grad=full
 """
-import importlib.util
-import os
-
-
-def _base():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded_train.py")
-    spec = importlib.util.spec_from_file_location("embedded_train", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+from diffmas_jax.config_utils import sibling_config
 
 
 def get_config():
-    c = _base()
+    c = sibling_config(__file__, "embedded_train.py")
     c.model = "Qwen/Qwen3-8B"
     c.dtype = "bfloat16"
     c.task = "gsm8k"

@@ -14,6 +14,7 @@ strings so one flag can give one value or a comma list (``--config.latent_steps=
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +234,13 @@ def qwen3_config(model_id: str, batch_size: int = 4) -> ml_collections.ConfigDic
         batch_size=batch_size, max_new_tokens=32768, text_max_new_tokens=4096,
         latent_steps=10, realign="ridge", enable_thinking=True,
         temperature=0.6, top_p=0.95, top_k=0)
+
+
+def sibling_config(config_file: str, name: str):
+    """``get_config()`` of another config file in the same folder (configs that extend one)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(name)[0], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
