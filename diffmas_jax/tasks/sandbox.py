@@ -76,6 +76,15 @@ def _setup():
         res = getattr(resource, name)
         resource.setrlimit(res, (value, value) if name != "RLIMIT_CPU" else (value, value + 1))
     uid = cfg["uid"]
+    read_cap = cfg["read_cap"]
+    if cfg["mounts"] is not None:
+        try:
+            _mounts(libc, cfg["mounts"], uid)
+            read_cap = False  # the interpreter is reachable without reading past permissions
+        except OSError as exc:
+            if cfg["mounts"].get("required"):
+                raise
+            pass  # no mount namespace here: the uid drop keeps read-only access (see containment())
     if uid is not None:
         libc.prctl(8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS: keep caps across setuid...
         os.setgroups([])
@@ -86,13 +95,59 @@ def _setup():
         class Data(ctypes.Structure):
             _fields_ = [("eff", ctypes.c_uint32), ("prm", ctypes.c_uint32), ("inh", ctypes.c_uint32)]
         data = (Data * 2)()
-        if cfg["read_cap"]:  # ...but only CAP_DAC_READ_SEARCH (2), if asked; else none
+        if read_cap:  # ...but only CAP_DAC_READ_SEARCH (2), if still needed; else none
             data[0].eff = data[0].prm = 1 << 2
         if libc.capset(ctypes.byref(Hdr(0x20080522, 0)), data) != 0:
             raise OSError(ctypes.get_errno(), "capset failed")
         if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: no setuid binaries
             raise OSError(ctypes.get_errno(), "no_new_privs failed")
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversize writes raise instead of killing
+
+def _mounts(libc, plan, uid):
+    """A private mount namespace: directories the sandbox uid could not read anyway are
+    covered by empty tmpfs (only the interpreter's own directories are bound back,
+    read-only), scratch dirs (/tmp, /var/tmp, /dev/shm) are private and small, and the
+    working directory is a size-limited tmpfs. All of it vanishes with the sandbox.
+    Any failure undoes what was mounted and raises OSError."""
+    import ctypes
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+    done = []
+    def mount(src, target, fstype, flags, data=None):
+        enc = lambda x: None if x is None else os.fsencode(x)
+        if libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"mount {fstype or src} on {target}: {os.strerror(e)}")
+        if not flags & MS_REMOUNT:
+            done.append(target)
+    # CLONE_NEWNS | CLONE_NEWIPC: own mounts, own SysV IPC objects
+    if libc.unshare(0x00020000 | 0x08000000) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"unshare: {os.strerror(e)}")
+    try:
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
+        done.clear()  # a propagation change, nothing to undo
+        for anchor, keeps in plan["hide"]:
+            fds = [os.open(k, os.O_PATH) for k in keeps]
+            mount("tmpfs", anchor, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=1m")
+            for k, fd in zip(keeps, fds):
+                os.makedirs(k, 0o755, exist_ok=True)
+                mount(f"/proc/self/fd/{fd}", k, None, MS_BIND | MS_REC)
+                mount(None, k, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+                os.close(fd)
+        for d in plan["scratch"]:
+            mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={plan['scratch_mb']}m")
+        work = plan["workdir"]
+        os.makedirs(work, 0o700, exist_ok=True)
+        owner = f",uid={uid},gid={uid}" if uid is not None else ""
+        mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=700,size={plan['disk_mb']}m{owner}")
+        os.chdir(work)
+    except BaseException:
+        for target in reversed(done):
+            libc.umount2(os.fsencode(target), 2)  # MNT_DETACH
+        os.chdir(plan["workdir"])
+        raise
 
 def _guard(root):
     """Disable calls that act outside this process and directory."""
@@ -195,14 +250,90 @@ def _other_can_read(path: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _interpreter_needs_read_cap() -> bool:
+def _interpreter_paths() -> tuple[str, ...]:
+    """What the child's interpreter must be able to read: stdlib, binary, site-packages."""
     import sysconfig
-    paths = {os.path.dirname(os.__file__), os.path.realpath(sys.executable)}
+    paths = {os.path.realpath(os.path.dirname(os.__file__)), os.path.realpath(sys.executable)}
     for key in ("purelib", "platlib"):
         p = sysconfig.get_paths().get(key)
         if p and os.path.isdir(p):
-            paths.add(p)
-    return not all(_other_can_read(p) for p in paths)
+            paths.add(os.path.realpath(p))
+    return tuple(sorted(paths))
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_needs_read_cap() -> bool:
+    return not all(_other_can_read(p) for p in _interpreter_paths())
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _first_closed_dir(path: str) -> str | None:
+    """The outermost directory on `path` that an unrelated uid may not traverse."""
+    parts = path.split(os.sep)
+    for i in range(2, len(parts) + 1):
+        d = os.sep.join(parts[:i])
+        try:
+            st = os.stat(d)
+        except OSError:
+            return None
+        if os.path.isdir(d) and not st.st_mode & 0o001:
+            return d
+    return None
+
+
+def _readable_below(top: str, path: str) -> bool:
+    """Whether an unrelated uid that can reach `top` can read `path` below it."""
+    rel = os.path.relpath(path, top)
+    d = top
+    for part in [] if rel == "." else rel.split(os.sep):
+        try:
+            if not os.stat(d).st_mode & 0o001:
+                return False
+        except OSError:
+            return False
+        d = os.path.join(d, part)
+    try:
+        st = os.stat(d)
+    except OSError:
+        return False
+    return bool(st.st_mode & 0o004) and (not os.path.isdir(d) or bool(st.st_mode & 0o001))
+
+
+_SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def _mount_plan(workdir: str, disk_mb: int, scratch_mb: int = 64) -> dict | None:
+    """Private mounts for a root-run sandbox (see the bootstrap's _mounts), or None if
+    the interpreter could not be reached without CAP_DAC_READ_SEARCH anyway."""
+    needed = list(_interpreter_paths())
+    roots = sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}, key=len)
+    hide: dict[str, set] = {}
+    for p in needed:
+        anchor = _first_closed_dir(p)
+        if anchor is None:
+            if not _other_can_read(p):
+                return None
+            continue
+        keep = next((r for r in roots if _under(p, r)), p if os.path.isdir(p) else os.path.dirname(p))
+        if not _under(keep, anchor) or keep == anchor or not _readable_below(keep, p):
+            return None
+        hide.setdefault(anchor, set()).add(keep)
+    anchors = sorted(hide)
+    if any(_under(a, b) for a in anchors for b in anchors if a != b):
+        return None
+    hide_list = []
+    for a in anchors:
+        keeps = sorted(hide[a], key=len)
+        keeps = [k for i, k in enumerate(keeps) if not any(_under(k, o) for o in keeps[:i])]
+        hide_list.append([a, keeps])
+    protected = needed + [k for _, ks in hide_list for k in ks]
+    scratch = [d for d in _SCRATCH_DIRS if os.path.isdir(d) and not os.path.islink(d)
+               and not any(_under(p, d) for p in protected) and not _under(d, workdir)]
+    return {"hide": hide_list, "scratch": scratch, "scratch_mb": int(scratch_mb),
+            "disk_mb": int(disk_mb), "workdir": workdir, "required": False}
 
 
 def _id_ranges(kind: str) -> list[tuple[int, int]]:
@@ -377,7 +508,7 @@ def _kill_group(pid: int) -> None:
 def run_code(code: str, timeout_s: float = 10, memory_mb: int | None = 1024,
              cpu_s: int | None = None, max_output_bytes: int = 1 << 20, *,
              nproc: int = 64, file_size_mb: int = 64, max_open_files: int = 256,
-             network: bool = False) -> SandboxResult:
+             network: bool = False, disk_mb: int = 256) -> SandboxResult:
     """Run `code` as a Python program in a contained child process.
 
     Statuses: "passed" (ran to its end), "failed" (exception, sys.exit, non-zero
@@ -397,6 +528,7 @@ def run_code(code: str, timeout_s: float = 10, memory_mb: int | None = 1024,
     nonce = secrets.token_hex(16)
     cfg = {"limits": limits, "uid": uid, "gid": uid,
            "read_cap": uid is not None and _interpreter_needs_read_cap(),
+           "mounts": _mount_plan(os.path.realpath(workdir), disk_mb) if uid is not None else None,
            "unshare_net": not network and os.geteuid() == 0,
            "setup_failed_rc": _SETUP_FAILED_RC}
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
