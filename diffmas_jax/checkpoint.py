@@ -1,12 +1,31 @@
 """Orbax checkpoints of the training state (LoRA, optimizer state, step, data position).
 
-Saves are synchronous and atomic (Orbax writes to a temporary directory and
-renames it), keep-N is Orbax's ``max_to_keep``. A latest checkpoint that does not
-restore makes the run fall back to the previous one with a warning.
+What a kill, a full disk or a damaged file can and cannot do to the checkpoint
+directory (exercised by ``scripts/reliability_suite.py``):
+
+* Saves are synchronous and atomic: Orbax writes ``<step>.orbax-checkpoint-tmp``
+  and renames it. A process killed mid-write leaves only that temporary
+  directory, which the next run removes; every ``<step>`` directory is complete.
+* Old checkpoints (keep-N is Orbax's ``max_to_keep``) are first renamed into
+  ``trash/`` and only then deleted, so a kill during deletion cannot leave a
+  half-deleted ``<step>`` directory behind; ``trash/`` is emptied on the next start.
+* Every checkpoint records a SHA-256 of the state it holds. On restore, a
+  checkpoint that does not load or whose contents do not match is moved to
+  ``unreadable/<step>`` (kept for inspection, out of the way of the step that will
+  be saved again) and the run falls back to the previous one with a warning.
+* A save that fails (no space left, file too large, permission, I/O error) removes
+  its temporary directory and raises :class:`CheckpointWriteError` with one line
+  naming the step, the cause and the last checkpoint, which stays intact.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import os
+import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,33 +33,161 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from diffmas_jax.cli import WriteError
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+TRASH, UNREADABLE = "trash", "unreadable"
+CHECKSUM_KEY = "_state_sha256"
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointWriteError(WriteError):
+    """A checkpoint could not be written (disk full, permissions, I/O)."""
+
+
+def state_digest(state: Any) -> Optional[str]:
+    """SHA-256 over the leaves of a pytree in flattening order (dtype, shape and bytes);
+    None when some leaf is not fully addressable from this process (multi-host)."""
+    leaves = jax.tree_util.tree_leaves(state)
+    if not all(getattr(x, "is_fully_addressable", True) for x in leaves):
+        return None
+    h = hashlib.sha256()
+    for leaf in leaves:
+        a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _cause(e: BaseException) -> str:
+    """A short, one-line reason for a failed write, errno text first."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} (errno {e.errno})"
+    text = " ".join(str(e).split())
+    for code, name in ((28, "No space left on device"), (27, "File too large"), (122, "Disk quota exceeded"),
+                       (13, "Permission denied"), (30, "Read-only file system"), (5, "Input/output error")):
+        if f"os_error_code='{code}'" in text or name in text:
+            return f"{name} (errno {code})"
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+class _Quiet(logging.Filter):
+    """Swallows Orbax's multi-line error logs while a save runs; we report one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def _quiet_orbax_errors():
+    loggers = [logging.getLogger("absl"), logging.getLogger()]
+    f = _Quiet()
+    for lg in loggers:
+        lg.addFilter(f)
+    handlers = [h for lg in loggers for h in lg.handlers]
+    for h in handlers:
+        h.addFilter(f)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(f)
+        for h in handlers:
+            h.removeFilter(f)
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
 
 class Checkpointer:
     def __init__(self, directory, keep: int = 3):
         self.directory = Path(directory).absolute()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._sweep()
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=False))
+                max_to_keep=keep, create=True, enable_async_checkpointing=False, todelete_subdir=TRASH))
 
-    def save(self, step: int, state: Any, meta: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
-        self.manager.wait_until_finished()
+    # ------------------------------------------------------------------ housekeeping
+    def _sweep(self) -> None:
+        """Remove what interrupted runs left: unfinished saves and half-deleted old steps."""
+        for p in self.directory.iterdir():
+            if TMP_SUFFIX in p.name:
+                log.info("removing unfinished checkpoint %s", p)
+                _rmtree(p)
+        _rmtree(self.directory / TRASH)
 
-    def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
-        """(step, state, meta) of the newest checkpoint that restores, or None."""
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                out = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-                return step, out["state"], dict(out["meta"])
-            except Exception as e:  # corrupted or partial: fall back to an older one
-                logging.warning("checkpoint %d in %s does not restore (%s: %s); trying an older one",
-                                step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
-        return None
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
+
+    # -------------------------------------------------------------------------- save
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Write checkpoint `step` atomically; raise CheckpointWriteError if it cannot be written."""
+        digest = state_digest(state)
+        meta = {**meta, **({CHECKSUM_KEY: digest} if digest else {})}
+        try:
+            with _quiet_orbax_errors():
+                self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                meta=ocp.args.JsonSave(meta)), force=True)
+                self.manager.wait_until_finished()
+        except Exception as e:  # disk full, EFBIG, EACCES, EIO ...: the previous checkpoint is untouched
+            for p in self.directory.glob(f"{step}{TMP_SUFFIX}*"):
+                _rmtree(p)
+            try:
+                self.manager.reload()
+                prev = [s for s in self.manager.all_steps() if s != step]
+            except Exception:
+                prev = []
+            last = f"last checkpoint: step {max(prev)}, intact" if prev else "no earlier checkpoint"
+            raise CheckpointWriteError(f"cannot write checkpoint step {step} in {self.directory}: {_cause(e)}; "
+                                       f"{last}; free space and rerun to resume") from None
+        _rmtree(self.directory / TRASH)
+
+    # ----------------------------------------------------------------------- restore
+    def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
+        """(step, state, meta) of the newest checkpoint that restores intact, or None.
+
+        A checkpoint that fails (does not load, or its checksum does not match) is moved
+        to ``unreadable/`` with a warning, and the previous one is tried.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                with _quiet_orbax_errors():
+                    out = self.manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                meta = dict(out["meta"])
+                want = meta.pop(CHECKSUM_KEY, None)
+                got = state_digest(out["state"]) if want is not None else None
+                if got is not None and got != want:
+                    raise ValueError("contents do not match the checksum written with it")
+                return step, out["state"], meta
+            except Exception as e:  # corrupted or partial: set it aside, fall back to an older one
+                moved = self._set_aside(step)
+                reason = " ".join(str(e).split())[:200]
+                msg = (f"warning: checkpoint step {step} in {self.directory} does not restore "
+                       f"({type(e).__name__}: {reason}); moved to {moved}; falling back to an older one")
+                print(msg, file=sys.stderr, flush=True)
+        return None
+
+    def _set_aside(self, step: int) -> Path:
+        src = self.directory / str(step)
+        dst_dir = self.directory / UNREADABLE
+        dst_dir.mkdir(exist_ok=True)
+        dst = dst_dir / str(step)
+        if dst.exists():
+            dst = dst_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        try:
+            os.replace(src, dst)
+        except OSError:
+            _rmtree(src)
+            dst = Path("(deleted)")
+        self.manager.reload()
+        return dst
 
     def close(self) -> None:
         self.manager.close()

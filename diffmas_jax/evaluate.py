@@ -186,7 +186,20 @@ def load_adapter(path: str):
         raise
     if not hasattr(lora_mod, "load_adapter"):
         raise UserError("loading adapters needs diffmas_jax.lora")
-    return lora_mod.load_adapter(path)
+    try:
+        return lora_mod.load_adapter(path)
+    except (UserError, FileNotFoundError):
+        raise
+    except Exception as e:  # damaged adapter.json / adapter.safetensors: one line naming the file
+        if os.environ.get("DIFFMAS_TRACEBACK"):
+            raise
+        try:
+            json.loads((Path(path) / "adapter.json").read_text())
+            what = "adapter.safetensors" if "safetensors" in repr(type(e)) else "adapter files"
+        except (OSError, ValueError):
+            what = "adapter.json"
+        raise UserError(f"cannot read adapter {path} ({what}): {type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]}") from None
 
 
 def adapter_parts(adapter, cfg: dict) -> tuple:
@@ -383,7 +396,7 @@ def evaluate(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     if todo_n:
         if cfg["lora"]:
             adapter, lora_scale, adapter_meta = adapter_parts(load_adapter(cfg["lora"]), cfg)
-        from diffmas_jax.model.loading import load_model
+        from diffmas_jax.cli import load_model_checked as load_model  # damaged model files: one error line
         t0 = time.perf_counter()
         from diffmas_jax import memory, mesh_presets
         memory.preflight_model(cfg, cfg["model"], cfg["dtype"])  # the weights alone must fit before they load
@@ -496,6 +509,8 @@ def parse_flags(argv: list):
         raise UserError(_first_line(e)) from None
     except (AttributeError, KeyError) as e:
         name = _first_line(e).strip("\"'")
+        if "get_config" in name:
+            raise UserError(f"config file {path} has no get_config()") from None
         raise UserError(f"unknown config field {name!r} in a --config.FIELD=VALUE override "
                         f"(or in {path})") from None
     except Exception as e:  # the config file's own code failed

@@ -21,7 +21,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffmas_jax.cli import UserError, enable_compilation_cache, run_cli
+from diffmas_jax.cli import UserError, config_flag_value, enable_compilation_cache, load_model_checked, run_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (resumes if it holds a run)")
@@ -88,7 +88,9 @@ def upstream_notes(model, mc, train_items, eval_items, workdir: Path, max_new_to
 
 
 def main(argv) -> int:
-    c = _CONFIG.value
+    c = config_flag_value(_CONFIG, sys.argv)
+    if argv is not None and len(argv) > 1:
+        raise UserError(f"unexpected arguments {list(argv[1:])}; fields are set with --config.FIELD=VALUE")
     if c is None:
         raise UserError("--config is required (e.g. configs/embedded_train.py)")
     if not _WORKDIR.value:
@@ -103,10 +105,17 @@ def main(argv) -> int:
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     workdir = Path(_WORKDIR.value)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"workdir {workdir} exists and is not a directory")
     config_path = workdir / "config.json"
     resolved = json.loads(c.to_json())
     if config_path.exists():
-        old = json.loads(config_path.read_text())
+        try:
+            old = json.loads(config_path.read_text())
+            assert isinstance(old, dict)
+        except (OSError, ValueError, AssertionError) as e:
+            raise UserError(f"{config_path}: cannot read the previous run's config ({e or 'not an object'}); "
+                            "use a new --workdir") from None
         diff = [k for k in IDENTITY_FIELDS if old.get(k) != resolved.get(k)]
         if diff:
             raise UserError(f"{workdir} holds a run with a different config ({', '.join(diff)}); "
@@ -152,7 +161,7 @@ def main(argv) -> int:
 
     memory.preflight_model(c, c.model, c.dtype)  # the weights alone must fit before they load
     mesh, place = mesh_presets.mesh_and_placer(c, c.model)  # the config's mesh (None: one device)
-    model = load_model(c.model, dtype=c.dtype, place=place)  # weights straight into their shards
+    model = load_model_checked(c.model, dtype=c.dtype, place=place)  # weights straight into their shards
     notes = eval_notes = None
     if c.method == "text_mas_sft":  # the base model's upstream text, written once (cached in workdir)
         notes, eval_notes = upstream_notes(model, mc, train_items, eval_items, workdir, int(c.text_max_new_tokens))
@@ -180,7 +189,9 @@ def main(argv) -> int:
 
     workdir.mkdir(parents=True, exist_ok=True)
     if main_proc:
-        config_path.write_text(json.dumps(resolved, indent=2))
+        tmp = config_path.with_name(f".config.json.{os.getpid()}.tmp")  # atomic: a kill leaves old or new
+        tmp.write_text(json.dumps(resolved, indent=2))
+        os.replace(tmp, config_path)
     ckpt = Checkpointer(workdir / "checkpoints", keep=int(c.keep_checkpoints))
     start = 0
     restored = ckpt.restore_latest(abstract_like({"lora": lora, "opt_state": opt_state}))
@@ -232,15 +243,16 @@ def main(argv) -> int:
         # Dropout masks, like the data order, are a function of (seed, step) alone.
         drop_rng = jax.random.fold_in(jax.random.PRNGKey(c.seed + 1), step) if lcfg.dropout > 0 else None
         new_lora, new_opt, m = train_step(lora, opt_state, model.params, realign, batch, drop_rng)
-        loss = float(m["loss"])
-        if not math.isfinite(loss):
+        loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):  # a finite loss with a NaN gradient poisons too
             where = f"last good checkpoint: step {last_good}" if last_good is not None else "no checkpoint yet"
+            what = f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm ({gnorm}, loss {loss:.4g})"
             if c.on_nan == "skip":
                 # The step donated its inputs, so keep the pre-step values we still hold on host.
-                print(f"warning: non-finite loss at step {step + 1}; batch skipped", file=sys.stderr)
+                print(f"warning: non-finite {what} at step {step + 1}; batch skipped", file=sys.stderr)
                 lora, opt_state = host_lora, host_opt
                 continue
-            raise UserError(f"non-finite loss ({loss}) at step {step + 1}; {where}")
+            raise UserError(f"non-finite {what} at step {step + 1}; {where}")
         lora, opt_state = new_lora, new_opt
         now = time.perf_counter()
         # jnp sums: the batch may be a global array spread over several hosts
@@ -275,19 +287,36 @@ def main(argv) -> int:
     ckpt.close()
     if not main_proc:
         return 0
-    save_adapter(workdir / "adapter", lora, lcfg, extra={"model": c.model, "roles": list(sc.roles),
-                                                         "trace_grad": c.trace_grad, "method": c.method})
-    if c.export_peft and not lcfg.per_role:
-        export_peft(workdir / "peft", lora, lcfg, model.cfg, base_model=str(model.path))
-    if c.get("export_merged") and not lcfg.per_role:  # a plain HF checkpoint with the LoRA folded in
-        export_merged(workdir / "merged", model.params, lora, lcfg.scale, model.cfg, model.path)
+    try:
+        save_adapter(workdir / "adapter", lora, lcfg, extra={"model": c.model, "roles": list(sc.roles),
+                                                             "trace_grad": c.trace_grad, "method": c.method})
+        if c.export_peft and not lcfg.per_role:
+            export_peft(workdir / "peft", lora, lcfg, model.cfg, base_model=str(model.path))
+        if c.get("export_merged") and not lcfg.per_role:  # a plain HF checkpoint with the LoRA folded in
+            export_merged(workdir / "merged", model.params, lora, lcfg.scale, model.cfg, model.path)
+    except Exception as e:  # disk full while exporting: the final checkpoint is intact, a rerun exports again
+        from diffmas_jax.cli import WriteError, environment_cause
+        if environment_cause(e) is None:
+            raise
+        raise WriteError(f"cannot write the adapter exports in {workdir}: {environment_cause(e)}; "
+                         f"checkpoint step {last_good} is intact: free space and rerun to export") from None
     print(f"done: adapter in {workdir / 'adapter'}", flush=True)
     return 0
 
 
+def _parse_flags(argv):
+    """absl flag parsing; a bad flag or config file is one 'error:' line (exit 2), not FATAL + usage."""
+    from diffmas_jax.cli import parse_config_flags
+    try:
+        return parse_config_flags(flags.FLAGS, _CONFIG, argv)[0]
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def entry():
     flags.mark_flags_as_required([])
-    app.run(lambda argv: run_cli(lambda _: main(argv)))
+    app.run(lambda argv: run_cli(lambda _: main(argv)), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ class JsonlTask(Task):
             path = Path(data_dir) / f"{split}.jsonl"
         else:
             raise TaskError("jsonl: pass path=<file.jsonl> (or data_dir containing <split>.jsonl)")
+        if path.is_dir():
+            raise TaskError(f"jsonl: {path} is a directory, not a .jsonl file")
         if not path.is_file():
             raise TaskError(f"jsonl: file {path} not found")
         rows = read_jsonl(path)
