@@ -550,7 +550,7 @@ def fault_corrupted_latest(ctx: Ctx) -> list[Result]:
 
 def eval_args(model: Path, workdir: Path) -> list:
     return ["--config", EVAL_CFG, "--workdir", str(workdir), f"--config.model={model}", "--config.task=arith",
-            "--config.limit=16", "--config.batch_size=2", "--config.max_new_tokens=6", "--config.latent_steps=2",
+            "--config.limit=24", "--config.batch_size=2", "--config.max_new_tokens=6", "--config.latent_steps=2",
             "--config.roles=planner,solver", "--config.method=latent_mas"]
 
 
@@ -578,7 +578,7 @@ def fault_eval_kills(ctx: Ctx, kills: int) -> list[Result]:
         if n >= kills:
             break
         have = len(items.read_text().splitlines()) if items.exists() else 0
-        if have >= 16:
+        if have >= 22:
             break
         proc = subprocess.Popen([PY, "-m", "diffmas_jax.evaluate", *eval_args(ctx.model, wd)], cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
@@ -593,9 +593,18 @@ def fault_eval_kills(ctx: Ctx, kills: int) -> list[Result]:
             continue
         n += 1
         pb.update(1)
-        lines = items.read_text().splitlines() if items.exists() else []
-        results.append(Result("faults", f"eval SIGKILL #{n}", "killed mid-run",
-                              f"killed at {at:.2f}s with {len(lines)} item lines on disk", True, at))
+        data = items.read_bytes() if items.exists() else b""
+        lines = data.split(b"\n")
+        complete, tail = lines[:-1], lines[-1]  # a kill may tear only the last, unterminated line
+        try:
+            ids = [json.loads(x)["id"] for x in complete]
+            ok = len(ids) == len(set(ids)) and set(ids) <= set(ref_items)
+        except (ValueError, KeyError):
+            ids, ok = [], False
+        results.append(Result("faults", f"eval SIGKILL #{n}", "items.jsonl: complete lines parse, no duplicate id",
+                              f"killed at {at:.2f}s with {len(ids)} complete item lines on disk"
+                              f"{' and a torn tail' if tail else ''}; duplicates: {len(ids) - len(set(ids))}",
+                              ok, at))
     pb.close()
     t = time.time()
     r = run([PY, "-m", "diffmas_jax.evaluate", *eval_args(ctx.model, wd)], timeout=600)
@@ -605,9 +614,9 @@ def fault_eval_kills(ctx: Ctx, kills: int) -> list[Result]:
                for x in got if x["id"] in ref_items)
     summary = json.loads((wd / "summary.json").read_text()) if (wd / "summary.json").exists() else {}
     passed = (r.returncode == 0 and sorted(ids) == sorted(ref_items) and len(ids) == len(set(ids)) and same
-              and summary.get("complete") and summary.get("n") == 16)
+              and summary.get("complete") and summary.get("n") == len(ref_items) == 24)
     results.append(Result(
-        "faults", f"eval resumed after {n} SIGKILLs", "16 items, each exactly once, outputs equal an uninterrupted run",
+        "faults", f"eval resumed after {n} SIGKILLs", "24 items, each exactly once, outputs equal an uninterrupted run",
         f"exit {r.returncode}; {len(ids)} lines, {len(set(ids))} distinct ids; outputs equal: {same}; "
         f"summary complete={summary.get('complete')}", passed, time.time() - t))
     return results
@@ -1074,7 +1083,18 @@ def _secret_env(ws: Path) -> dict:
     home_secret.write_text(token)
     home_secret.chmod(0o600)
     return {"token": token, "file": str(f), "dir": str(d), "home_file": str(home_secret), "home": str(Path.home()),
-            "repo": str(REPO)}
+            "repo": str(REPO), "evaluator_uid": os.getuid()}
+
+
+def _same_uid_guard(env) -> str:
+    """Attacks that would hurt the machine if the sandbox did not switch to its own uid
+    (kill(-1) as root signals every process there is) refuse to run in that case."""
+    return textwrap.dedent(f"""
+        import os as _os, sys as _sys
+        if _os.getuid() == {env['evaluator_uid']}:
+            print("SKIPPED: the sandbox runs as the evaluator's own uid; this attack would hit the host")
+            _sys.exit(0)
+    """)
 
 
 def _no_token(rep, env) -> bool:
@@ -1160,7 +1180,7 @@ def attacks() -> list[Attack]:
                 f"({own.group(1) if own else '?'}), removed after: {own_gone}; leaked files: {leaked or 'none'}")
 
     def a_detach(env):
-        return textwrap.dedent("""
+        return _same_uid_guard(env) + textwrap.dedent("""
             import ctypes, os, posix, signal, sys, time
             libc = ctypes.CDLL(None)
             r, w = posix.pipe()
@@ -1249,7 +1269,7 @@ def attacks() -> list[Attack]:
         return ok, f"{' | '.join(out.strip().splitlines())[:300]}"
 
     def a_kill(env):
-        return textwrap.dedent("""
+        return _same_uid_guard(env) + textwrap.dedent("""
             import ctypes, os, signal
             libc = ctypes.CDLL(None, use_errno=True)
             ppid = os.getppid()
@@ -1299,7 +1319,7 @@ def attacks() -> list[Attack]:
         return _no_token(rep, env), " | ".join(out.strip().splitlines())[:320]
 
     def a_disk(env):
-        return textwrap.dedent("""
+        return _same_uid_guard(env) + textwrap.dedent("""
             import os
             written = 0
             try:
@@ -1355,6 +1375,8 @@ def sandbox_section(ctx: Ctx, only_fast: bool = False) -> list[Result]:
             rep = evaluate_in_child(att.code(env), env_extra={"RELIABILITY_SECRET": env["token"]}, **att.kw)
             if "evaluator_died" in rep and att.name != "ctypes: kill / ptrace the evaluator":
                 ok, observed = False, f"evaluator died: {rep}"
+            elif "SKIPPED:" in rep.get("stdout", ""):
+                ok, observed = False, rep["stdout"].strip()
             else:
                 ok, observed = att.check(rep, env)
             results.append(Result("sandbox", att.name, f"contained: {att.goal} fails",
