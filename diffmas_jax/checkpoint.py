@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -97,6 +98,31 @@ def _quiet_orbax_errors():
             h.removeFilter(f)
 
 
+class _ThreadStderr:
+    """sys.stderr while a save runs: output of background threads is held back, and
+    dropped if the save fails. A failed tensorstore write leaves callbacks that later
+    print 'Event loop is closed' tracebacks from their threads; the main thread's
+    one-line error must not be buried under them."""
+
+    def __init__(self, real):
+        self.real, self.held, self.discard = real, [], False
+        self.lock = threading.Lock()
+
+    def write(self, text):
+        if threading.current_thread() is threading.main_thread():
+            return self.real.write(text)
+        if not self.discard:
+            with self.lock:
+                self.held.append(text)
+        return len(text)
+
+    def flush(self):
+        self.real.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
 def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -130,12 +156,16 @@ class Checkpointer:
         """Write checkpoint `step` atomically; raise CheckpointWriteError if it cannot be written."""
         digest = state_digest(state)
         meta = {**meta, **({CHECKSUM_KEY: digest} if digest else {})}
+        guard = _ThreadStderr(sys.stderr)
+        sys.stderr = guard
         try:
             with _quiet_orbax_errors():
                 self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                 meta=ocp.args.JsonSave(meta)), force=True)
                 self.manager.wait_until_finished()
         except Exception as e:  # disk full, EFBIG, EACCES, EIO ...: the previous checkpoint is untouched
+            guard.discard = True  # stays in place: the run is about to end with one error line
+            guard.held.clear()
             for p in self.directory.glob(f"{step}{TMP_SUFFIX}*"):
                 _rmtree(p)
             try:
@@ -146,6 +176,10 @@ class Checkpointer:
             last = f"last checkpoint: step {max(prev)}, intact" if prev else "no earlier checkpoint"
             raise CheckpointWriteError(f"cannot write checkpoint step {step} in {self.directory}: {_cause(e)}; "
                                        f"{last}; free space and rerun to resume") from None
+        if sys.stderr is guard:
+            sys.stderr = guard.real
+        if guard.held:
+            guard.real.write("".join(guard.held))
         _rmtree(self.directory / TRASH)
 
     # ----------------------------------------------------------------------- restore
