@@ -400,7 +400,9 @@ def evaluate(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
         t0 = time.perf_counter()
         from diffmas_jax import memory, mesh_presets
         memory.preflight_model(cfg, cfg["model"], cfg["dtype"])  # the weights alone must fit before they load
-        _, place = mesh_presets.mesh_and_placer(cfg, cfg["model"])  # the config's mesh (None: one device)
+        mesh, place = mesh_presets.mesh_and_placer(cfg, cfg["model"])  # the config's mesh (None: one device)
+        from diffmas_jax.sharding import set_active_mesh
+        set_active_mesh(mesh)  # every stage returns its trace sharded over this mesh
         model = load_model(cfg["model"], dtype=cfg["dtype"], place=place)  # weights straight into their shards
         if cfg["method"] == "c2c":  # the receiver, plus the sharer and the trained fuser
             from diffmas_jax import c2c

@@ -7,6 +7,7 @@ divide stays replicated rather than failing, so one rule set serves every model.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -108,6 +109,40 @@ def shard_trace(trace, mesh: Mesh, rules=None):
 def replicate(tree, mesh: Mesh):
     """Every leaf replicated on the mesh (LoRA and its optimizer state: small, read by every shard)."""
     return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+_ACTIVE_MESH: list = [None]
+
+
+def set_active_mesh(mesh: Optional[Mesh]) -> Optional[Mesh]:
+    """Make ``mesh`` the one every forward pins its output trace to; returns the previous one.
+
+    The CLIs call this once with the config's mesh. Every jitted stage, prefill and
+    decode step then returns the trace with the same explicit sharding (batch over
+    data x fsdp, kv heads over tensor) instead of whatever XLA propagated, so the next
+    stage's input sharding is known and stable."""
+    prev, _ACTIVE_MESH[0] = _ACTIVE_MESH[0], mesh
+    return prev
+
+
+@contextlib.contextmanager
+def active_mesh(mesh: Optional[Mesh]):
+    prev = set_active_mesh(mesh)
+    try:
+        yield mesh
+    finally:
+        set_active_mesh(prev)
+
+
+def constrain_trace(trace, rules=None):
+    """Inside jit: pin the trace's buffers to the active mesh's sharding (no-op without one)."""
+    mesh = _ACTIVE_MESH[0]
+    if mesh is None:
+        return trace
+    upd = {name: jax.lax.with_sharding_constraint(
+               getattr(trace, name), NamedSharding(mesh, spec_for(axes, getattr(trace, name).shape, mesh, rules)))
+           for name, axes in TRACE_AXES.items()}
+    return trace.replace(**upd)
 
 
 def bytes_per_device(tree) -> int:

@@ -65,6 +65,28 @@ SCRIPT = textwrap.dedent('''
     out["step_executables"] = step._cache_size()
     out["step_first_loss_diff"] = abs(losses[0] - float(l0))
     out["step_losses_fall"] = losses[2] < losses[0]
+    # Stages, prefill and decode under an active mesh: each returns its trace with the
+    # mesh's explicit sharding (batch over data x fsdp, kv heads over tensor), same results.
+    from diffmas_jax.generation import jit_decode_steps, jit_prefill, start_decode
+    from diffmas_jax.sharding import active_mesh
+    from diffmas_jax.stages import jit_agent_stage
+    def chain(p):
+        tr = jit_agent_stage(p, ref.cfg, KVTrace.create(ref.cfg, 8, 64), batch["up_tokens"][0],
+                             batch["up_valid"][0], make_realign(p, ref.cfg), steps=2, segment=0)
+        tr, logits, _ = jit_prefill(p, ref.cfg, tr, batch["tokens"], batch["valid"], segment=1)
+        st = jit_decode_steps(p, ref.cfg, start_decode(tr, logits, 6, jax.random.PRNGKey(0)), num_steps=6,
+                              eos_ids=())
+        return tr, st
+    tr0, st0 = chain(ref.params)
+    mesh = make_mesh((2, 2, 2))
+    sp2 = load_model(str(path), with_tokenizer=False, place=param_placer(ref.cfg, mesh)).params
+    with active_mesh(mesh):
+        tr1, st1 = chain(sp2)
+    norm = lambda spec: [list(a) if isinstance(a, tuple) else a for a in spec] + [None] * (5 - len(spec))
+    out["stage_trace_spec"] = norm(tr1.k.sharding.spec)
+    out["decode_trace_spec"] = norm(st1.trace.k.sharding.spec)
+    out["stage_k_diff"] = float(jnp.abs(tr0.k - tr1.k).max())
+    out["decode_tokens_equal"] = bool((st0.tokens == st1.tokens).all())
     for bad in [(3, -1, 1), (1, -1, -1), (16, 1, 1)]:
         try:
             make_mesh(bad)
@@ -88,6 +110,9 @@ def test_sharded_forward_equals_unsharded_and_params_shrink(tmp_path):
     assert out["(1, 8, 1)"]["bytes"] < 0.3 * out["single_bytes"]
     assert out["(1, 2, 4)"]["bytes"] < out["(2, 2, 2)"]["bytes"] < out["single_bytes"]
     assert out["train_loss_diff"] < 1e-5 and out["train_grad_diff"] < 1e-5, out
+    for key in ("stage_trace_spec", "decode_trace_spec"):
+        assert out[key] == [None, ["data", "fsdp"], None, "tensor", None], out[key]
+    assert out["stage_k_diff"] < 1e-5 and out["decode_tokens_equal"], out
     # explicit output shardings: steps 2 and 3 reuse step 1's executable, and it trains
     assert out["step_executables"] == 1, out
     assert out["step_first_loss_diff"] < 1e-5 and out["step_losses_fall"], out

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffmas_jax.model.config import ModelConfig, rope_inv_freq
+from diffmas_jax.sharding import constrain_trace
 from diffmas_jax.trace import PROMPT, KVTrace
 
 Params = dict[str, Any]
@@ -283,7 +284,7 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
         v=jax.lax.dynamic_update_slice(trace.v, v_new, (0, 0, offset, 0, 0)),
         length=max(old, offset + t) if isinstance(offset, int) else old)
     logits = lm_logits(params, cfg, hidden) if return_logits else None
-    return ForwardOut(logits=logits, hidden=hidden, trace=new_trace)
+    return ForwardOut(logits=logits, hidden=hidden, trace=constrain_trace(new_trace))
 
 
 def layer_unroll(cfg: ModelConfig, chunk: int) -> int:
