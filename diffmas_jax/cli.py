@@ -125,6 +125,13 @@ def config_path_arg(argv) -> Optional[str]:
     return None
 
 
+def forget_loaded_config(flag_name: str = "config") -> None:
+    """ml_collections loads every config file as the module '<flag>_config' and re-runs a new
+    file inside the module already there, so a file without get_config() would silently
+    inherit the previous file's (in-process use: tests, notebooks). Start from a clean slate."""
+    sys.modules.pop(f"{flag_name}_config", None)
+
+
 def parse_config_flags(flag_values, config_flag, argv):
     """Parse ``argv`` with absl ``flag_values`` (None: already parsed) and return
     (remaining args, ConfigDict of the ml_collections DEFINE_config_file flag).
@@ -136,6 +143,7 @@ def parse_config_flags(flag_values, config_flag, argv):
     if path is not None and not Path(path.split(":", 1)[0]).expanduser().is_file():
         raise UserError(f"config file {path.split(':', 1)[0]} not found")
     rest = list(argv)
+    forget_loaded_config()
     try:
         if flag_values is not None:
             rest = flag_values(list(argv))

@@ -502,6 +502,8 @@ def parse_flags(argv: list):
     if path is not None and not Path(path.split(":", 1)[0]).expanduser().is_file():
         raise UserError(f"config file {path.split(':', 1)[0]} not found")
     fv, config_flag, workdir_flag = define_flags(argv)
+    from diffmas_jax.cli import forget_loaded_config
+    forget_loaded_config()
     try:
         rest = fv(list(argv))
         config = config_flag.value

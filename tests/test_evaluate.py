@@ -363,3 +363,16 @@ def test_bad_inputs_one_line_exit_2(case, tmp_path):
     for text in expected:
         assert text in errors[0], errors[0]
     assert not wd.exists()  # nothing written when the input is bad
+
+
+def test_config_file_without_get_config_after_a_good_one(tmp_path):
+    # ml_collections reuses one module name for every config file: the second, broken
+    # file must not inherit the first one's get_config() in the same process.
+    from diffmas_jax import evaluate
+    from diffmas_jax.cli import UserError
+    good, bad = tmp_path / "good.py", tmp_path / "bad.py"
+    good.write_text("from diffmas_jax.config_utils import eval_config\n\ndef get_config():\n    return eval_config()\n")
+    bad.write_text("x = 1\n")
+    evaluate.parse_flags(["prog", "--config", str(good), "--workdir", str(tmp_path / "w")])
+    with pytest.raises(UserError, match="has no get_config"):
+        evaluate.parse_flags(["prog", "--config", str(bad), "--workdir", str(tmp_path / "w")])
