@@ -301,12 +301,10 @@ jit_chain_cache = jax.jit(chain_cache, static_argnames=("fc", "r_cfg", "s_cfg", 
 # --------------------------------------------------------------------------- files
 def save_fuser(path, fuser: dict, fc: FuserConfig, meta: Optional[dict] = None) -> Path:
     """fuser.json (shapes, options, metadata) + fuser.safetensors (the flattened tree)."""
-    from safetensors.numpy import save_file
+    from diffmas_jax.lora import save_tree
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    flat = {"/".join(k.key for k in p): np.asarray(v, np.float32)
-            for p, v in jax.tree_util.tree_flatten_with_path(fuser)[0]}
-    save_file(flat, str(path / "fuser.safetensors"))
+    save_tree(path / "fuser.safetensors", fuser)
     (path / "fuser.json").write_text(json.dumps({"fuser": dataclasses.asdict(fc), "meta": meta or {}}, indent=2))
     return path
 

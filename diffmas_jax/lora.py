@@ -93,14 +93,19 @@ def merge_lora(params: dict, lora: dict, scale: float) -> dict:
 
 
 # --------------------------------------------------------------------------- files
+def save_tree(file, tree: dict) -> None:
+    """A dict-of-arrays pytree as one safetensors file, keys joined with '/' (float32)."""
+    from safetensors.numpy import save_file
+    flat = {"/".join(k.key for k in p): np.asarray(v, np.float32)
+            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    save_file(flat, str(file))
+
+
 def save_adapter(path, lora: dict, lcfg: LoraConfig, extra: Optional[dict] = None) -> Path:
     """Our own format: adapter.json + adapter.safetensors (flattened tree)."""
-    from safetensors.numpy import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    flat = {"/".join(k.key for k in p): np.asarray(v, np.float32)
-            for p, v in jax.tree_util.tree_flatten_with_path(lora)[0]}
-    save_file(flat, str(path / "adapter.safetensors"))
+    save_tree(path / "adapter.safetensors", lora)
     meta = dict(dataclasses.asdict(lcfg), targets=list(lcfg.targets), **(extra or {}))
     (path / "adapter.json").write_text(json.dumps(meta, indent=2))
     return path
