@@ -56,6 +56,7 @@ class MethodSpec:
     artifact: str = "adapter"        # what training leaves in train/ for evaluation
     eval_flag: str = "lora"          # the eval config field that takes it
     train_config: str = "train_config"  # sweep field naming the train config file
+    train_settings: str = "train"    # sweep field with the --config.FIELD values for that train config
     train_axes: tuple = ()           # axes the train config takes
 
 
@@ -68,10 +69,11 @@ METHODS = {
                           train_axes=("latent_steps", "trace_grad", "communication", "visibility")),
     "single_sft": MethodSpec("single", train="single_sft"),
     "text_mas_sft": MethodSpec("text_mas", train="text_mas_sft"),
-    "c2c": MethodSpec("c2c", train="c2c", artifact="fuser", eval_flag="fuser", train_config="c2c_train_config"),
+    "c2c": MethodSpec("c2c", train="c2c", artifact="fuser", eval_flag="fuser", train_config="c2c_train_config",
+                      train_settings="c2c_train"),
 }
 AXES = ("models", "tasks", "methods", "latent_steps", "seeds", "trace_grads", "communications", "visibilities")
-GRID_FIELDS = AXES + ("roles", "eval", "train")
+GRID_FIELDS = AXES + ("roles", "eval", "train", "c2c_train")
 SOLO = ("single", "single_sft")  # one agent: the roles do not matter
 
 
@@ -157,7 +159,7 @@ def plan(config, grids: Optional[Sequence[str]] = None) -> list[Cell]:
     unknown = [g for g in names if g not in all_grids]
     if unknown:
         raise UserError(f"unknown grid(s) {unknown}; this sweep has: {', '.join(all_grids)}")
-    base_eval, base_train = _dict(config, "eval"), _dict(config, "train")
+    base_eval = _dict(config, "eval")
     task_eval, task_train = _dict(config, "task_eval"), _dict(config, "task_train")
     cells: dict[str, Cell] = {}
     trainings: dict[str, Cell] = {}
@@ -183,7 +185,8 @@ def plan(config, grids: Optional[Sequence[str]] = None) -> list[Cell]:
             viss = _list(ax["visibilities"], "visibilities") if spec.latent else [None]
             for m, tg, comm, vis in itertools.product(steps, tgs, comms, viss):
                 ev = {**base_eval, **task_eval.get(task, {}), **dict(g.get("eval") or {})}
-                tr = {**base_train, **task_train.get(task, {}), **dict(g.get("train") or {})}
+                settings = spec.train_settings  # the C2C trainer has its own config and fields
+                tr = {**_dict(config, settings), **task_train.get(task, {}), **dict(g.get(settings) or {})}
                 train_task = str(tr.pop("task", task))
                 cell = Cell(gname, str(model), str(task), method, m, tg, comm, vis, int(seed),
                             None if method in SOLO else roles, train_task if spec.train else None,

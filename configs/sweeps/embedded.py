@@ -54,6 +54,12 @@ def get_config():
         "lr": 1e-3, "warmup_steps": 5, "max_target_tokens": 64, "text_max_new_tokens": 64,
         "checkpoint_every": 20, "eval_every": 20, "eval_items": 16,
     })
+    # the C2C fuser's trainer (configs/embedded_c2c_train.py keeps the reference optimiser:
+    # AdamW lr 1e-4, 10% warmup, gate temperature 1 -> 0.001)
+    c.c2c_train = ml_collections.ConfigDict({
+        "data_dir": "../shared/data", "split": "train", "limit": 400, "steps": 60, "batch_size": 4,
+        "max_target_tokens": 64, "checkpoint_every": 20, "eval_every": 20, "eval_items": 8,
+    })
     c.task_eval = ml_collections.ConfigDict({"gsm8k": {"limit": 40, "max_new_tokens": 160}})
     c.task_train = ml_collections.ConfigDict({"gsm8k": {"max_target_tokens": 160}})
     c.grids = ml_collections.ConfigDict({
@@ -64,5 +70,7 @@ def get_config():
         "trace_grad": {"tasks": "arc_easy", "methods": "diffmas", "trace_grads": "full"},
         "overwrite": {"tasks": "arc_easy", "methods": "latent_mas,diffmas", "trace_grads": "full",
                       "communications": "concat,overwrite", "roles": "planner,critic,solver"},
+        # C2C between planner and solver (c2c_train below)
+        "c2c": {"tasks": "arc_easy", "methods": "c2c"},
     })
     return c
