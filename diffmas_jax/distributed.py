@@ -184,6 +184,17 @@ def global_batch(local: Any, mesh=None, batch_axes=("data", "fsdp")):
 
 
 # -------------------------------------------------------------- coordination
+def to_host(x) -> np.ndarray:
+    """A jax array as one numpy array on every host.
+
+    On a pod a batch-sharded result (generated tokens, the trace's metadata) has rows
+    on other hosts' devices, which ``np.asarray`` cannot read; those are gathered."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def broadcast_from_main(obj: Any) -> Any:
     """A JSON-able object as process 0 has it, on every process (identity on one host).
 

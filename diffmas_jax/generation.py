@@ -17,6 +17,8 @@ import numpy as np
 
 from diffmas_jax.model.config import ModelConfig
 from diffmas_jax.model.transformer import forward, last_valid_index, lm_logits, resolve_dtype, take_rows
+from diffmas_jax.distributed import to_host
+from diffmas_jax.sharding import mesh_jit
 from diffmas_jax.trace import PROMPT, TEXT, KVTrace
 
 
@@ -112,7 +114,7 @@ def decode_steps(params, cfg: ModelConfig, state: DecodeState, *, num_steps: int
     return jax.lax.while_loop(cond, body, state)
 
 
-jit_decode_steps = jax.jit(
+jit_decode_steps = mesh_jit(
     decode_steps, static_argnames=("cfg", "num_steps", "eos_ids", "sampling", "pad_id",
                                    "lora_scale", "compute_dtype"))
 
@@ -128,7 +130,7 @@ def prefill(params, cfg, trace, tokens, valid, *, segment=0, kind=PROMPT, visibl
     return out.trace, lm_logits(params, cfg, hidden), hidden
 
 
-jit_prefill = jax.jit(prefill, static_argnames=("cfg", "lora_scale", "compute_dtype"))
+jit_prefill = mesh_jit(prefill, static_argnames=("cfg", "lora_scale", "compute_dtype"))
 
 
 # --------------------------------------------------------------------------- host side
@@ -179,11 +181,11 @@ class Generation:
 
 def finish_rows(state: DecodeState, with_entropy: bool = False):
     """Per-row generated ids and log-probs (and entropies), trimmed to each row's length."""
-    toks, lps, cnt = (np.asarray(state.tokens), np.asarray(state.logprobs), np.asarray(state.count))
+    toks, lps, cnt = (to_host(state.tokens), to_host(state.logprobs), to_host(state.count))
     out = ([toks[i, :cnt[i]].tolist() for i in range(len(cnt))],
            [lps[i, :cnt[i]].tolist() for i in range(len(cnt))])
     if with_entropy:
-        ent = np.asarray(state.entropy)
+        ent = to_host(state.entropy)
         out += ([ent[i, :cnt[i]].tolist() for i in range(len(cnt))],)
     return out
 
@@ -209,7 +211,7 @@ def decode_to_text(params, cfg, tokenizer, trace, last_logits, *, max_new_tokens
             toks, _ = finish_rows(state)
             hit = [any(s in tokenizer.decode(t) for s in stop) for t in toks]
             state = dataclasses.replace(state, done=state.done | jnp.asarray(hit))
-            if all(np.asarray(state.done)):
+            if all(to_host(state.done)):
                 break
     toks, lps, ents = finish_rows(state, with_entropy=True)
     texts = [tokenizer.decode(t, skip_special_tokens=skip_special_tokens) for t in toks] \

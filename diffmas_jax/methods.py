@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffmas_jax.agents import Agent, agent_messages, build_agents, render_chat
+from diffmas_jax.distributed import to_host
 from diffmas_jax.generation import SamplingConfig, decode_to_text, pad_batch, generate
 from diffmas_jax.model.transformer import Visibility, make_visibility, resolve_dtype
 from diffmas_jax.stages import jit_agent_stage, jit_solver_prefill, make_realign
@@ -170,9 +171,7 @@ def _trace_method(model, questions, answer_instruction, mc, lora, lora_scale, se
                          max_new_tokens=mc.max_new_tokens, sampling=mc.sampling,
                          rng=jax.random.PRNGKey(seed), segment=k, visible=vis, lora=solver_lora,
                          lora_scale=lora_scale, compute_dtype=dtype)
-    seg = np.asarray(gen.trace.segment)
-    valid = np.asarray(gen.trace.valid)
-    kind = np.asarray(gen.trace.kind)
+    seg, valid, kind = to_host(gen.trace.segment), to_host(gen.trace.valid), to_host(gen.trace.kind)
     records = []
     for i in range(len(questions)):
         per_agent = {f"{j}:{a.role}": int(((seg[i] == j) & valid[i]).sum()) for j, a in enumerate(agents)}

@@ -8,6 +8,9 @@ divide stays replicated rather than failing, so one rule set serves every model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import inspect
 import math
 from typing import Optional, Sequence
 
@@ -152,3 +155,105 @@ def bytes_per_device(tree) -> int:
         for shard in x.addressable_shards:
             per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
     return max(per.values()) if per else 0
+
+
+# ----------------------------------------------------------- explicit input shardings
+# How each argument of a jitted entry point (forward, the stages, prefill, decode, the
+# train step) is laid out on a mesh, by the argument's name: the one table for inputs.
+REPLICATED_ARGS = ("lora", "opt_state", "realign", "visible", "dropout", "rng")
+BATCH_ARGS = ("batch", "tokens", "valid", "target_mask", "embeds", "seed_hidden", "active")
+
+
+def trace_shardings(trace, mesh: Mesh, rules=None):
+    """The KVTrace (same structure) with a NamedSharding per buffer."""
+    return trace.replace(**{name: NamedSharding(mesh, spec_for(axes, getattr(trace, name).shape, mesh, rules))
+                            for name, axes in TRACE_AXES.items()})
+
+
+def _batch_leading(x, mesh: Mesh, rules=None) -> NamedSharding:
+    shape = getattr(x, "shape", ())
+    return NamedSharding(mesh, spec_for(("batch",), shape[:1], mesh, rules) if shape else P())
+
+
+def input_shardings(name: str, value, mesh: Mesh, cfg=None, rules=None):
+    """The sharding pytree (a prefix of ``value``) that argument ``name`` gets on ``mesh``."""
+    rep = NamedSharding(mesh, P())
+    if name == "params":
+        if cfg is None:
+            raise ValueError("params need the model config to find their logical axes")
+        # params may hold fewer entries than the full layout (e.g. no lm_head when tied)
+        return _prune(param_shardings(cfg, mesh, rules), value)
+    if name == "trace":
+        return trace_shardings(value, mesh, rules)
+    if name == "state":  # a DecodeState: its trace, then per-row buffers over the batch
+        inner = trace_shardings(value.trace, mesh, rules)
+        rest = jax.tree.map(lambda x: _batch_leading(x, mesh, rules), dataclasses.replace(value, trace=None))
+        return dataclasses.replace(rest, trace=inner)
+    if name in BATCH_ARGS:
+        return jax.tree.map(lambda x: _batch_leading(x, mesh, rules), value)
+    return rep  # REPLICATED_ARGS, scalars, and anything small the table does not name
+
+
+def _prune(full, like):
+    """``full`` restricted to the dict keys present in ``like``."""
+    if isinstance(like, dict):
+        return {k: _prune(full[k], v) for k, v in like.items()}
+    return full
+
+
+def mesh_jit(fn, *, static_argnames: Sequence[str] = (), donate_argnames: Sequence[str] = (), mesh=None,
+             out_shardings=None):
+    """``jax.jit(fn)``; on a mesh, compiled with explicit ``in_shardings``.
+
+    The mesh is ``mesh`` or, if None, the active one (``set_active_mesh``) at call time;
+    with neither this is the plain jit. On a mesh the call binds its arguments by name,
+    gives each dynamic one the layout ``input_shardings`` names for it, puts it there
+    (a no-op for arrays already placed so, e.g. by ``param_placer``) and runs a jit
+    compiled with exactly those input shardings; one such jit per (mesh, static
+    arguments, layouts), so the shapes a run uses compile once each. ``out_shardings``
+    (on a mesh only) fixes the outputs' layout; otherwise the trace a forward returns is
+    pinned by ``constrain_trace`` and the rest follows XLA's propagation."""
+    static_argnames, donate_argnames = tuple(static_argnames), tuple(donate_argnames)
+    plain = jax.jit(fn, static_argnames=static_argnames or None, donate_argnames=donate_argnames or None)
+    signature = inspect.signature(fn)
+    compiled: dict = {}
+
+    def prepare(m, args, kwargs):
+        """(the jit for this call, its arguments placed in their shardings)."""
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        static = {k: v for k, v in bound.arguments.items() if k in static_argnames}
+        names = tuple(k for k in bound.arguments if k not in static_argnames)
+        values = [bound.arguments[k] for k in names]
+        shardings = [input_shardings(n, v, m, static.get("cfg")) for n, v in zip(names, values)]
+        leaves, treedef = jax.tree.flatten(shardings)
+        key = (m, tuple(static.items()), names, tuple(leaves), treedef)
+        f = compiled.get(key)
+        if f is None:
+            def positional(*dynamic):
+                return fn(**dict(zip(names, dynamic)), **static)
+            extra = {} if out_shardings is None else {"out_shardings": out_shardings}
+            f = compiled[key] = jax.jit(positional, in_shardings=tuple(shardings), **extra,
+                                        donate_argnums=tuple(i for i, n in enumerate(names) if n in donate_argnames))
+        return f, jax.device_put(values, shardings)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        m = mesh if mesh is not None else _ACTIVE_MESH[0]
+        if m is None:
+            return plain(*args, **kwargs)
+        f, placed = prepare(m, args, kwargs)
+        return f(*placed)
+
+    def lower(*args, **kwargs):
+        """Like ``jax.jit(...).lower``: ``.compile().input_shardings`` shows the layouts."""
+        m = mesh if mesh is not None else _ACTIVE_MESH[0]
+        if m is None:
+            return plain.lower(*args, **kwargs)
+        f, placed = prepare(m, args, kwargs)
+        return f.lower(*placed)
+
+    call.lower = lower
+    call.plain = plain
+    call.compiled = compiled  # (mesh, static, names, layouts) -> jit; for tests and inspection
+    return call

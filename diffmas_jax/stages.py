@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from diffmas_jax.model.config import ModelConfig
 from diffmas_jax.model.transformer import (LoraDropout, Visibility, forward, last_valid_index, lm_logits,
                                            resolve_dtype, take_rows)
+from diffmas_jax.sharding import mesh_jit
 from diffmas_jax.trace import LATENT, PROMPT, TEXT, KVTrace
 
 REALIGN_MODES = ("ridge", "norm", "none")
@@ -135,5 +136,6 @@ def teacher_forced_nll(params, cfg: ModelConfig, trace: KVTrace, tokens, valid, 
 
 
 _STATIC = ("cfg", "steps", "lora_scale", "compute_dtype", "remat")
-jit_agent_stage = jax.jit(agent_stage, static_argnames=_STATIC)
-jit_solver_prefill = jax.jit(solver_prefill, static_argnames=("cfg", "lora_scale", "compute_dtype"))
+# On an active mesh these compile with explicit input shardings (sharding.mesh_jit).
+jit_agent_stage = mesh_jit(agent_stage, static_argnames=_STATIC)
+jit_solver_prefill = mesh_jit(solver_prefill, static_argnames=("cfg", "lora_scale", "compute_dtype"))

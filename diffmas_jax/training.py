@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from diffmas_jax.agents import agent_messages, render_chat
 from diffmas_jax.generation import bucket_length, pad_batch
 from diffmas_jax.methods import MethodConfig, select_lora, solver_visibility, upstream_visibility
 from diffmas_jax.model.transformer import LoraDropout, resolve_dtype
+from diffmas_jax.sharding import mesh_jit
 from diffmas_jax.stages import Realign, agent_stage, teacher_forced_nll
 from diffmas_jax.trace import KVTrace, TraceOverflowError
 
@@ -171,9 +173,11 @@ def make_train_step(cfg, sc: StepConfig, optimizer, mesh=None):
     """A jitted (lora, opt_state, params, realign, batch[, rng]) -> (lora, opt_state, metrics).
 
     ``rng`` (the step's dropout key) is needed only when ``sc.lora_dropout > 0``. With a
-    ``mesh`` the LoRA, optimizer state and metrics come out replicated on it: pass them in
-    replicated (``sharding.replicate``) and every step reuses the first step's executable."""
-    def step(lora, opt_state, params, realign, batch, rng=None):
+    ``mesh`` the step is compiled with explicit shardings (``sharding.mesh_jit``): params
+    in their logical-axis layout, the batch over data x fsdp, LoRA, optimizer state,
+    realignment and rng replicated, in and out; every step reuses the first step's
+    executable."""
+    def step(lora, opt_state, params, realign, batch, rng=None, *, cfg=cfg):
         loss, grads, norms = loss_and_grads(lora, params, cfg, realign, batch, sc, rng)
         updates, opt_state = optimizer.update(grads, opt_state, lora)
         lora = optax.apply_updates(lora, updates)
@@ -181,9 +185,9 @@ def make_train_step(cfg, sc: StepConfig, optimizer, mesh=None):
 
     if mesh is None:
         return jax.jit(step, donate_argnums=(0, 1))
-    from jax.sharding import NamedSharding, PartitionSpec
     rep = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(step, donate_argnums=(0, 1), out_shardings=(rep, rep, rep))
+    return mesh_jit(step, static_argnames=("cfg",), donate_argnames=("lora", "opt_state"), mesh=mesh,
+                    out_shardings=(rep, rep, rep))
 
 
 def make_eval_loss(cfg, sc: StepConfig):

@@ -61,9 +61,10 @@ WORKER = textwrap.dedent('''
     rows = d.local_indices(np.arange(8) + 100)
     batch = d.global_batch({"x": rows[:, None] * np.ones((1, 3), np.int32)}, mesh)
     total = int(jax.jit(lambda b: b["x"].sum())(batch))
+    gathered = d.to_host(batch["x"] * 2)  # rows on the other host's devices too
     out = dict(index=d.process_index(), count=d.process_count(), main=d.is_main_process(), rows=rows.tolist(),
                global_shape=list(batch["x"].shape), local_devices=len(jax.local_devices()),
-               devices=jax.device_count(), total=total,
+               devices=jax.device_count(), total=total, gathered=gathered[:, 0].tolist(),
                shared=d.broadcast_from_main({"done": ["a", "b"] if d.is_main_process() else []}),
                writes_workdir=str(d.output_dir("/w")) == "/w")
     d.sync("done")
@@ -96,4 +97,5 @@ def test_two_processes_build_one_global_batch_and_agree():
     assert a["rows"] == [100, 101, 102, 103] and b["rows"] == [104, 105, 106, 107]
     assert a["global_shape"] == b["global_shape"] == [8, 3] and a["devices"] == 4 and a["local_devices"] == 2
     assert a["total"] == b["total"] == 3 * sum(range(100, 108))  # one global array from both hosts' rows
+    assert a["gathered"] == b["gathered"] == [2 * r for r in range(100, 108)]  # to_host: every row, every host
     assert a["shared"] == b["shared"] == {"done": ["a", "b"]}   # process 0's view, on every host

@@ -62,7 +62,15 @@ SCRIPT = textwrap.dedent('''
     for _ in range(3):
         lo, st, met = step(lo, st, sp, realign, sb)
         losses.append(float(met["loss"]))
-    out["step_executables"] = step._cache_size()
+    out["step_executables"] = [f._cache_size() for f in step.compiled.values()]
+    # explicit input shardings: what the compiled step takes, argument by argument
+    from diffmas_jax.sharding import spec_for
+    ins = step.lower(lo, st, sp, realign, sb).compile().input_shardings[0]
+    q_axes = ("layers", "embed", "q_heads")
+    out["step_in"] = dict(q=str(ins[2]["layers"]["q"]["kernel"].spec),
+                          q_want=str(spec_for(q_axes, sp["layers"]["q"]["kernel"].shape, mesh)),
+                          tokens=str(ins[4]["tokens"].spec),
+                          lora=sorted(set(str(s.spec) for s in jax.tree.leaves(ins[0]))))
     out["step_first_loss_diff"] = abs(losses[0] - float(l0))
     out["step_losses_fall"] = losses[2] < losses[0]
     # Stages, prefill and decode under an active mesh: each returns its trace with the
@@ -80,9 +88,19 @@ SCRIPT = textwrap.dedent('''
     tr0, st0 = chain(ref.params)
     mesh = make_mesh((2, 2, 2))
     sp2 = load_model(str(path), with_tokenizer=False, place=param_placer(ref.cfg, mesh)).params
+    norm = lambda spec: [list(a) if isinstance(a, tuple) else a for a in spec] + [None] * (5 - len(spec))
     with active_mesh(mesh):
         tr1, st1 = chain(sp2)
-    norm = lambda spec: [list(a) if isinstance(a, tuple) else a for a in spec] + [None] * (5 - len(spec))
+        # params that are not placed yet (one device) are put into their layout per call
+        tr2, st2 = chain(ref.params)
+        ins = jit_agent_stage.lower(ref.params, ref.cfg, KVTrace.create(ref.cfg, 8, 64), batch["up_tokens"][0],
+                                    batch["up_valid"][0], make_realign(sp2, ref.cfg), steps=2,
+                                    segment=0).compile().input_shardings[0]
+    out["stage_in"] = dict(q=str(ins[0]["layers"]["q"]["kernel"].spec),
+                           q_want=str(spec_for(q_axes, sp2["layers"]["q"]["kernel"].shape, mesh)),
+                           k=norm(ins[1].k.spec), tokens=str(ins[2].spec))
+    out["unplaced_tokens_equal"] = bool((st0.tokens == st2.tokens).all())
+    out["stage_executables"] = len(jit_agent_stage.compiled)
     out["stage_trace_spec"] = norm(tr1.k.sharding.spec)
     out["decode_trace_spec"] = norm(st1.trace.k.sharding.spec)
     out["stage_k_diff"] = float(jnp.abs(tr0.k - tr1.k).max())
@@ -114,7 +132,15 @@ def test_sharded_forward_equals_unsharded_and_params_shrink(tmp_path):
         assert out[key] == [None, ["data", "fsdp"], None, "tensor", None], out[key]
     assert out["stage_k_diff"] < 1e-5 and out["decode_tokens_equal"], out
     # explicit output shardings: steps 2 and 3 reuse step 1's executable, and it trains
-    assert out["step_executables"] == 1, out
+    assert out["step_executables"] == [1], out
+    # explicit input shardings (mesh_jit): params by logical axes, batch over data x fsdp,
+    # LoRA replicated, the trace by its own axes; unplaced params are placed, same tokens
+    for key in ("step_in", "stage_in"):
+        assert out[key]["q"] == out[key]["q_want"] and "fsdp" in out[key]["q"], out[key]
+    assert out["step_in"]["tokens"] == out["stage_in"]["tokens"] == "P(('data', 'fsdp'),)", out
+    assert out["step_in"]["lora"] == ["P()"], out
+    assert out["stage_in"]["k"] == [None, ["data", "fsdp"], None, "tensor", None], out
+    assert out["unplaced_tokens_equal"] and out["stage_executables"] == 1, out
     assert out["step_first_loss_diff"] < 1e-5 and out["step_losses_fall"], out
     assert "does not divide the 8 available devices" in out["(3, -1, 1)"]
     assert "at most one mesh entry may be -1" in out["(1, -1, -1)"]

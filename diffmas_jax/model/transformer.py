@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffmas_jax.model.config import ModelConfig, rope_inv_freq
-from diffmas_jax.sharding import constrain_trace
+from diffmas_jax.sharding import constrain_trace, mesh_jit
 from diffmas_jax.trace import PROMPT, KVTrace
 
 Params = dict[str, Any]
@@ -346,5 +346,6 @@ def cast_params(params: Params, dtype) -> Params:
 _STATIC = ("cfg", "return_logits", "remat", "compute_dtype", "lora_scale")
 # The public jitted forward keeps the input trace usable (traces are immutable values);
 # pipelines that own their trace use the donating variant to update it in place.
-jit_forward = jax.jit(forward, static_argnames=_STATIC)
-jit_forward_donating = jax.jit(forward, static_argnames=_STATIC, donate_argnames=("trace",))
+# On an active mesh these compile with explicit input shardings (sharding.mesh_jit).
+jit_forward = mesh_jit(forward, static_argnames=_STATIC)
+jit_forward_donating = mesh_jit(forward, static_argnames=_STATIC, donate_argnames=("trace",))
