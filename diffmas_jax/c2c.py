@@ -229,15 +229,27 @@ jit_fuse_kv = jax.jit(fuse_kv, static_argnames=("fc", "train"))
 
 
 # --------------------------------------------------------------------------- stages
+def sharer_reading(params, cfg: ModelConfig, tokens, valid, *, compute_dtype=jnp.float32) -> KVTrace:
+    """Plain C2C's sharer side: the sharer's cache of a prompt head, read from position 0 as
+    the receiver reads it. The fuser does not change it, so training computes it in a jit
+    of its own, outside the gradient (on a mesh, ``params`` laid out by ``cfg``)."""
+    dtype = resolve_dtype(compute_dtype)
+    trace = KVTrace.create(cfg, tokens.shape[0], tokens.shape[1], dtype=dtype)
+    return forward(params, cfg, trace, tokens=tokens, valid=valid, positions=default_positions(trace, valid),
+                   segment=0, kind=PROMPT, compute_dtype=dtype, return_logits=False).trace
+
+
 def prompt_cache(r_params, r_cfg: ModelConfig, head, valid, *, capacity: int, segment=0, next_pos=None,
                  fuser=None, fc: Optional[FuserConfig] = None, s_params=None, s_cfg: Optional[ModelConfig] = None,
-                 s_trace: Optional[KVTrace] = None, s_head=None, train: bool = False, temperature=1.0, rng=None,
-                 compute_dtype=jnp.float32, remat: bool = False) -> KVTrace:
+                 s_trace: Optional[KVTrace] = None, s_head=None, s_read: Optional[KVTrace] = None,
+                 train: bool = False, temperature=1.0, rng=None, compute_dtype=jnp.float32,
+                 remat: bool = False) -> KVTrace:
     """The receiver's cache of a prompt head (every token but the last) in a new trace.
 
     With a sharer (``s_cfg``), the sharer reads ``s_head`` (the same tokens, or the
     receiver's tokens aligned to the sharer's vocabulary) on top of ``s_trace`` (its
-    context; None: empty) at the receiver's positions, and the head slots are fused.
+    context) at the receiver's positions, or alone from position 0 (``s_trace`` None:
+    plain C2C; ``s_read``: that reading already done), and the head slots are fused.
     ``next_pos`` [B]: where the receiver's positions start (default 0).
     """
     dtype = resolve_dtype(compute_dtype)
@@ -248,36 +260,42 @@ def prompt_cache(r_params, r_cfg: ModelConfig, head, valid, *, capacity: int, se
     pos = default_positions(trace, valid)
     out = forward(r_params, r_cfg, trace, tokens=head, valid=valid, positions=pos, segment=segment, kind=PROMPT,
                   compute_dtype=dtype, return_logits=False, remat=remat).trace
-    if s_cfg is None:
+    if s_cfg is None and s_read is None:
         return out
-    if s_trace is None:
-        s_trace = KVTrace.create(s_cfg, b, n, dtype=dtype)
-    s0 = s_trace.length
-    s_out = forward(s_params, s_cfg, s_trace, tokens=head if s_head is None else s_head, valid=valid,
-                    positions=pos, segment=segment, kind=PROMPT, compute_dtype=dtype, return_logits=False,
-                    remat=remat).trace
-    k, v = fuse_kv(fuser, fc, s_out.k[:, :, s0:s0 + n], s_out.v[:, :, s0:s0 + n], out.k[:, :, :n], out.v[:, :, :n],
-                   valid, train=train, temperature=temperature, rng=rng)
+    if s_read is None and s_trace is None:
+        s_read = sharer_reading(s_params, s_cfg, head if s_head is None else s_head, valid, compute_dtype=dtype)
+    if s_read is not None:
+        s_k, s_v = s_read.k[:, :, :n], s_read.v[:, :, :n]
+    else:  # the sharer reads on top of its context
+        s0 = s_trace.length
+        s_out = forward(s_params, s_cfg, s_trace, tokens=head if s_head is None else s_head, valid=valid,
+                        positions=pos, segment=segment, kind=PROMPT, compute_dtype=dtype, return_logits=False,
+                        remat=remat).trace
+        s_k, s_v = s_out.k[:, :, s0:s0 + n], s_out.v[:, :, s0:s0 + n]
+    k, v = fuse_kv(fuser, fc, s_k, s_v, out.k[:, :, :n], out.v[:, :, :n], valid, train=train,
+                   temperature=temperature, rng=rng)
     return out.replace(k=out.k.at[:, :, :n].set(k), v=out.v.at[:, :, :n].set(v))
 
 
 def chain_cache(fuser, fc: FuserConfig, r_params, r_cfg: ModelConfig, s_params, s_cfg: ModelConfig,
                 heads: Sequence, valids: Sequence, lasts: Sequence, s_head=None, *, extra: int,
-                train: bool = False, temperature=1.0, rng=None, compute_dtype=jnp.float32,
-                remat: bool = False) -> KVTrace:
+                s_read: Optional[KVTrace] = None, train: bool = False, temperature=1.0, rng=None,
+                compute_dtype=jnp.float32, remat: bool = False) -> KVTrace:
     """The last agent's fused prompt-head cache, with ``extra`` free slots after it.
 
     heads/valids: per agent [B, H_j] (receiver tokens, every prompt token but the last);
     lasts: the last prompt token [B] of every agent but the last. One agent: plain C2C
     from the sharer model (``s_head``: its aligned tokens, None when the tokenizers
-    match). Several: agent j-1 (the receiver model with its cache) shares into agent j.
+    match; ``s_read``: its reading already done). Several: agent j-1 (the receiver model
+    with its cache) shares into agent j.
     """
     k = len(heads) - 1
     rng = jax.random.PRNGKey(0) if rng is None else rng
     kw = dict(train=train, temperature=temperature, compute_dtype=compute_dtype, remat=remat)
     if k == 0:
         return prompt_cache(r_params, r_cfg, heads[0], valids[0], capacity=heads[0].shape[1] + extra, segment=0,
-                            fuser=fuser, fc=fc, s_params=s_params, s_cfg=s_cfg, s_head=s_head, rng=rng, **kw)
+                            fuser=fuser, fc=fc, s_params=s_params, s_cfg=s_cfg, s_head=s_head, s_read=s_read, rng=rng,
+                            **kw)
     trace = None
     for j in range(k + 1):
         cap = heads[j].shape[1] + (1 + heads[j + 1].shape[1] if j < k else extra)

@@ -2,8 +2,8 @@
 
 Only the fuser trains: the loss is the receiver's next-token cross-entropy on the
 response, read on the fused prompt cache, and ``jax.grad`` is taken with respect to
-the fuser tree alone (both models are closed-over constants), so optimizer state
-exists only for it. Reference hyperparameters: AdamW lr 1e-4, weight decay 0.01,
+the fuser tree alone (both models are frozen inputs), so optimizer state exists only
+for it. Reference hyperparameters: AdamW lr 1e-4, weight decay 0.01,
 linear schedule with 10% warmup, clip 1.0; the gate temperature falls from 1.0 to
 0.001 (exponentially) over the optimizer steps.
 
@@ -13,13 +13,9 @@ sequences of the same length at the same positions. Same-tokenizer pairs skip th
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
+import functools
 import json
-import math
-import signal
-import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,11 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from diffmas_jax.agents import agent_messages, render_chat
-from diffmas_jax.c2c import FuserConfig, chain_cache, decays
+from diffmas_jax.c2c import FuserConfig, chain_cache, decays, sharer_reading
 from diffmas_jax.generation import pad_batch
 from diffmas_jax.model.transformer import resolve_dtype
+from diffmas_jax.sharding import mesh_jit
 from diffmas_jax.stages import teacher_forced_nll
 
 
@@ -138,12 +136,14 @@ def gate_temperature(opt_step, sc: C2CStepConfig):
 
 
 def c2c_loss(fuser, r_params, r_cfg, s_params, s_cfg, batch: dict, sc: C2CStepConfig, *, train: bool = True,
-             temperature=1.0, rng=None):
-    """Mean receiver NLL of the target tokens, read on the fused prompt cache."""
+             temperature=1.0, rng=None, s_read=None):
+    """Mean receiver NLL of the target tokens, read on the fused prompt cache.
+
+    ``s_read``: plain C2C's sharer reading, already computed (``c2c.sharer_reading``)."""
     dtype = resolve_dtype(sc.compute_dtype)
     tail = batch["tail"]
     trace = chain_cache(fuser, sc.fc, r_params, r_cfg, s_params, s_cfg, batch["heads"], batch["valids"],
-                        batch["lasts"], batch.get("s_head"), extra=tail.shape[1], train=train,
+                        batch["lasts"], batch.get("s_head"), extra=tail.shape[1], s_read=s_read, train=train,
                         temperature=temperature, rng=rng, compute_dtype=dtype, remat=sc.remat)
     nll, n = teacher_forced_nll(r_params, r_cfg, trace, tail, batch["tail_valid"], batch["tail_target"],
                                 segment=len(batch["heads"]) - 1, compute_dtype=dtype, remat=sc.remat,
@@ -162,31 +162,90 @@ def make_c2c_optimizer(lr: float, opt_steps: int, warmup_frac: float = 0.1, weig
     return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
 
 
-def make_c2c_train_step(r_cfg, s_cfg, sc: C2CStepConfig, optimizer):
-    """Jitted (fuser, opt_state, r_params, s_params, batch, micro_step) -> (fuser, opt_state, metrics).
+def _compile(fn, mesh, static=("cfg",), donate=(), out_shardings=None):
+    """``jax.jit``; on a mesh ``sharding.mesh_jit``, which lays every argument out by its name:
+    ``params`` by the static ``cfg`` (its model's config), ``batch``/``tokens``/``valid``
+    over data x fsdp, ``trace`` by the KV-trace rules, the rest (fuser, optimizer state,
+    step number) replicated."""
+    if mesh is None:
+        return jax.jit(fn, static_argnames=static, donate_argnames=donate or None)
+    return mesh_jit(fn, static_argnames=static, donate_argnames=donate, mesh=mesh, out_shardings=out_shardings)
+
+
+def _sharer_first(plain, chain, r_cfg, s_cfg, sc: C2CStepConfig, mesh):
+    """``run(state, r_params, s_params, batch, extra)`` over two compiled programs.
+
+    ``plain(*state, params, trace, batch, *extra, cfg)`` (one agent) gets the sharer's
+    reading of the prompt as ``trace``, computed first in a jit of its own: the sharer
+    is frozen and the fuser does not change its reading. Each program thus takes one
+    model's weights as ``params`` with that model's ``cfg``, which is how the sharding
+    table lays weights out, so on a mesh both models stay in their own shards.
+    ``chain(*state, params, batch, *extra, cfg)`` (several agents, sharer = receiver)
+    needs no reading."""
+    read = _compile(sharer_reading, mesh, static=("cfg", "compute_dtype"))
+
+    def run(state, r_params, s_params, batch, extra):
+        body = {k: v for k, v in batch.items() if k != "s_head"}
+        if len(batch["heads"]) > 1:
+            return chain(*state, r_params, body, *extra, cfg=r_cfg)
+        tokens = batch["heads"][0] if batch.get("s_head") is None else batch["s_head"]
+        s_read = read(s_params, s_cfg, tokens, batch["valids"][0], compute_dtype=sc.compute_dtype)
+        return plain(*state, r_params, s_read, body, *extra, cfg=r_cfg)
+
+    run.programs = {"sharer_reading": read, "plain": plain, "chain": chain}  # for tests and inspection
+    return run
+
+
+def make_c2c_train_step(r_cfg, s_cfg, sc: C2CStepConfig, optimizer, mesh=None):
+    """(fuser, opt_state, r_params, s_params, batch, micro_step) -> (fuser, opt_state, metrics).
 
     The gate temperature and the random stream are functions of the step number, so a
     resumed run repeats an uninterrupted one; the temperature moves once per optimizer
-    step (every ``grad_accum`` micro-steps).
+    step (every ``grad_accum`` micro-steps). With a ``mesh``, compiled with explicit
+    shardings like ``training.make_train_step``: each model's weights in their layout, the
+    batch over data x fsdp, the fuser, optimizer state and metrics replicated, in and out.
     """
-    def step(fuser, opt_state, r_params, s_params, batch, micro_step):
+    def update(fuser, opt_state, params, s_read, batch, micro_step, cfg):
         tau = gate_temperature(micro_step // sc.grad_accum, sc)
         rng = jax.random.fold_in(jax.random.PRNGKey(sc.seed), micro_step)
+        sharer = (params, cfg) if s_read is None else (None, None)  # a chain: the receiver shares
         loss, grads = jax.value_and_grad(
-            lambda f: c2c_loss(f, r_params, r_cfg, s_params, s_cfg, batch, sc, train=True, temperature=tau,
-                               rng=rng))(fuser)
+            lambda f: c2c_loss(f, params, cfg, *sharer, batch, sc, train=True, temperature=tau, rng=rng,
+                               s_read=s_read))(fuser)
         updates, opt_state = optimizer.update(grads, opt_state, fuser)
         fuser = optax.apply_updates(fuser, updates)
         return fuser, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "gate_temperature": tau,
-                                  "open_k": jnp.mean(fuser["k"]["gate"] > 0), "open_v": jnp.mean(fuser["v"]["gate"] > 0)}
+                                  "open_k": jnp.mean(fuser["k"]["gate"] > 0),
+                                  "open_v": jnp.mean(fuser["v"]["gate"] > 0)}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    # Argument names are the sharding table's (see _compile).
+    def plain(fuser, opt_state, params, trace, batch, micro_step, *, cfg):
+        return update(fuser, opt_state, params, trace, batch, micro_step, cfg)
+
+    def chain(fuser, opt_state, params, batch, micro_step, *, cfg):
+        return update(fuser, opt_state, params, None, batch, micro_step, cfg)
+
+    rep = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    compile_ = functools.partial(_compile, mesh=mesh, donate=("fuser", "opt_state"), out_shardings=(rep, rep, rep))
+    run = _sharer_first(compile_(plain), compile_(chain), r_cfg, s_cfg, sc, mesh)
+
+    def step(fuser, opt_state, r_params, s_params, batch, micro_step):
+        return run((fuser, opt_state), r_params, s_params, batch, (micro_step,))
+
+    step.programs = run.programs
+    return step
 
 
-def make_c2c_eval_loss(r_cfg, s_cfg, sc: C2CStepConfig):
-    """Held-out loss as evaluation runs it: hard gates, no dropout."""
-    return jax.jit(lambda fuser, r_params, s_params, batch: c2c_loss(fuser, r_params, r_cfg, s_params, s_cfg,
-                                                                     batch, sc, train=False))
+def make_c2c_eval_loss(r_cfg, s_cfg, sc: C2CStepConfig, mesh=None):
+    """(fuser, r_params, s_params, batch) -> held-out loss as evaluation runs it: hard gates, no dropout."""
+    def plain(fuser, params, trace, batch, *, cfg):
+        return c2c_loss(fuser, params, cfg, None, None, batch, sc, train=False, s_read=trace)
+
+    def chain(fuser, params, batch, *, cfg):
+        return c2c_loss(fuser, params, cfg, params, cfg, batch, sc, train=False)
+
+    run = _sharer_first(_compile(plain, mesh), _compile(chain, mesh), r_cfg, s_cfg, sc, mesh)
+    return lambda fuser, r_params, s_params, batch: run((fuser,), r_params, s_params, batch, ())
 
 
 # --------------------------------------------------------------------------- CLI
@@ -197,24 +256,22 @@ IDENTITY_FIELDS = ("model", "receiver", "sharer", "dtype", "method", "task", "ta
 
 
 def train_c2c(c, workdir: Path) -> int:
-    """``python -m diffmas_jax.train`` with ``method = c2c`` (see configs/embedded_c2c_train.py)."""
-    from diffmas_jax.c2c import LAYER_MAPS, FuserConfigError, init_fuser, pair_problem, save_fuser
-    from diffmas_jax.cli import UserError, enable_compilation_cache
+    """``python -m diffmas_jax.train`` with ``method = c2c`` (see configs/embedded_c2c_train.py).
+
+    On a mesh (``mesh`` / ``mesh_preset``, as DiffMAS) both models load straight into
+    their shards, each by its own config; the batch goes over data x fsdp and the fuser
+    and its optimizer state are replicated."""
+    from diffmas_jax import distributed, memory, mesh_presets, train_loop
+    from diffmas_jax.c2c import FuserConfigError, init_fuser, pair_problem, save_fuser
+    from diffmas_jax.cli import UserError, enable_compilation_cache, load_model_checked
     from diffmas_jax.config_utils import resolve_model
     from diffmas_jax.methods import MethodConfig
 
-    for name in ("batch_size", "steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "max_target_tokens",
-                 "eval_every"):
-        if int(c[name]) <= 0:
-            raise UserError(f"{name} must be positive, got {c[name]}")
-    if not c.lr > 0:
-        raise UserError(f"lr must be positive, got {c.lr}")
+    train_loop.validate_loop_fields(c, positive=("eval_every",))
     if not 0 <= c.warmup_frac < 1:
         raise UserError(f"warmup_frac must be in [0, 1), got {c.warmup_frac}")
     if not 0 < c.gate_t1 <= c.gate_t0:
         raise UserError(f"gate temperatures need 0 < gate_t1 <= gate_t0, got {c.gate_t0} -> {c.gate_t1}")
-    if c.on_nan not in ("stop", "skip"):
-        raise UserError(f"on_nan must be 'stop' or 'skip', got {c.on_nan!r}")
     receiver_name = resolve_model(c.receiver or c.model)
     sharer_name = resolve_model(c.sharer or receiver_name)
     identical = sharer_name == receiver_name
@@ -229,33 +286,29 @@ def train_c2c(c, workdir: Path) -> int:
     problem = pair_problem(len(agents), identical)
     if problem:
         raise UserError(problem)
-    config_path = workdir / "config.json"
     resolved = json.loads(c.to_json())
-    if config_path.exists():
-        old = json.loads(config_path.read_text())
-        diff = [k for k in IDENTITY_FIELDS if old.get(k) != resolved.get(k)]
-        if diff:
-            raise UserError(f"{workdir} holds a run with a different config ({', '.join(diff)}); use a new --workdir")
+    train_loop.check_workdir(workdir, resolved, IDENTITY_FIELDS)
 
+    distributed.maybe_initialize()  # on a pod: connect the hosts before anything touches a device
     enable_compilation_cache()
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
-    from tqdm import tqdm
-    from diffmas_jax.checkpoint import Checkpointer, abstract_like
     from diffmas_jax.lora import count_params
-    from diffmas_jax.model.loading import load_model
-    from diffmas_jax.tasks import get_task
+    from diffmas_jax.sharding import param_placer, set_active_mesh
 
-    task = get_task(c.task, **({"path": c.task_path} if c.task_path else {}))
-    items = [it for it in task.load(c.split, data_dir=c.data_dir, limit=c.limit) if it.target]
-    if not items:
-        raise UserError(f"no training items with targets in task {c.task!r} split {c.split!r}")
-    n_eval = min(int(c.eval_items), len(items) // 5)
-    eval_items, train_items = items[:n_eval], items[n_eval:]
-    if len(train_items) < c.batch_size:
-        raise UserError(f"{len(train_items)} training items is fewer than batch_size {c.batch_size}")
-    receiver = load_model(receiver_name, dtype=c.dtype)
-    sharer = receiver if identical else load_model(sharer_name, dtype=c.dtype)
+    task, train_items, eval_items = train_loop.split_items(c)
+    n_eval = len(eval_items)
+    for name in dict.fromkeys((receiver_name, sharer_name)):
+        memory.preflight_model(c, name, c.dtype)  # the weights alone must fit before they load
+    mesh, place = mesh_presets.mesh_and_placer(c, receiver_name)  # the config's mesh (None: one device)
+    set_active_mesh(mesh)  # traces inside the steps are pinned to this mesh's sharding
+    receiver = load_model_checked(receiver_name, dtype=c.dtype, place=place)  # weights straight into their shards
+    if identical:
+        sharer = receiver
+    else:  # the sharer's weights are laid out by its own config
+        from diffmas_jax.model.loading import load_config, resolve_model_dir
+        s_place = None if mesh is None else param_placer(load_config(resolve_model_dir(sharer_name)), mesh)
+        sharer = load_model_checked(sharer_name, dtype=c.dtype, place=s_place)
     enc = dict(answer_instruction=task.answer_instruction, agents=agents, max_target_tokens=int(c.max_target_tokens),
                enable_thinking=c.enable_thinking, sharer_tokenizer=None if identical else sharer.tokenizer)
     data = encode_training(receiver.tokenizer, train_items, **enc)
@@ -268,92 +321,28 @@ def train_c2c(c, workdir: Path) -> int:
     optimizer = make_c2c_optimizer(float(c.lr), opt_steps, float(c.warmup_frac), float(c.weight_decay),
                                    float(c.clip), int(c.grad_accum))
     fuser = init_fuser(fc, int(c.seed))
-    opt_state = optimizer.init(fuser)
+    train_step = make_c2c_train_step(receiver.cfg, sharer.cfg, sc, optimizer, mesh)
+    eval_loss = make_c2c_eval_loss(receiver.cfg, sharer.cfg, sc, mesh) if n_eval else None
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(resolved, indent=2))
-    ckpt = Checkpointer(workdir / "checkpoints", keep=int(c.keep_checkpoints))
-    start = 0
-    restored = ckpt.restore_latest(abstract_like({"fuser": fuser, "opt_state": opt_state}))
-    if restored is not None:
-        start, state, _ = restored
-        fuser, opt_state = state["fuser"], state["opt_state"]
-    # Fresh and restored state placed alike (Orbax hands back committed arrays): the step
-    # compiles to the same program, so a resumed run hits the compilation cache.
-    fuser, opt_state = jax.device_put((fuser, opt_state), jax.devices()[0])
-    if restored is not None:
-        print(f"resumed from step {start} ({workdir / 'checkpoints'})", flush=True)
+    def step(state, batch, i):
+        f, opt, m = train_step(state["fuser"], state["opt_state"], receiver.params, sharer.params, batch, jnp.int32(i))
+        return {"fuser": f, "opt_state": opt}, m
 
-    n, bs = len(train_items), int(c.batch_size)
-    per_epoch = n // bs
-
-    def indices(step: int):  # a function of (seed, step) alone: resuming replays the same order
-        epoch, k = divmod(step, per_epoch)
-        return np.random.default_rng([c.seed, epoch]).permutation(n)[k * bs:(k + 1) * bs]
-
-    train_step = make_c2c_train_step(receiver.cfg, sharer.cfg, sc, optimizer)
-    eval_loss = make_c2c_eval_loss(receiver.cfg, sharer.cfg, sc) if n_eval else None
-    stop = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
-    from tensorboardX import SummaryWriter
-    tb = SummaryWriter(str(workdir / "tensorboard"))
-    csv_path = workdir / "metrics.csv"
-    fields = ["step", "loss", "grad_norm", "gate_temperature", "open_k", "open_v", "tokens_per_s", "eval_loss"]
-    if start == 0 or not csv_path.exists():
-        with open(csv_path, "w", newline="") as f:
-            csv.writer(f).writerow(fields)
-    else:  # rows past the checkpoint will be recomputed identically
-        rows = list(csv.reader(open(csv_path)))
-        with open(csv_path, "w", newline="") as f:
-            csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= start])
-
-    print(f"training c2c ({len(agents)} agent(s), sharer {sharer_name} -> receiver {receiver_name}) on {n} items, "
-          f"{count_params(fuser):,} fuser params", flush=True)
-    last_good = start if restored else None
-    bar = tqdm(range(start, int(c.steps)), initial=start, total=int(c.steps), desc="train c2c", dynamic_ncols=True)
-    t_last = time.perf_counter()
-    for step in bar:
-        batch = jax.tree.map(jnp.asarray, data.batch(indices(step)))
-        if c.on_nan == "skip":
-            held = jax.device_get((fuser, opt_state))
-        new_fuser, new_opt, m = train_step(fuser, opt_state, receiver.params, sharer.params, batch, jnp.int32(step))
-        loss = float(m["loss"])
-        if not math.isfinite(loss):
-            if c.on_nan == "skip":  # the step donated its inputs: restore the host copies
-                print(f"warning: non-finite loss at step {step + 1}; batch skipped", file=sys.stderr)
-                fuser, opt_state = held
-                continue
-            where = f"last good checkpoint: step {last_good}" if last_good is not None else "no checkpoint yet"
-            raise UserError(f"non-finite loss ({loss}) at step {step + 1}; {where}")
-        fuser, opt_state = new_fuser, new_opt
-        now = time.perf_counter()
-        toks = int(sum(np.asarray(v).sum() for v in batch["valids"]) + np.asarray(batch["tail_valid"]).sum())
-        row = {"step": step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]),
-               "gate_temperature": float(m["gate_temperature"]), "open_k": float(m["open_k"]),
-               "open_v": float(m["open_v"]), "tokens_per_s": toks / max(now - t_last, 1e-9), "eval_loss": ""}
-        t_last = now
-        if eval_loss is not None and (step + 1) % int(c.eval_every) == 0:
-            row["eval_loss"] = float(eval_loss(fuser, receiver.params, sharer.params,
-                                               jax.tree.map(jnp.asarray, eval_data.batch(np.arange(n_eval)))))
-        with open(csv_path, "a", newline="") as f:
-            csv.writer(f).writerow([row[k] for k in fields])
-        for k, v in row.items():
-            if k != "step" and v != "":
-                tb.add_scalar(f"train/{k}", v, step + 1)
-        bar.set_postfix(loss=f"{loss:.3f}", tau=f"{row['gate_temperature']:.3g}")
-        if (step + 1) % int(c.checkpoint_every) == 0 or step + 1 == int(c.steps) or stop["flag"]:
-            ckpt.save(step + 1, {"fuser": fuser, "opt_state": opt_state},
-                      {"step": step + 1, "data_position": (step + 1) * bs, "seed": c.seed})
-            last_good = step + 1
-        if stop["flag"]:
-            print(f"SIGTERM: saved checkpoint at step {step + 1}; exiting", flush=True)
-            tb.close()
-            ckpt.close()
-            return 0
-    bar.close()
-    tb.close()
-    ckpt.close()
-    save_fuser(workdir / "fuser", fuser, fc, meta={"receiver": receiver_name, "sharer": sharer_name,
-                                                    "roles": [a.role for a in agents], "steps": int(c.steps)})
-    print(f"done: fuser in {workdir / 'fuser'}", flush=True)
-    return 0
+    extra = ("gate_temperature", "open_k", "open_v")
+    return train_loop.run(train_loop.Trainer(
+        label="train c2c", state={"fuser": fuser, "opt_state": optimizer.init(fuser)}, n_items=len(train_items),
+        banner=f"training c2c ({len(agents)} agent(s), sharer {sharer_name} -> receiver {receiver_name}) on "
+               f"{len(train_items)} items, {count_params(fuser):,} fuser params",
+        batch=data.batch, step=step,
+        # jnp sums: the batch may be a global array spread over several hosts
+        tokens=lambda b: sum(jnp.sum(v) for v in b["valids"]) + jnp.sum(b["tail_valid"]),
+        fields=["step", "loss", "grad_norm", *extra, "tokens_per_s", "eval_loss"],
+        extra_metrics=lambda m: {k: float(m[k]) for k in extra},
+        postfix=lambda row: {"loss": f"{row['loss']:.3f}", "tau": f"{row['gate_temperature']:.3g}"},
+        eval_loss=None if eval_loss is None else lambda state: eval_loss(
+            state["fuser"], receiver.params, sharer.params, eval_data.batch(np.arange(n_eval))),
+        export=lambda state: save_fuser(workdir / "fuser", state["fuser"], fc, meta={
+            "receiver": receiver_name, "sharer": sharer_name, "roles": [a.role for a in agents],
+            "steps": int(c.steps)}),
+        exports="fuser", done=f"done: fuser in {workdir / 'fuser'}"),
+        c, workdir, resolved, mesh)

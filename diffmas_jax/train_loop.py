@@ -1,0 +1,206 @@
+"""The training loop both trainers run: DiffMAS LoRA (``train.py``) and the C2C fuser
+(``c2c_training.py``).
+
+Shared here: the workdir's config check, checkpoint resume (a damaged latest
+checkpoint falls back to an earlier one), the data order, SIGTERM, non-finite
+losses, metrics.csv and TensorBoard, the held-out loss, the progress bar and the
+final export. A trainer brings what differs as a :class:`Trainer`.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from diffmas_jax.cli import UserError
+
+
+def validate_loop_fields(c, positive: Sequence[str] = ()) -> None:
+    """The config fields the loop reads; UserError naming the first bad one."""
+    for name in ("batch_size", "steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "max_target_tokens",
+                 *positive):
+        if int(c[name]) <= 0:
+            raise UserError(f"{name} must be positive, got {c[name]}")
+    if not c.lr > 0:
+        raise UserError(f"lr must be positive, got {c.lr}")
+    if c.on_nan not in ("stop", "skip"):
+        raise UserError(f"on_nan must be 'stop' or 'skip', got {c.on_nan!r}")
+
+
+def check_workdir(workdir: Path, resolved: dict, identity_fields: Sequence[str]) -> None:
+    """Before anything is written: refuse a workdir that holds another experiment."""
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"workdir {workdir} exists and is not a directory")
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        return
+    try:
+        old = json.loads(config_path.read_text())
+        assert isinstance(old, dict)
+    except (OSError, ValueError, AssertionError) as e:
+        raise UserError(f"{config_path}: cannot read the previous run's config ({e or 'not an object'}); "
+                        "use a new --workdir") from None
+    diff = [k for k in identity_fields if old.get(k) != resolved.get(k)]
+    if diff:
+        raise UserError(f"{workdir} holds a run with a different config ({', '.join(diff)}); use a new --workdir")
+
+
+def split_items(c):
+    """(task, train items, held-out items): items with targets; the first ``eval_items`` (at most a fifth) held out."""
+    from diffmas_jax.tasks import get_task
+    task = get_task(c.task, **({"path": c.task_path} if c.task_path else {}))
+    items = [it for it in task.load(c.split, data_dir=c.data_dir, limit=c.limit) if it.target]
+    if not items:
+        raise UserError(f"no training items with targets in task {c.task!r} split {c.split!r}")
+    n_eval = min(int(c.eval_items), len(items) // 5)
+    eval_items, train_items = items[:n_eval], items[n_eval:]
+    if len(train_items) < c.batch_size:
+        raise UserError(f"{len(train_items)} training items is fewer than batch_size {c.batch_size}")
+    return task, train_items, eval_items
+
+
+@dataclasses.dataclass
+class Trainer:
+    """What a trainer brings to :func:`run`."""
+    label: str                                  # progress bar, e.g. "train c2c"
+    banner: str                                 # printed once before the first step
+    state: dict                                 # trainable pytrees, e.g. {"lora": ..., "opt_state": ...}
+    n_items: int                                # training items (the data order permutes these)
+    batch: Callable[[np.ndarray], Any]          # item indices -> host rows of a batch
+    step: Callable[[dict, Any, int], tuple]     # (state, batch, step) -> (state, metrics with loss, grad_norm)
+    tokens: Callable[[Any], Any]                # tokens in a batch, for tokens/s
+    fields: Sequence[str]                       # metrics.csv columns, in order
+    extra_metrics: Callable[[dict], dict]       # step metrics -> columns beyond loss, grad_norm, tokens/s, eval
+    postfix: Callable[[dict], dict]             # a metrics row -> progress bar postfix
+    export: Callable[[dict], None]              # writes the run's outputs from the final state (process 0)
+    exports: str                                # what export writes, for its error message
+    done: str                                   # printed after the export
+    eval_loss: Optional[Callable[[dict], Any]] = None   # state -> held-out loss
+
+
+def run(tr: Trainer, c, workdir: Path, resolved: dict, mesh=None) -> int:
+    """Train ``tr`` for ``c.steps`` steps in ``workdir``, resuming from its latest intact checkpoint.
+
+    The data order is a function of (seed, step) alone, so a resumed run replays an
+    uninterrupted one. SIGTERM saves a checkpoint and returns 0."""
+    import jax
+    from tqdm import tqdm
+
+    from diffmas_jax import distributed
+    from diffmas_jax.checkpoint import Checkpointer, abstract_like
+
+    main_proc = distributed.is_main_process()  # only process 0 logs and writes the workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    if main_proc:
+        config_path = workdir / "config.json"
+        tmp = config_path.with_name(f".config.json.{os.getpid()}.tmp")  # atomic: a kill leaves old or new
+        tmp.write_text(json.dumps(resolved, indent=2))
+        os.replace(tmp, config_path)
+
+    # Fresh and restored state placed alike (replicated on a mesh, as the steps return it;
+    # else one device, as Orbax restores): every step, resumed or not, reuses one executable.
+    if mesh is not None:
+        from diffmas_jax.sharding import replicate
+        place = lambda s: replicate(s, mesh)  # noqa: E731
+    else:
+        place = lambda s: jax.device_put(s, jax.devices()[0])  # noqa: E731
+    state = place(tr.state)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=int(c.keep_checkpoints))
+    start = 0
+    restored = ckpt.restore_latest(abstract_like(state))
+    if restored is not None:
+        start, state, _ = restored
+        state = place(state)
+        print(f"resumed from step {start} ({workdir / 'checkpoints'})", flush=True)
+
+    n, bs = tr.n_items, int(c.batch_size)
+    per_epoch = n // bs
+
+    def indices(step: int):
+        epoch, k = divmod(step, per_epoch)
+        return np.random.default_rng([c.seed, epoch]).permutation(n)[k * bs:(k + 1) * bs]
+
+    stop = {"flag": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    from tensorboardX import SummaryWriter
+    out = distributed.output_dir(workdir)
+    tb = SummaryWriter(str(out / "tensorboard"))
+    csv_path = out / "metrics.csv"
+    if start == 0 or not csv_path.exists():
+        with open(csv_path, "w", newline="") as f:
+            csv.writer(f).writerow(tr.fields)
+    else:  # drop rows past the checkpoint: they will be recomputed identically
+        rows = list(csv.reader(open(csv_path)))
+        with open(csv_path, "w", newline="") as f:
+            csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= start])
+
+    if main_proc:
+        print(tr.banner, flush=True)
+    last_good = start if restored else None
+    steps = int(c.steps)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=tr.label, dynamic_ncols=True,
+               disable=not main_proc)
+    t_last = time.perf_counter()
+    for step in bar:
+        # Each host reads only its rows of the global batch (all of them on a single host).
+        batch = distributed.global_batch(tr.batch(distributed.local_indices(indices(step))), mesh)
+        if c.on_nan == "skip":
+            held = jax.device_get(state)
+        new_state, m = tr.step(state, batch, step)
+        loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):  # a finite loss with a NaN gradient poisons too
+            where = f"last good checkpoint: step {last_good}" if last_good is not None else "no checkpoint yet"
+            what = f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm ({gnorm}, loss {loss:.4g})"
+            if c.on_nan == "skip":
+                # The step donated its inputs, so keep the pre-step values we still hold on host.
+                print(f"warning: non-finite {what} at step {step + 1}; batch skipped", file=sys.stderr)
+                state = held
+                continue
+            raise UserError(f"non-finite {what} at step {step + 1}; {where}")
+        state = new_state
+        now = time.perf_counter()
+        tps = int(tr.tokens(batch)) / max(now - t_last, 1e-9)
+        t_last = now
+        row = {"step": step + 1, "loss": loss, "grad_norm": gnorm, "tokens_per_s": tps, "eval_loss": "",
+               **tr.extra_metrics(m)}
+        if tr.eval_loss is not None and (step + 1) % int(c.eval_every) == 0:
+            row["eval_loss"] = float(tr.eval_loss(state))
+            tb.add_scalar("eval/loss", row["eval_loss"], step + 1)
+        with open(csv_path, "a", newline="") as f:
+            csv.writer(f).writerow([row.get(k, "") for k in tr.fields])
+        for k, v in row.items():
+            if k != "step" and v != "":
+                tb.add_scalar(f"train/{k}", v, step + 1)
+        bar.set_postfix(**tr.postfix(row))
+        if (step + 1) % int(c.checkpoint_every) == 0 or step + 1 == steps or stop["flag"]:
+            ckpt.save(step + 1, state, {"step": step + 1, "data_position": (step + 1) * bs, "seed": c.seed})
+            last_good = step + 1
+        if stop["flag"]:
+            print(f"SIGTERM: saved checkpoint at step {step + 1}; exiting", flush=True)
+            tb.close()
+            ckpt.close()
+            return 0
+    bar.close()
+    tb.close()
+    ckpt.close()
+    if not main_proc:
+        return 0
+    try:
+        tr.export(state)
+    except Exception as e:  # disk full while exporting: the final checkpoint is intact, a rerun exports again
+        from diffmas_jax.cli import WriteError, environment_cause
+        if environment_cause(e) is None:
+            raise
+        raise WriteError(f"cannot write the {tr.exports} in {workdir}: {environment_cause(e)}; "
+                         f"checkpoint step {last_good} is intact: free space and rerun to export") from None
+    print(tr.done, flush=True)
+    return 0
