@@ -91,3 +91,26 @@ def test_gguf_conversion_matches_transformers_gguf_loader(embedded):
     for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.7.self_attn.k_proj.weight",
                  "model.layers.3.mlp.down_proj.weight", "model.embed_tokens.weight", "model.norm.weight"]:
         np.testing.assert_allclose(ours[name], ref[name].numpy(), atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("kv_heads,parts", [(4, 2), (1, 1), (12, 2)])
+def test_one_token_attention_equals_grouped_attention(kv_heads, parts):
+    """The CPU decode path (block-diagonal GEMMs over the cache's own layout) computes the
+    same attention as the grouped einsum, for GQA, MQA and MHA, over cache + chunk parts,
+    with masked slots and a row that sees nothing."""
+    import types
+    import jax
+    import jax.numpy as jnp
+    from diffmas_jax.model.transformer import _grouped_attention, _one_token_attention
+    cfg = types.SimpleNamespace(num_heads=12, num_kv_heads=kv_heads, head_dim=16)
+    rng = np.random.default_rng(kv_heads)
+    sizes = [37, 1][:parts]
+    q = jnp.asarray(rng.standard_normal((3, 1, 12, 16)), jnp.float32)
+    keys = tuple(jnp.asarray(rng.standard_normal((3, s, kv_heads, 16)), jnp.float32) for s in sizes)
+    vals = tuple(jnp.asarray(rng.standard_normal((3, s, kv_heads, 16)), jnp.float32) for s in sizes)
+    mask = rng.random((3, 1, sum(sizes))) > 0.3
+    mask[2] = False
+    want = _grouped_attention(q, keys, vals, jnp.asarray(mask), cfg)
+    got = jax.jit(lambda *a: _one_token_attention(*a, cfg))(q, keys, vals, jnp.asarray(mask))
+    assert got.shape == want.shape == (3, 1, 12, 16)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)

@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Where decode time goes on this machine: the floor set by the matmuls and by memory.
+
+A decode step of a dense LM multiplies B rows by every weight matrix once
+(q, k, v, o, gate, up, down in every layer, then the LM head). This script times
+exactly that chain of matmuls, with the model's own shapes and weights, in XLA
+(jitted, one program) and in PyTorch (eager, no_grad), plus one read of all the
+weights (the memory-bandwidth floor). A full decode step in either library cannot
+be faster than its chain; comparing the chain with the measured step time
+(bench_model.py / bench_pipeline.py) shows how much is left for everything else
+(attention over the cache, norms, RoPE, sampling, Python and dispatch overhead).
+
+    python benchmarks/bench_kernels.py                 # embedded SmolLM2-135M, B = 1, 8, 32
+    python benchmarks/bench_kernels.py --quick         # B = 1 and 8, fewer repeats
+
+Writes ``<out>/kernels_<date>.json`` and ``.md`` (out defaults to benchmarks/results).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="B = 1, 8 and 3 repeats")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,32)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10; quick 3)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
+    ap.add_argument("--out", default=str(HERE / "results"), help="output folder (default benchmarks/results)")
+    return ap.parse_args(argv)
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up (and compile)
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def weight_chain(params) -> list[np.ndarray]:
+    """Every [in, out] matrix a decode step multiplies by, in order (LM head last)."""
+    layers = params["layers"]
+    mats = [np.asarray(layers[name]["kernel"][i]) for i in range(layers["q"]["kernel"].shape[0]) for name in LINEARS]
+    head = params.get("lm_head")
+    mats.append(np.asarray(head) if head is not None else np.ascontiguousarray(np.asarray(params["embed"]).T))  # tied
+    return mats
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,32")).split(",")]
+    repeats = args.repeats or (3 if args.quick else 10)
+    import jax
+    import jax.numpy as jnp
+    import torch
+    torch.set_num_threads(args.threads or os.cpu_count())
+    from diffmas_jax.model.loading import load_model
+
+    model = load_model(None, with_tokenizer=False)
+    mats = weight_chain(model.params)
+    n_bytes = sum(m.nbytes for m in mats)
+    n_params = sum(m.size for m in mats)
+
+    jmats = [jnp.asarray(m) for m in mats]
+    tmats = [torch.from_numpy(np.ascontiguousarray(m)) for m in mats]
+
+    @jax.jit
+    def jax_chain(ws, xs):
+        # One input per input width (hidden, heads x head_dim, intermediate); the sum keeps all live.
+        acc = jnp.zeros((), jnp.float32)
+        for w in ws:
+            acc = acc + jnp.sum(xs[w.shape[0]] @ w)
+        return acc
+
+    def torch_chain(xs):
+        with torch.no_grad():
+            acc = torch.zeros(())
+            for w in tmats:
+                acc = acc + (xs[w.shape[0]] @ w).sum()
+            return float(acc)
+
+    widths = sorted({m.shape[0] for m in mats})
+    rows = []
+    for b in batches:
+        xj = {w: jnp.ones((b, w), jnp.float32) for w in widths}
+        xt = {w: torch.ones((b, w)) for w in widths}
+        tj = median_time(lambda: jax_chain(jmats, xj).block_until_ready(), repeats)
+        tt = median_time(lambda: torch_chain(xt), repeats)
+        flops = 2 * b * n_params
+        rows.append(dict(batch=b, xla_ms=tj * 1e3, torch_ms=tt * 1e3, xla_gflop_s=flops / tj / 1e9,
+                         torch_gflop_s=flops / tt / 1e9, xla_gb_s=n_bytes / tj / 1e9, torch_gb_s=n_bytes / tt / 1e9))
+        print(f"B={b}: matmul chain XLA {tj * 1e3:.1f} ms, torch {tt * 1e3:.1f} ms", file=sys.stderr)
+
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+    machine = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), platform=platform.platform(),
+                   cpu_count=os.cpu_count(), load_avg=list(os.getloadavg()), jax=jax.__version__,
+                   torch=torch.__version__, torch_threads=torch.get_num_threads(), jax_backend=jax.default_backend())
+    result = dict(machine=machine, weights_mib=n_bytes / 2**20, matrices=len(mats), rows=rows)
+    md = [f"# Decode-step floors: the model's matmul chain, embedded SmolLM2-135M, float32 ({machine['date']})", "",
+          f"{len(mats)} matrices ({n_bytes / 2**20:.0f} MiB), each multiplied once by B rows. GB/s: the weights "
+          f"streamed per second (at B = 1 the chain is a memory-bandwidth test). Load average at start "
+          f"{machine['load_avg'][0]:.2f}; torch threads {machine['torch_threads']}.", "",
+          "| batch | XLA chain ms | torch chain ms | XLA GFLOP/s | torch GFLOP/s | XLA GB/s | torch GB/s |",
+          "|---:|---:|---:|---:|---:|---:|---:|"]
+    md += [f"| {r['batch']} | {r['xla_ms']:.1f} | {r['torch_ms']:.1f} | {r['xla_gflop_s']:.1f} | "
+           f"{r['torch_gflop_s']:.1f} | {r['xla_gb_s']:.1f} | {r['torch_gb_s']:.1f} |" for r in rows]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"kernels_{stamp}.json").write_text(json.dumps(result, indent=2))
+    (out / f"kernels_{stamp}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
