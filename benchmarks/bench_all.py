@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Issue 8's benchmark in one run: every script, then one table of ratios against the targets.
+
+Runs, each in its own process and in this order, writing into one folder:
+  bench_model.py     (b) batched greedy decode vs HF generate
+  bench_pipeline.py  (a) the 4-agent LatentMAS pipeline vs an HF forward loop over a DynamicCache,
+                     (d) peak memory against trace length, (e) first-call times
+  bench_train.py     (c) the DiffMAS train step vs transformers + peft, share of the matmul peak
+  bench_kernels.py   the floor: the decode step's matmul chain in XLA and in torch
+then reads their JSON and writes ``summary.json`` and ``summary.md``: each target, the
+measured figure, and whether it is met.
+
+    python benchmarks/bench_all.py                  # about 30-40 min on 2 quiet cores
+    python benchmarks/bench_all.py --quick          # smoke test of the whole chain (a few minutes)
+    python benchmarks/bench_all.py --threads 1      # torch on one thread (a busy machine)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ("bench_model", "bench_pipeline", "bench_train", "bench_kernels")
+# issue 8's CPU targets
+TARGETS = {"pipeline": 3.0, "generate_b8": 2.0, "train": 1.3, "train_peak_share": 0.5, "first_call_s": 60.0}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="every script's --quick (smoke test)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for every script")
+    ap.add_argument("--only", default=",".join(SCRIPTS), help="comma list of scripts to run (default: all)")
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/all_<date>)")
+    ap.add_argument("--from-dir", default=None, help="summarise an earlier run's folder without running anything")
+    return ap.parse_args(argv)
+
+
+def newest(folder: Path, prefix: str):
+    files = sorted(folder.glob(f"{prefix}_*.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(files[-1].read_text()) if files else None
+
+
+def _ratio(row):
+    return row.get("ratio_jax_over_torch") if row else None
+
+
+def summarise(folder: Path) -> dict:
+    """One row per target from the scripts' JSON (None where a script did not run)."""
+    rows = []
+
+    def add(what, target, value, unit="x", higher_is_better=True, note=""):
+        met = None if value is None else (value >= target if higher_is_better else value <= target)
+        rows.append(dict(measurement=what, target=target, value=value, unit=unit, met=met, note=note))
+
+    pipe = newest(folder, "pipeline")
+    if pipe:
+        for r in pipe["results"]:
+            if r.get("kind") == "forced":
+                add(f"(a) LatentMAS pipeline, {r['measurement']}: tok/s vs HF loop", TARGETS["pipeline"], _ratio(r))
+        for name, sub in pipe.get("subprocesses", {}).items():
+            first = (sub.get("forced") or {}).get("first_call_s")
+            if name.startswith("jax") and first is not None:
+                add(f"(e) pipeline first call (trace + compile + run), {name}", TARGETS["first_call_s"], first,
+                    unit="s", higher_is_better=False)
+    model = newest(folder, "model")
+    if model:
+        for r in model["results"]:
+            if r["measurement"].startswith("greedy decode tok/s, end to end (B=8"):
+                add(f"(b) {r['measurement']} vs HF generate", TARGETS["generate_b8"], _ratio(r))
+    train = newest(folder, "train")
+    if train:
+        for r in train["results"]:
+            add(f"(c) {r['measurement']}: tok/s vs transformers + peft", TARGETS["train"], _ratio(r))
+            add(f"(c) {r['measurement']}: share of measured f32 matmul peak", TARGETS["train_peak_share"],
+                (r.get("diffmas_jax") or {}).get("mfu"), unit="")
+            first = (r.get("diffmas_jax") or {}).get("first_call_s")
+            add(f"(e) {r['measurement']}: first call", TARGETS["first_call_s"], first, unit="s", higher_is_better=False)
+    memory = []
+    if pipe:
+        for name, sub in pipe.get("subprocesses", {}).items():
+            memory.append(dict(run=name, slots_per_row=sub.get("slots_per_row"), rss_loaded_mb=sub.get("rss_loaded_mb"),
+                               rss_peak_mb=sub.get("rss_peak_mb")))
+    kernels = newest(folder, "kernels")
+    loads = {k: v["machine"].get("load_avg_start") or v["machine"].get("load_avg")
+             for k, v in (("pipeline", pipe), ("model", model), ("train", train), ("kernels", kernels)) if v}
+    return dict(rows=rows, memory=memory, kernels=kernels["rows"] if kernels else None, load_avg_start=loads)
+
+
+def _fmt(v, unit):
+    if v is None:
+        return "not run"
+    return f"{v:.0%}" if unit == "" else f"{v:.2f}{unit}" if unit == "x" else f"{v:.1f} {unit}"
+
+
+def to_markdown(summary: dict, title: str) -> str:
+    md = [f"# {title}", "", "| measurement | target | measured | met |", "|---|---:|---:|---|"]
+    for r in summary["rows"]:
+        sign = "≥" if r["unit"] in ("x", "") else "≤"
+        tgt = f"{sign} {r['target']:.0%}" if r["unit"] == "" else f"{sign} {r['target']}{r['unit']}"
+        md.append(f"| {r['measurement']} | {tgt} | {_fmt(r['value'], r['unit'])} | "
+                  f"{'—' if r['met'] is None else 'yes' if r['met'] else 'no'} |")
+    if summary["memory"]:
+        md += ["", "(d) peak memory against trace length (each run in a fresh process)", "",
+               "| run | trace slots/row | RSS after load MB | peak RSS MB |", "|---|---:|---:|---:|"]
+        md += [f"| {m['run']} | {m['slots_per_row'] or '—'} | {m['rss_loaded_mb']:.0f} | {m['rss_peak_mb']:.0f} |"
+               for m in summary["memory"] if m["rss_peak_mb"] is not None]
+    if summary["kernels"]:
+        md += ["", "Floor: the decode step's matmul chain (bench_kernels.py)", "",
+               "| batch | XLA ms | torch ms |", "|---:|---:|---:|"]
+        md += [f"| {k['batch']} | {k['xla_ms']:.1f} | {k['torch_ms']:.1f} |" for k in summary["kernels"]]
+    md += ["", f"Load average at each script's start: {summary['load_avg_start']}"]
+    return "\n".join(md) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.from_dir:
+        folder = Path(args.from_dir)
+    else:
+        stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+        folder = Path(args.out or HERE / "results" / f"all_{stamp}")
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in args.only.split(","):
+            if name not in SCRIPTS:
+                sys.exit(f"error: unknown script {name!r}; known: {', '.join(SCRIPTS)}")
+            cmd = [sys.executable, str(HERE / f"{name}.py"), "--out", str(folder)]
+            cmd += ["--quick"] if args.quick else []
+            cmd += ["--threads", str(args.threads)] if args.threads else []
+            print(f"== {' '.join(cmd)}", file=sys.stderr, flush=True)
+            rc = subprocess.run(cmd, cwd=HERE.parent, env=dict(os.environ)).returncode
+            if rc:
+                print(f"warning: {name} exited with {rc}; its rows are missing", file=sys.stderr)
+    summary = summarise(folder)
+    title = f"Issue 8 targets, {_dt.date.today().isoformat()} ({folder.name})"
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (folder / "summary.md").write_text(to_markdown(summary, title))
+    print(to_markdown(summary, title))
+
+
+if __name__ == "__main__":
+    main()
