@@ -107,12 +107,12 @@ def run(tr: Trainer, c, workdir: Path, resolved: dict, mesh=None) -> int:
         os.replace(tmp, config_path)
 
     # Fresh and restored state placed alike (replicated on a mesh, as the steps return it;
-    # else one device, as Orbax restores): every step, resumed or not, reuses one executable.
+    # else this host's first device, as Orbax restores): every step reuses one executable.
     if mesh is not None:
         from diffmas_jax.sharding import replicate
         place = lambda s: replicate(s, mesh)  # noqa: E731
     else:
-        place = lambda s: jax.device_put(s, jax.devices()[0])  # noqa: E731
+        place = lambda s: jax.device_put(s, jax.local_devices()[0])  # noqa: E731
     state = place(tr.state)
     ckpt = Checkpointer(workdir / "checkpoints", keep=int(c.keep_checkpoints))
     start = 0
