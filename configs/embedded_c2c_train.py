@@ -51,4 +51,8 @@ def get_config():
     c.eval_every = 20
     c.eval_items = 8
     c.on_nan = "stop"                  # stop | skip
+    # hardware (diffmas_jax.mesh_presets): both models load into their shards on this mesh
+    c.mesh_preset = placeholder(str)          # v4-8 | v5e-8 | v5e-16 | v5p-8 | gpu-8 | gpu-1
+    c.mesh = placeholder(str)                 # "data,fsdp,tensor" (one may be -1); wins over the preset
+    c.device_memory_gib = placeholder(float)  # per-device memory for the fit check if the device hides it
     return c
