@@ -48,7 +48,7 @@ def get_config():
     # bookkeeping
     c.checkpoint_every = 20
     c.keep_checkpoints = 2
-    c.eval_every = 20
+    c.eval_every = 20                  # held-out loss every N steps (0: never)
     c.eval_items = 8
     c.on_nan = "stop"                  # stop | skip
     # hardware (diffmas_jax.mesh_presets): both models load into their shards on this mesh

@@ -47,7 +47,7 @@ def get_config():
     # bookkeeping
     c.checkpoint_every = 20
     c.keep_checkpoints = 2
-    c.eval_every = 20
+    c.eval_every = 20                 # held-out loss every N steps (0: never)
     c.eval_items = 8
     c.log_every = 1
     c.on_nan = "stop"                 # stop | skip

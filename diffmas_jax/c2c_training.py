@@ -267,7 +267,7 @@ def train_c2c(c, workdir: Path) -> int:
     from diffmas_jax.config_utils import resolve_model
     from diffmas_jax.methods import MethodConfig
 
-    train_loop.validate_loop_fields(c, positive=("eval_every",))
+    train_loop.validate_loop_fields(c)
     if not 0 <= c.warmup_frac < 1:
         raise UserError(f"warmup_frac must be in [0, 1), got {c.warmup_frac}")
     if not 0 < c.gate_t1 <= c.gate_t0:

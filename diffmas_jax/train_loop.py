@@ -30,6 +30,8 @@ def validate_loop_fields(c, positive: Sequence[str] = ()) -> None:
                  *positive):
         if int(c[name]) <= 0:
             raise UserError(f"{name} must be positive, got {c[name]}")
+    if int(c.eval_every) < 0:
+        raise UserError(f"eval_every must be >= 0 (0: no held-out loss), got {c.eval_every}")
     if not c.lr > 0:
         raise UserError(f"lr must be positive, got {c.lr}")
     if c.on_nan not in ("stop", "skip"):
@@ -172,7 +174,7 @@ def run(tr: Trainer, c, workdir: Path, resolved: dict, mesh=None) -> int:
         t_last = now
         row = {"step": step + 1, "loss": loss, "grad_norm": gnorm, "tokens_per_s": tps, "eval_loss": "",
                **tr.extra_metrics(m)}
-        if tr.eval_loss is not None and (step + 1) % int(c.eval_every) == 0:
+        if tr.eval_loss is not None and int(c.eval_every) > 0 and (step + 1) % int(c.eval_every) == 0:
             row["eval_loss"] = float(tr.eval_loss(state))
             tb.add_scalar("eval/loss", row["eval_loss"], step + 1)
         with open(csv_path, "a", newline="") as f:

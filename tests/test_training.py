@@ -311,3 +311,15 @@ def test_sigterm_saves_and_exits_cleanly(chat_dir, tmp_path):
     assert proc.returncode == 0 and "SIGTERM: saved checkpoint at step" in out
     steps = [int(p.name) for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit()]
     assert steps and max(steps) >= 2 and max(steps) < 100
+
+
+def test_eval_every_zero_means_no_held_out_loss_and_negative_is_an_error():
+    import ml_collections
+    from diffmas_jax.cli import UserError
+    from diffmas_jax.train_loop import validate_loop_fields
+    c = ml_collections.ConfigDict(dict(batch_size=2, steps=4, grad_accum=1, checkpoint_every=2, keep_checkpoints=1,
+                                       max_target_tokens=8, eval_every=0, lr=1e-3, on_nan="stop"))
+    validate_loop_fields(c)  # 0: never
+    c.eval_every = -1
+    with pytest.raises(UserError, match="eval_every must be >= 0"):
+        validate_loop_fields(c)
