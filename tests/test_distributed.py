@@ -72,7 +72,8 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def test_two_processes_build_one_global_batch_and_agree():
+def run_two_processes(code: str, *args: str, timeout: int = 120) -> list:
+    """Run ``code`` as processes 0 and 1 of a 2-host CPU job (2 devices each); their RESULT dicts."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
@@ -80,18 +81,22 @@ def test_two_processes_build_one_global_batch_and_agree():
     for pid in range(2):
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER], env=env, cwd=str(REPO),
+        procs.append(subprocess.Popen([sys.executable, "-c", code, *args], env=env, cwd=str(REPO),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = []
     for p in procs:
         try:
-            stdout, stderr = p.communicate(timeout=120)
+            stdout, stderr = p.communicate(timeout=timeout)
         finally:
             if p.poll() is None:
                 p.kill()
         assert p.returncode == 0, stderr[-2000:]
         outs.append(json.loads(stdout.split("RESULT", 1)[1]))
-    a, b = outs
+    return outs
+
+
+def test_two_processes_build_one_global_batch_and_agree():
+    a, b = run_two_processes(WORKER)
     assert (a["index"], b["index"]) == (0, 1) and a["count"] == b["count"] == 2
     assert a["main"] and not b["main"] and a["writes_workdir"] and not b["writes_workdir"]
     assert a["rows"] == [100, 101, 102, 103] and b["rows"] == [104, 105, 106, 107]
@@ -134,24 +139,7 @@ CKPT_WORKER = textwrap.dedent('''
 def test_two_processes_save_and_restore_one_checkpoint_on_another_mesh(tmp_path):
     """Orbax across hosts: both processes write their shards of one checkpoint into a
     directory they share, and restore it onto a different mesh layout."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen([sys.executable, "-c", CKPT_WORKER, str(tmp_path / "ck")], env=env,
-                                      cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = []
-    for p in procs:
-        try:
-            stdout, stderr = p.communicate(timeout=180)
-        finally:
-            if p.poll() is None:
-                p.kill()
-        assert p.returncode == 0, stderr[-2000:]
-        outs.append(json.loads(stdout.split("RESULT", 1)[1]))
+    outs = run_two_processes(CKPT_WORKER, str(tmp_path / "ck"), timeout=180)
     for o in outs:
         assert o["step"] == 5 and o["meta"]["step"] == 5, o
         assert o["w_equal"] and o["b"] == [1.0, 1.0, 1.0], o
