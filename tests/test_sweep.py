@@ -114,6 +114,23 @@ def test_commands(tmp_path):
     assert "roles" not in flags_of(s.eval_command(single)) and "latent_steps" not in flags_of(s.eval_command(single))
 
 
+def test_c2c_cells_take_their_own_train_config_and_settings(tmp_path):
+    """C2C trains with its own config file and its own --config fields (``c2c_train``):
+    the LoRA trainer's fields (e.g. lr, warmup_steps) never reach it."""
+    c = small_config(tmp_path)
+    c.train.lr = 1e-3
+    c.train.warmup_steps = 5
+    c.c2c_train = ml_collections.ConfigDict({"steps": 6, "limit": 16})
+    c.grids.c2c = {"tasks": "arith", "methods": "c2c"}
+    s = Sweep(c)
+    cell = next(x for x in plan(c, ["c2c"]))
+    train, ev = s.train_command(cell), s.eval_command(cell)
+    assert train[train.index("--config") + 1] == str(REPO / "configs/embedded_c2c_train.py")
+    tf = flags_of(train)
+    assert tf["steps"] == "6" and tf["method"] == "c2c" and "lr" not in tf and "warmup_steps" not in tf
+    assert flags_of(ev)["fuser"] == str(tmp_path / cell.train_id / "fuser") and flags_of(ev)["method"] == "c2c"
+
+
 def test_skips_finished_and_reruns_incomplete(tmp_path):
     c = small_config(tmp_path)
     cells = plan(c)
