@@ -78,6 +78,11 @@ def spec_for(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, ru
     return P(*out)
 
 
+@functools.lru_cache(maxsize=16)
+def _param_shardings_cached(cfg, mesh: Mesh) -> dict:
+    return param_shardings(cfg, mesh)
+
+
 def param_shardings(cfg, mesh: Mesh, rules=None) -> dict:
     """NamedSharding for every parameter, as a pytree matching the params."""
     from diffmas_jax.model.transformer import _is_leaf, param_shapes
@@ -181,8 +186,10 @@ def input_shardings(name: str, value, mesh: Mesh, cfg=None, rules=None):
     if name == "params":
         if cfg is None:
             raise ValueError("params need the model config to find their logical axes")
-        # params may hold fewer entries than the full layout (e.g. no lm_head when tied)
-        return _prune(param_shardings(cfg, mesh, rules), value)
+        # params may hold fewer entries than the full layout (e.g. no lm_head when tied);
+        # the layout is built once per (model, mesh): this runs on every call on a mesh
+        full = _param_shardings_cached(cfg, mesh) if rules is None else param_shardings(cfg, mesh, rules)
+        return _prune(full, value)
     if name == "trace":
         return trace_shardings(value, mesh, rules)
     if name == "state":  # a DecodeState: its trace, then per-row buffers over the batch

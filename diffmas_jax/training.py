@@ -177,6 +177,7 @@ def make_train_step(cfg, sc: StepConfig, optimizer, mesh=None):
     in their logical-axis layout, the batch over data x fsdp, LoRA, optimizer state,
     realignment and rng replicated, in and out; every step reuses the first step's
     executable."""
+    # cfg as a static keyword: mesh_jit reads it to lay out ``params`` by the model's axes
     def step(lora, opt_state, params, realign, batch, rng=None, *, cfg=cfg):
         loss, grads, norms = loss_and_grads(lora, params, cfg, realign, batch, sc, rng)
         updates, opt_state = optimizer.update(grads, opt_state, lora)
