@@ -1,2 +1,34 @@
 """diffmas_jax: multi-agent LLM systems that talk through a shared KV trace, in JAX."""
+import os as _os
+
 __version__ = "0.1.0"
+
+# XLA:CPU's YNNPACK library fusions (on by default in recent jaxlib) make this project's
+# CPU decode step 1.5x slower at batch 8 (embedded model, 656-slot trace: ~220 ms against
+# ~145 ms with XLA's own codegen), mostly in the softmax reductions and small GEMMs they
+# take over; see benchmarks/README.md. The flags are CPU-only and take effect only if the
+# backend is not yet initialised; a value the user already put in XLA_FLAGS wins, and
+# DIFFMAS_JAX_KEEP_XLA_FLAGS=1 leaves XLA_FLAGS untouched. Older jaxlibs, which would
+# reject an unknown flag, are left alone.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
+_FLAGS_FROM_JAXLIB = (0, 10)
+
+
+def _jaxlib_version() -> tuple:
+    from importlib import metadata
+    try:
+        return tuple(int(p) for p in metadata.version("jaxlib").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return (0, 0)
+
+
+def _apply_cpu_xla_flags() -> None:
+    if _os.environ.get("DIFFMAS_JAX_KEEP_XLA_FLAGS") == "1" or _jaxlib_version() < _FLAGS_FROM_JAXLIB:
+        return
+    flags = _os.environ.get("XLA_FLAGS", "")
+    missing = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in flags]
+    if missing:
+        _os.environ["XLA_FLAGS"] = " ".join([flags, *missing]).strip()
+
+
+_apply_cpu_xla_flags()
