@@ -308,7 +308,8 @@ def attention(q, keys, vals, mask, cfg: ModelConfig):
     if jax.default_backend() == "cpu":
         if t == 1:
             return _one_token_attention(q, keys, vals, mask, cfg)
-        return _blocked_attention(q, keys, vals, mask, cfg)
+        if jax.device_count() == 1:  # a map over rows of a batch sharded over devices would gather it
+            return _blocked_attention(q, keys, vals, mask, cfg)
     return _grouped_attention(q, keys, vals, mask, cfg)
 
 
