@@ -8,10 +8,10 @@ __version__ = "0.1.0"
 # ~145 ms with XLA's own codegen), mostly in the softmax reductions and small GEMMs they
 # take over; see benchmarks/README.md. The flags are CPU-only and take effect only if the
 # backend is not yet initialised; a value the user already put in XLA_FLAGS wins, and
-# DIFFMAS_JAX_KEEP_XLA_FLAGS=1 leaves XLA_FLAGS untouched. Older jaxlibs, which would
-# reject an unknown flag, are left alone.
+# DIFFMAS_JAX_KEEP_XLA_FLAGS=1 leaves XLA_FLAGS untouched. XLA aborts on a flag it does
+# not know, so only the jaxlib releases that have this experimental flag get it.
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
-_FLAGS_FROM_JAXLIB = (0, 10)
+_FLAGS_FOR_JAXLIB = ((0, 10), (0, 11))  # [from, until): the releases it was measured on
 
 
 def _jaxlib_version() -> tuple:
@@ -23,7 +23,8 @@ def _jaxlib_version() -> tuple:
 
 
 def _apply_cpu_xla_flags() -> None:
-    if _os.environ.get("DIFFMAS_JAX_KEEP_XLA_FLAGS") == "1" or _jaxlib_version() < _FLAGS_FROM_JAXLIB:
+    low, high = _FLAGS_FOR_JAXLIB
+    if _os.environ.get("DIFFMAS_JAX_KEEP_XLA_FLAGS") == "1" or not low <= _jaxlib_version() < high:
         return
     flags = _os.environ.get("XLA_FLAGS", "")
     missing = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in flags]
