@@ -23,6 +23,7 @@ bandwidth, plus the vendor spec when the device is a known one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -47,6 +48,11 @@ SHAPES = {
                  num_heads=4, num_kv_heads=2, head_dim=16, tie_embeddings=True, qk_norm=True,
                  max_position_embeddings=4096),
 }
+# Train cases: (batch, K upstream agents, prompt, m latent steps, solver, target); K = 0 is plain SFT.
+TRAIN_CASES = {"diffmas4": (4, 3, 128, 10, 192, 64), "diffmas8": (8, 3, 256, 10, 512, 128),
+               "diffmas32": (32, 3, 256, 10, 512, 128), "sft8": (8, 0, 0, 0, 1024, 512)}
+QUICK_CASES = {"diffmas4": (2, 2, 32, 2, 64, 16), "diffmas8": (2, 2, 32, 2, 64, 16),
+               "diffmas32": (4, 2, 32, 2, 64, 16), "sft8": (2, 0, 0, 0, 128, 64)}
 # Vendor peaks (dense bf16 FLOP/s, HBM bytes/s), keyed by a substring of the device name.
 SPEC = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12),
         "TPU v5 lite": (197e12, 0.82e12), "TPU v4": (275e12, 1.2e12), "TPU v5p": (459e12, 2.76e12)}
@@ -58,7 +64,13 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     ap.add_argument("--skip-torch", action="store_true")
-    ap.add_argument("--remat", action="store_true", help="rematerialise layers in the train step")
+    ap.add_argument("--remat", default="auto",
+                    help="comma list of none/full/dots (dots: keep matmul outputs); auto: full where "
+                         "a full-gradient step would not fit otherwise")
+    ap.add_argument("--attention", default="auto", help="comma list of auto/xla/cudnn: one row per choice")
+    ap.add_argument("--cases", default=",".join(TRAIN_CASES), help="train cases: " + ", ".join(TRAIN_CASES))
+    ap.add_argument("--modes", default="stop,full", help="trace_grad modes for the DiffMAS cases")
+    ap.add_argument("--decode-batches", default="1,8,32", help="comma list; empty: no decode rows")
     ap.add_argument("--repeats", type=int, default=None)
     return ap.parse_args(argv)
 
@@ -233,6 +245,18 @@ def torch_train(model, up, sol, n_tgt, m, mode, reps, device):
 
 
 # --------------------------------------------------------------------------- main
+def split(text):
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def remat_value(mode, b, t_sol, trace_grad):
+    """The train step's ``remat`` for a --remat choice. auto: full remat for the large
+    full-gradient cases, whose activations exceed 80 GB otherwise."""
+    if mode == "auto":
+        return trace_grad == "full" and b * t_sol >= 4096
+    return {"none": False, "full": True, "dots": "dots"}[mode]
+
+
 def main(argv=None):
     args = parse_args(argv)
     q = args.quick
@@ -271,38 +295,44 @@ def main(argv=None):
         tm = None
         if not args.skip_torch:
             tm = torch_model(shape, device)
-        # (batch, K, prompt, m, solver, target): the DiffMAS layout, then a plain SFT sequence.
-        train_cases = ([(2, 2, 32, 2, 64, 16), (2, 0, 0, 0, 128, 64)] if q else
-                       [(4, 3, 128, 10, 192, 64), (8, 3, 256, 10, 512, 128), (8, 0, 0, 0, 1024, 512)])
-        # Rematerialise the larger full-gradient cases: their activations exceed 80 GB otherwise.
-        big = lambda b, t_sol, mode: args.remat or (mode == "full" and b * t_sol >= 4096)
-        for (b, k, t_up, m, t_sol, n_tgt) in train_cases:
-            for mode in (("stop", "full") if k else ("full",)):
-                name = f"B={b} K={k} prompt={t_up} m={m} solver={t_sol} target={n_tgt} trace_grad={mode}"
-                row = {"case": name, "batch": b, "tokens": b * (k * (t_up + m) + t_sol)}
-                chunks = [t_up, m] * k + [t_sol]
-                # trace_grad=full: everything is back-propagated; stop: the solver's chunk only.
-                row["flops"] = step_flops(cfg, b, chunks, n_tgt, 0 if mode == "full" else len(chunks) - 1)
-                try:
-                    log(f"[{shape}] train {name}: jax")
-                    row["remat"] = big(b, t_sol, mode)
-                    j, (up, sol) = jax_train(cfg, params, b, k, t_up, m, t_sol, n_tgt, mode, reps, row["remat"])
-                    j.update(tok_s=row["tokens"] / j["median_s"], mfu=row["flops"] / j["median_s"] / flop_peak)
-                    row["jax"] = j
-                    if tm is not None:
-                        log(f"[{shape}] train {name}: torch")
-                        t, tm = torch_train(tm, up, sol, n_tgt, m, mode, reps, device)
-                        t.update(tok_s=row["tokens"] / t["median_s"], mfu=row["flops"] / t["median_s"] / flop_peak)
-                        row["torch"] = t
-                        row["ratio"] = ratio(j["tok_s"], t["tok_s"])
-                except Exception as e:  # keep the other rows: one case running out of memory is a result too
-                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                    traceback.print_exc()
-                res["train"].append(row)
-                log(f"[{shape}] {json.dumps({k_: v for k_, v in row.items() if k_ in ('jax', 'torch', 'ratio', 'error')}, default=str)[:400]}")
-                save()
+        cases = QUICK_CASES if q else TRAIN_CASES
+        variants = [(a, r) for a in split(args.attention) for r in split(args.remat)]
+        runs = [(c, mode, a, r) for c in split(args.cases) for mode in (split(args.modes) if cases[c][1] else ["full"])
+                for a, r in variants]
+        torch_rows = {}
+        for (case, mode, attn, remat_mode) in runs:
+            (b, k, t_up, m, t_sol, n_tgt) = cases[case]
+            name = f"B={b} K={k} prompt={t_up} m={m} solver={t_sol} target={n_tgt} trace_grad={mode}"
+            remat = remat_value(remat_mode, b, t_sol, mode)
+            if len(variants) > 1:
+                name += f" attention={attn} remat={remat}"
+            row = {"case": name, "batch": b, "tokens": b * (k * (t_up + m) + t_sol), "attention": attn}
+            chunks = [t_up, m] * k + [t_sol]
+            # trace_grad=full: everything is back-propagated; stop: the solver's chunk only.
+            row["flops"] = step_flops(cfg, b, chunks, n_tgt, 0 if mode == "full" else len(chunks) - 1)
+            try:
+                log(f"[{shape}] train {name}: jax")
+                row["remat"] = remat
+                j, (up, sol) = jax_train(dataclasses.replace(cfg, attention=attn), params, b, k, t_up, m, t_sol,
+                                         n_tgt, mode, reps, remat)
+                j.update(tok_s=row["tokens"] / j["median_s"], mfu=row["flops"] / j["median_s"] / flop_peak)
+                row["jax"] = j
+                if tm is not None and (case, mode) not in torch_rows:  # once per case, not per variant
+                    log(f"[{shape}] train {name}: torch")
+                    t, tm = torch_train(tm, up, sol, n_tgt, m, mode, reps, device)
+                    t.update(tok_s=row["tokens"] / t["median_s"], mfu=row["flops"] / t["median_s"] / flop_peak)
+                    torch_rows[(case, mode)] = t
+                if (case, mode) in torch_rows:
+                    row["torch"] = t = torch_rows[(case, mode)]
+                    row["ratio"] = ratio(j["tok_s"], t["tok_s"])
+            except Exception as e:  # keep the other rows: one case running out of memory is a result too
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc()
+            res["train"].append(row)
+            log(f"[{shape}] {json.dumps({k_: v for k_, v in row.items() if k_ in ('jax', 'torch', 'ratio', 'error')}, default=str)[:400]}")
+            save()
         prompt, new = (32, 16) if q else (1024, 128)
-        for b in ((1, 4) if q else (1, 8, 32)):
+        for b in [int(x) for x in split(args.decode_batches)]:
             row = {"batch": b, "prompt": prompt, "new_tokens": new}
             try:
                 log(f"[{shape}] decode B={b}: jax")

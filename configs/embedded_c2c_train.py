@@ -44,6 +44,7 @@ def get_config():
     c.clip = 1.0
     c.max_target_tokens = 64
     c.remat = False
+    c.remat_policy = "full"  # with remat: "full" (least memory) or "dots" (keeps matmul outputs: faster)
     c.seed = 0
     # bookkeeping
     c.checkpoint_every = 20

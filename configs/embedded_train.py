@@ -43,6 +43,7 @@ def get_config():
     c.max_target_tokens = 64
     c.trace_capacity = placeholder(int)  # None: exactly what the longest batch needs
     c.remat = False
+    c.remat_policy = "full"  # with remat: "full" (least memory) or "dots" (keeps matmul outputs: faster)
     c.seed = 0
     # bookkeeping
     c.checkpoint_every = 20

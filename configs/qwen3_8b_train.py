@@ -28,6 +28,7 @@ def get_config():
     c.weight_decay = 0.0
     c.max_target_tokens = 512
     c.remat = True
+    c.remat_policy = "full"  # with remat: "full" (least memory) or "dots" (keeps matmul outputs: faster)
     c.checkpoint_every = 640
     c.eval_every = 640
     c.eval_items = 64

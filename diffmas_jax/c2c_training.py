@@ -263,7 +263,7 @@ def train_c2c(c, workdir: Path) -> int:
     and its optimizer state are replicated."""
     from diffmas_jax import distributed, memory, mesh_presets, train_loop
     from diffmas_jax.c2c import FuserConfigError, init_fuser, pair_problem, save_fuser
-    from diffmas_jax.cli import UserError, enable_compilation_cache, load_model_checked
+    from diffmas_jax.cli import UserError, enable_compilation_cache, load_model_checked, remat_setting
     from diffmas_jax.config_utils import resolve_model
     from diffmas_jax.methods import MethodConfig
 
@@ -316,7 +316,7 @@ def train_c2c(c, workdir: Path) -> int:
     fc = FuserConfig.for_models(sharer.cfg, receiver.cfg, **opts)
     opt_steps = -(-int(c.steps) // int(c.grad_accum))
     sc = C2CStepConfig(fc=fc, anneal_steps=opt_steps, grad_accum=int(c.grad_accum), gate_t0=float(c.gate_t0),
-                       gate_t1=float(c.gate_t1), compute_dtype=c.dtype, remat=bool(c.remat), seed=int(c.seed),
+                       gate_t1=float(c.gate_t1), compute_dtype=c.dtype, remat=remat_setting(c), seed=int(c.seed),
                        max_target=int(max([data.n_target.max()] + ([eval_data.n_target.max()] if n_eval else []))))
     optimizer = make_c2c_optimizer(float(c.lr), opt_steps, float(c.warmup_frac), float(c.weight_decay),
                                    float(c.clip), int(c.grad_accum))

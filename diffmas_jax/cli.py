@@ -267,3 +267,14 @@ def enable_compilation_cache() -> Optional[str]:
         return path
     except Exception:  # a cache is an optimisation, never a reason to fail
         return None
+
+
+def remat_setting(c):
+    """``c.remat`` (bool) and ``c.remat_policy`` ("full": keep layer inputs; "dots": also keep the
+    projections' outputs, trading memory for no matmul recompute) as the step's ``remat`` value."""
+    if not c.remat:
+        return False
+    policy = c.get("remat_policy", "full")
+    if policy not in ("full", "dots"):
+        raise UserError(f"config.remat_policy={policy!r}: expected 'full' or 'dots'")
+    return True if policy == "full" else "dots"

@@ -144,6 +144,8 @@ def estimate_train(cfg, mesh_shape: Sequence[int], *, batch: int, solver_length:
 
     def chunk(t, s):
         dense, scores = _layer_act(cfg, mesh, batch, t, s, a)
+        if remat == "dots":  # the projections' outputs are kept; scores are recomputed one layer at a time
+            return L * dense + scores
         if remat:  # each layer's input is kept; one layer is recomputed at a time
             b = _div(batch, mesh.shape["data"] * mesh.shape["fsdp"])
             return L * b * t * cfg.hidden_size * a + dense + scores
@@ -310,7 +312,7 @@ def preflight_train(cfg, config, sc, lcfg, model_name: Optional[str] = None) -> 
         upstream_lengths=tuple(sc.up_lengths), latent_steps=tuple(sc.latent_steps), max_target=sc.max_target,
         capacity=int(sc.capacity), dtype=sc.compute_dtype, lora_rank=int(lcfg.rank), lora_targets=lcfg.targets,
         lora_copies=len(sc.roles) if lcfg.per_role else 1, grad_accum=int(_get(config, "grad_accum", 1)),
-        remat=bool(sc.remat), trace_grad=sc.trace_grad)
+        remat=sc.remat, trace_grad=sc.trace_grad)
     return report(est, config, model_name or str(_get(config, "model", "model")), choice)
 
 

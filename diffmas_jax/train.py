@@ -16,7 +16,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffmas_jax.cli import UserError, config_flag_value, enable_compilation_cache, load_model_checked, run_cli
+from diffmas_jax.cli import UserError, config_flag_value, remat_setting, enable_compilation_cache, load_model_checked, run_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (resumes if it holds a run)")
@@ -143,7 +143,7 @@ def main(argv) -> int:
     sc = StepConfig(method=c.method, trace_grad=c.trace_grad, roles=tuple(a.role for a in agents),
                     latent_steps=latent, up_lengths=tuple(t.shape[1] for t in data.up_tokens),
                     solver_length=data.tokens.shape[1], capacity=capacity, lora_scale=lcfg.scale,
-                    communication=c.communication, visibility=c.visibility, remat=bool(c.remat),
+                    communication=c.communication, visibility=c.visibility, remat=remat_setting(c.remat),
                     compute_dtype=c.dtype, lora_dropout=lcfg.dropout,
                     max_target=int(max([data.n_target.max()] + ([eval_data.n_target.max()] if n_eval else []))))
     optimizer = make_optimizer(float(c.lr), int(c.steps), int(c.warmup_steps), float(c.weight_decay),

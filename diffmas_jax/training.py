@@ -43,7 +43,7 @@ class StepConfig:
     lora_scale: float
     communication: str = "concat"
     visibility: str = "full"
-    remat: bool = False
+    remat: object = False  # False, True (keep layer inputs only) or "dots" (also keep projections)
     compute_dtype: str = "float32"
     max_target: Optional[int] = None  # static bound on target tokens per row (LM-head cost)
     lora_dropout: float = 0.0         # dropout on the LoRA input; needs a per-step rng

@@ -1,4 +1,5 @@
 """Logits parity with transformers' PyTorch models, float32, tiny random models per family."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -114,6 +115,78 @@ def test_one_token_attention_equals_grouped_attention(kv_heads, parts):
     got = jax.jit(lambda *a: _one_token_attention(*a, cfg))(q, keys, vals, jnp.asarray(mask))
     assert got.shape == want.shape == (3, 1, 12, 16)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+
+
+def test_fused_attention_equals_grouped_attention():
+    """The fused path (jax.nn.dot_product_attention, rows mapped, odd T and S padded to even,
+    the mask as a per-row bias) gives the grouped attention's values and gradients. On a GPU
+    the same code runs cuDNN's kernel; here its XLA reference checks the wiring."""
+    import types
+    import jax
+    import jax.numpy as jnp
+    from diffmas_jax.model.transformer import _grouped_attention, fused_attention
+    cfg = types.SimpleNamespace(num_heads=6, num_kv_heads=2, head_dim=8)
+    rng = np.random.default_rng(1)
+    b, t, sizes = 3, 9, (6, 9)  # T = 9 and S = 15: both padded
+    q = jnp.asarray(rng.standard_normal((b, t, 6, 8)), jnp.float32)
+    keys = tuple(jnp.asarray(rng.standard_normal((b, s, 2, 8)), jnp.float32) for s in sizes)
+    vals = tuple(jnp.asarray(rng.standard_normal((b, s, 2, 8)), jnp.float32) for s in sizes)
+    mask = rng.random((b, t, sum(sizes))) > 0.3
+    mask[:, :, 0] = True  # every query sees at least one key: a fully masked row is garbage either way
+    mask = jnp.asarray(mask)
+    fused = lambda q, k, v: fused_attention(q, k, v, mask, "xla")
+    grouped = lambda q, k, v: _grouped_attention(q, k, v, mask, cfg)
+    np.testing.assert_allclose(np.asarray(jax.jit(fused)(q, keys, vals)), np.asarray(grouped(q, keys, vals)),
+                               atol=1e-5)
+    weights = jnp.asarray(rng.standard_normal((b, t, 6, 8)), jnp.float32)
+    got = jax.grad(lambda *a: (fused(*a) * weights).sum(), argnums=(0, 1, 2))(q, keys, vals)
+    want = jax.grad(lambda *a: (grouped(*a) * weights).sum(), argnums=(0, 1, 2))(q, keys, vals)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an NVIDIA GPU")
+def test_cudnn_attention_matches_grouped_attention_on_gpu():
+    """On a GPU, the cuDNN kernel behind the fused path gives the XLA path's values and
+    gradients in bfloat16, for a chunk over a cache with holes and odd lengths."""
+    import types
+    from diffmas_jax.model.transformer import _grouped_attention, fused_attention
+    cfg = types.SimpleNamespace(num_heads=16, num_kv_heads=8, head_dim=128)
+    rng = np.random.default_rng(2)
+    b, t, sizes = 3, 129, (200, 129)
+    bf = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    q, keys, vals = bf(b, t, 16, 128), tuple(bf(b, s, 8, 128) for s in sizes), tuple(bf(b, s, 8, 128) for s in sizes)
+    old = rng.random((b, sizes[0])) > 0.3
+    mask = np.concatenate([np.broadcast_to(old[:, None], (b, t, sizes[0])),
+                           np.broadcast_to(np.tril(np.ones((t, t), bool)), (b, t, t))], -1)
+    mask = jnp.asarray(mask)
+    weights = bf(b, t, 16, 128).astype(jnp.float32)
+    loss = lambda fn: lambda *a: (fn(*a).astype(jnp.float32) * weights).sum()
+    fused = lambda q, k, v: fused_attention(q, k, v, mask, "cudnn")
+    grouped = lambda q, k, v: _grouped_attention(q, k, v, mask, cfg)
+    got, want = jax.jit(fused)(q, keys, vals), jax.jit(grouped)(q, keys, vals)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2)
+    g = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2)))(q, keys, vals)
+    w = jax.jit(jax.grad(loss(grouped), argnums=(0, 1, 2)))(q, keys, vals)
+    for a, e in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+        a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
+        assert np.abs(a - e).max() <= 2e-2 * np.abs(e).max() + 1e-3
+
+
+def test_attention_impl_choice():
+    """"auto" keeps XLA's attention on CPU and for short or float32 chunks; "cudnn" forces the
+    fused kernel; an unknown name is an error naming the choices."""
+    import dataclasses
+    import jax.numpy as jnp
+    from diffmas_jax.model.config import ModelConfig
+    from diffmas_jax.model.transformer import fused_attention_impl
+    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=8)
+    assert fused_attention_impl(cfg, 1024, jnp.bfloat16) is None  # CPU
+    assert fused_attention_impl(dataclasses.replace(cfg, attention="cudnn"), 4, jnp.float32) == "cudnn"
+    assert fused_attention_impl(dataclasses.replace(cfg, attention="xla"), 1024, jnp.bfloat16) is None
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        fused_attention_impl(dataclasses.replace(cfg, attention="flash"), 1024, jnp.bfloat16)
 
 
 def test_blocked_attention_equals_grouped_attention():

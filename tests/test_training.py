@@ -152,6 +152,34 @@ def test_trace_grad_full_reaches_upstream_and_stop_does_not(chat):
     assert max(jax.tree.leaves(diff)) > 1e-6
 
 
+def test_remat_policies_give_the_same_loss_and_gradients(chat):
+    """Rematerialising layers (keeping only their inputs, or also the projections' outputs)
+    changes what is stored for the backward pass, never the loss or the gradients."""
+    import dataclasses
+    lora = random_lora(chat.cfg, LoraConfig(rank=4, alpha=8.0))
+    sc, _, batch, realign = setup_step(chat, "full")
+    out = {}
+    for remat in (False, True, "dots"):
+        s = dataclasses.replace(sc, remat=remat)
+        loss, grads, _ = jax.jit(lambda lo: loss_and_grads(lo, chat.params, chat.cfg, realign, batch, s))(lora)
+        out[remat] = (float(loss), grads)
+    for remat in (True, "dots"):
+        assert out[remat][0] == pytest.approx(out[False][0], rel=1e-6)
+        for g, w in zip(jax.tree.leaves(out[remat][1]), jax.tree.leaves(out[False][1])):
+            w = np.asarray(w)  # float32 recompute rounds differently: compare on the leaf's own scale
+            np.testing.assert_allclose(np.asarray(g), w, rtol=1e-3, atol=1e-4 * np.abs(w).max())
+
+
+def test_remat_setting_reads_the_config():
+    from ml_collections import ConfigDict
+    from diffmas_jax.cli import UserError, remat_setting
+    assert remat_setting(ConfigDict({"remat": False, "remat_policy": "dots"})) is False
+    assert remat_setting(ConfigDict({"remat": True})) is True  # older configs: no policy field
+    assert remat_setting(ConfigDict({"remat": True, "remat_policy": "dots"})) == "dots"
+    with pytest.raises(UserError, match="config.remat_policy='most': expected 'full' or 'dots'"):
+        remat_setting(ConfigDict({"remat": True, "remat_policy": "most"}))
+
+
 @pytest.mark.parametrize("method", ["single_sft", "text_mas_sft"])
 def test_sft_baselines_train_the_solver_without_a_trace(chat, method):
     notes = [[("planner", "First add, then subtract.")]] * 2 if method == "text_mas_sft" else None

@@ -44,6 +44,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple = ()
     hidden_act: str = "silu"
+    # Runtime choice, not read from HF: "auto" (cuDNN flash attention for long half-precision
+    # chunks on GPUs, XLA elsewhere), "xla" or "cudnn".
+    attention: str = "auto"
 
     @property
     def rope_type(self) -> str:

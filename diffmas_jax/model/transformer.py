@@ -31,6 +31,11 @@ Params = dict[str, Any]
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 _NEG = -1e30  # finite: a fully masked (padding) query row yields garbage, never NaN
 
+# What a rematerialised layer keeps for the backward pass. "dots" keeps the outputs of the
+# weight matmuls and recomputes only norms, rope, attention and activations: most of full
+# remat's memory saving at a fraction of its recompute (the matmuls are the costly part).
+REMAT_POLICIES = {True: None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -273,7 +278,11 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
         h = h + proj(jax.nn.silu(proj(hn, "gate")) * proj(hn, "up"), "down")
         return h, (k, v)
 
-    body = jax.checkpoint(layer) if remat else layer
+    body = layer
+    if remat not in REMAT_POLICIES and remat is not False:
+        raise ValueError(f"unknown remat {remat!r}; expected False, True/'full' or 'dots'")
+    if remat:  # True: keep each layer's input only; "dots": also keep projection outputs
+        body = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])
     xs = (params["layers"], lora_layers, trace.k[:, :, :old], trace.v[:, :, :old],
           jnp.arange(cfg.num_layers))
     x, (k_new, v_new) = jax.lax.scan(body, x, xs, unroll=layer_unroll(cfg, t))
@@ -305,6 +314,9 @@ def attention(q, keys, vals, mask, cfg: ModelConfig):
     b, t = q.shape[:2]
     keys = keys if isinstance(keys, tuple) else (keys,)
     vals = vals if isinstance(vals, tuple) else (vals,)
+    impl = fused_attention_impl(cfg, t, q.dtype)
+    if impl is not None:
+        return fused_attention(q, keys, vals, mask, impl)
     if jax.default_backend() == "cpu":
         if t == 1:
             return _one_token_attention(q, keys, vals, mask, cfg)
@@ -314,6 +326,54 @@ def attention(q, keys, vals, mask, cfg: ModelConfig):
 
 
 _CPU_QUERY_BLOCK = 128
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+_FUSED_MIN_CHUNK = 64  # below this a chunk's scores are small; decode keeps its own path
+
+
+def fused_attention_impl(cfg: ModelConfig, t: int, dtype) -> Optional[str]:
+    """Which fused kernel, if any, runs a chunk of ``t`` queries: ``"cudnn"`` (flash attention)
+    for long half-precision chunks on GPUs under ``attention="auto"``, or what the config forces."""
+    choice = cfg.attention
+    if choice not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {choice!r}; expected one of {ATTENTION_IMPLS}")
+    if choice == "cudnn":
+        return "cudnn"
+    if choice == "auto" and jax.default_backend() == "gpu" and t >= _FUSED_MIN_CHUNK \
+            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and cfg.head_dim % 8 == 0:
+        return "cudnn"
+    return None
+
+
+def fused_attention(q, keys, vals, mask, implementation: str):
+    """Attention through ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPUs):
+    the [T, S] scores never reach memory, so long chunks need neither their O(T S) buffers
+    nor remat to fit.
+
+    The mask is arbitrary (holes from padding and visibility), so it goes in as a bias.
+    cuDNN back-propagates a bias only for a batch of one with one bias per query head,
+    so rows run one at a time under ``lax.map`` with the row's mask broadcast over heads;
+    with bias, cuDNN training also needs even T and S, so both are padded by one if odd
+    (a padded key is masked, a padded query is dropped)."""
+    b, t, n, hd = q.shape
+    k = jnp.concatenate(keys, axis=1) if len(keys) > 1 else keys[0]
+    v = jnp.concatenate(vals, axis=1) if len(vals) > 1 else vals[0]
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    s = k.shape[1]
+    pt, ps = t % 2, s % 2
+    if pt or ps:
+        q = jnp.pad(q, ((0, 0), (0, pt), (0, 0), (0, 0)))
+        k = jnp.pad(k, ((0, 0), (0, ps), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, ps), (0, 0), (0, 0)))
+        mask = jnp.pad(mask, ((0, 0), (0, pt), (0, ps)))
+
+    def one(args):
+        qr, kr, vr, mr = args
+        mr = jnp.broadcast_to(mr[None, None], (1, n) + mr.shape)
+        return jax.nn.dot_product_attention(qr[None], kr[None], vr[None], mask=mr,
+                                            implementation=implementation)[0]
+
+    out = jax.lax.map(one, (q, k, v, mask))
+    return out[:, :t]
 
 
 def _blocked_attention(q, keys, vals, mask, cfg: ModelConfig, block: int = _CPU_QUERY_BLOCK):
