@@ -70,6 +70,7 @@ def parse_args(argv=None):
     ap.add_argument("--attention", default="auto", help="comma list of auto/xla/cudnn: one row per choice")
     ap.add_argument("--cases", default=",".join(TRAIN_CASES), help="train cases: " + ", ".join(TRAIN_CASES))
     ap.add_argument("--modes", default="stop,full", help="trace_grad modes for the DiffMAS cases")
+    ap.add_argument("--profile", help="trace two steps of each train row into DIR/<row> and print where the time goes")
     ap.add_argument("--decode-batches", default="1,8,32", help="comma list; empty: no decode rows")
     ap.add_argument("--repeats", type=int, default=None)
     return ap.parse_args(argv)
@@ -125,7 +126,7 @@ def step_flops(cfg, b, chunks, n_tgt, grad_from):
 
 
 # --------------------------------------------------------------------------- JAX side
-def jax_train(cfg, params, b, k, t_up, m, t_sol, n_tgt, mode, reps, remat):
+def jax_train(cfg, params, b, k, t_up, m, t_sol, n_tgt, mode, reps, remat, profile_dir=None):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -157,7 +158,15 @@ def jax_train(cfg, params, b, k, t_up, m, t_sol, n_tgt, mode, reps, remat):
     loss0 = run()
     first = time.perf_counter() - t0
     med, samples, _ = median_time(run, reps)
-    return {"median_s": med, "samples_s": samples, "first_call_s": first, "first_loss": loss0}, (up, sol)
+    out = {"median_s": med, "samples_s": samples, "first_call_s": first, "first_loss": loss0}
+    if profile_dir:
+        from profile_summary import render, summarize
+        with jax.profiler.trace(profile_dir):
+            run()
+            run()
+        out["profile"] = summarize(profile_dir, steps=2)
+        log("profile:\n" + render(out["profile"]))
+    return out, (up, sol)
 
 
 def jax_decode(cfg, params, b, prompt, new, reps):
@@ -314,7 +323,8 @@ def main(argv=None):
                 log(f"[{shape}] train {name}: jax")
                 row["remat"] = remat
                 j, (up, sol) = jax_train(dataclasses.replace(cfg, attention=attn), params, b, k, t_up, m, t_sol,
-                                         n_tgt, mode, reps, remat)
+                                         n_tgt, mode, reps, remat,
+                                         args.profile and f"{args.profile}/{shape}_{len(res['train'])}")
                 j.update(tok_s=row["tokens"] / j["median_s"], mfu=row["flops"] / j["median_s"] / flop_peak)
                 row["jax"] = j
                 if tm is not None and (case, mode) not in torch_rows:  # once per case, not per variant

@@ -44,8 +44,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple = ()
     hidden_act: str = "silu"
-    # Runtime choice, not read from HF: "auto" (cuDNN flash attention for long half-precision
-    # chunks on GPUs, XLA elsewhere), "xla" or "cudnn".
+    # Runtime choice, not read from HF: "auto"/"xla" (XLA's attention) or "cudnn" (flash
+    # attention through cuDNN on NVIDIA GPUs: no [T, S] score buffers, for very long chunks).
     attention: str = "auto"
 
     @property
