@@ -143,7 +143,7 @@ def main(argv) -> int:
     sc = StepConfig(method=c.method, trace_grad=c.trace_grad, roles=tuple(a.role for a in agents),
                     latent_steps=latent, up_lengths=tuple(t.shape[1] for t in data.up_tokens),
                     solver_length=data.tokens.shape[1], capacity=capacity, lora_scale=lcfg.scale,
-                    communication=c.communication, visibility=c.visibility, remat=remat_setting(c.remat),
+                    communication=c.communication, visibility=c.visibility, remat=remat_setting(c),
                     compute_dtype=c.dtype, lora_dropout=lcfg.dropout,
                     max_target=int(max([data.n_target.max()] + ([eval_data.n_target.max()] if n_eval else []))))
     optimizer = make_optimizer(float(c.lr), int(c.steps), int(c.warmup_steps), float(c.weight_decay),
