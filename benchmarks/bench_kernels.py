@@ -55,8 +55,7 @@ def median_time(fn, repeats: int) -> float:
 
 def weight_chain(params) -> list[np.ndarray]:
     """Every [in, out] matrix a decode step multiplies by, in order (LM head last)."""
-    from diffmas_jax.model.transformer import stack_layers
-    layers = stack_layers(params)["layers"]
+    layers = params["layers"]
     mats = [np.asarray(layers[name]["kernel"][i]) for i in range(layers["q"]["kernel"].shape[0]) for name in LINEARS]
     head = params.get("lm_head")
     mats.append(np.asarray(head) if head is not None else np.ascontiguousarray(np.asarray(params["embed"]).T))  # tied

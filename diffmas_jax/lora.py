@@ -84,16 +84,12 @@ def merge_lora(params: dict, lora: dict, scale: float) -> dict:
     """Base params with W + scale * A B folded in (for one shared adapter)."""
     if "roles" in lora:
         raise LoraConfigError("merging needs one shared adapter, not per-role adapters")
-    from diffmas_jax.model.transformer import is_per_layer, stack_layers, unstack_layers
-    per_layer = is_per_layer(params)
-    params = stack_layers(params)
     layers = dict(params["layers"])
     for t, ab in lora.items():
         w = layers[t]["kernel"]
         delta = scale * jnp.einsum("lir,lro->lio", ab["a"], ab["b"])
         layers[t] = dict(layers[t], kernel=(w.astype(jnp.float32) + delta).astype(w.dtype))
-    merged = dict(params, layers=layers)
-    return unstack_layers(merged) if per_layer else merged
+    return dict(params, layers=layers)
 
 
 # --------------------------------------------------------------------------- files
@@ -174,8 +170,7 @@ def export_merged(path, params: dict, lora: dict, scale: float, cfg: ModelConfig
     from diffmas_jax.model.weights import params_to_hf
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    from diffmas_jax.model.transformer import stack_layers
-    merged = stack_layers(merge_lora(params, lora, scale))
+    merged = merge_lora(params, lora, scale)
     tensors = {k: np.asarray(v, np.float32) for k, v in params_to_hf(cfg, merged).items()}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     for f in Path(model_dir).iterdir():

@@ -53,45 +53,6 @@ def test_logits_parity_float32(case, tiny_model_dir):
         assert m.cfg.sliding_window == 8  # and positions > 8 were exercised above
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_per_layer_and_stacked_layouts_agree(family, tiny_model_dir):
-    """The per-layer layout (default on an unsharded CPU run) computes what the stacked
-    layer scan computes: logits and cache of a chunk and of a one-token step, with LoRA and
-    LoRA dropout; the stacked layout keeps HF parity; the two convert losslessly."""
-    from diffmas_jax.lora import LoraConfig, init_lora
-    from diffmas_jax.model.transformer import LoraDropout, is_per_layer, stack_layers, unstack_layers
-    path = tiny_model_dir(family)
-    per = load_model(str(path), with_tokenizer=False)
-    st = load_model(str(path), with_tokenizer=False, layer_layout="stacked")
-    assert is_per_layer(per.params) and not is_per_layer(st.params)  # "auto" on this CPU
-    for a, b in zip(jax.tree.leaves(stack_layers(per.params)), jax.tree.leaves(st.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert jax.tree.structure(unstack_layers(st.params)) == jax.tree.structure(per.params)
-    lora = init_lora(per.cfg, LoraConfig(rank=4, alpha=8.0), jax.random.PRNGKey(0))
-    lora = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(1), x.shape), lora)
-    ids = jnp.asarray(np.random.default_rng(0).integers(3, 256, size=(2, 40)))
-    outs = {}
-    for name, params in (("per", per.params), ("stacked", st.params)):
-        kw = dict(lora=lora, lora_scale=2.0, dropout=LoraDropout(0.2, jax.random.PRNGKey(3)))
-        a = jit_forward(params, per.cfg, KVTrace.create(per.cfg, 2, 64), tokens=ids, **kw)
-        b = jit_forward(params, per.cfg, a.trace, tokens=ids[:, :1], **kw)
-        outs[name] = (a.logits, b.logits, b.trace.k, b.trace.v)
-    for x, y in zip(outs["per"], outs["stacked"]):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5, rtol=0)
-    ref = hf_logits(path, np.asarray(ids))
-    np.testing.assert_allclose(np.asarray(jit_forward(st.params, st.cfg, KVTrace.create(st.cfg, 2, 64),
-                                                      tokens=ids).logits), ref, atol=1e-4, rtol=0)
-
-
-def test_layer_layout_choice():
-    from diffmas_jax.model.transformer import resolve_layer_layout
-    assert resolve_layer_layout("auto", placed=False) == "per_layer"  # this CPU
-    assert resolve_layer_layout("auto", placed=True) == "stacked"     # weights placed on a mesh
-    assert resolve_layer_layout("stacked", placed=False) == "stacked"
-    with pytest.raises(ValueError, match="unknown layer layout 'rows'"):
-        resolve_layer_layout("rows", placed=False)
-
-
 def test_bfloat16_forward_close_to_float32(tiny_model_dir):
     path = tiny_model_dir("qwen3")
     m32 = load_model(str(path), with_tokenizer=False)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffmas_jax.model.config import ModelConfig
-from diffmas_jax.model.transformer import resolve_dtype, resolve_layer_layout, unstack_layers
+from diffmas_jax.model.transformer import resolve_dtype
 from diffmas_jax.model.weights import (WeightLoadError, iter_safetensors, load_params,
                                        safetensors_files)
 
@@ -195,18 +195,11 @@ def load_tokenizer(model_dir: Path):
 
 
 def load_model(name_or_path: Optional[str] = None, dtype="float32", place=None,
-               with_tokenizer: bool = True, layer_layout: str = "auto") -> LoadedModel:
-    """Load config, params (in ``dtype``) and tokenizer for any supported source.
-
-    ``layer_layout``: "stacked" ([L, ...] arrays under one layer scan), "per_layer" (a
-    tuple of per-layer trees) or "auto" (per-layer on an unsharded CPU run, see
-    ``transformer.unstack_layers``)."""
+               with_tokenizer: bool = True) -> LoadedModel:
+    """Load config, params (in ``dtype``) and tokenizer for any supported source."""
     dtype = resolve_dtype(dtype)
-    layout = resolve_layer_layout(layer_layout, place is not None)
     model_dir = resolve_model_dir(name_or_path)
     cfg = load_config(model_dir)
     params = load_params(cfg, iter_safetensors(safetensors_files(model_dir)), dtype=dtype, place=place)
-    if layout == "per_layer":
-        params = unstack_layers(params)
     tok = load_tokenizer(model_dir) if with_tokenizer else None
     return LoadedModel(cfg=cfg, params=params, tokenizer=tok, path=model_dir, dtype=dtype)

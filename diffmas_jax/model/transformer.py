@@ -16,7 +16,6 @@ adds ``scale * (x A) B`` to the targeted projections without touching params.
 from __future__ import annotations
 
 import dataclasses
-import os
 from functools import partial
 from typing import Any, Optional
 
@@ -284,18 +283,9 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
         raise ValueError(f"unknown remat {remat!r}; expected False, True/'full' or 'dots'")
     if remat:  # True: keep each layer's input only; "dots": also keep projection outputs
         body = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])
-    if is_per_layer(params):  # one call per layer on its own arrays (see ``unstack_layers``)
-        ks, vs = [], []
-        for li, p in enumerate(params["layers"]):
-            lo = jax.tree.map(lambda a: a[li], lora_layers)
-            x, (k, v) = body(x, (p, lo, trace.k[li, :, :old], trace.v[li, :, :old], li))
-            ks.append(k)
-            vs.append(v)
-        k_new, v_new = jnp.stack(ks), jnp.stack(vs)
-    else:
-        xs = (params["layers"], lora_layers, trace.k[:, :, :old], trace.v[:, :, :old],
-              jnp.arange(cfg.num_layers))
-        x, (k_new, v_new) = jax.lax.scan(body, x, xs, unroll=layer_unroll(cfg, t))
+    xs = (params["layers"], lora_layers, trace.k[:, :, :old], trace.v[:, :, :old],
+          jnp.arange(cfg.num_layers))
+    x, (k_new, v_new) = jax.lax.scan(body, x, xs, unroll=layer_unroll(cfg, t))
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     meta = trace.write_meta(offset, valid, segment, kind, positions, next_pos)
     new_trace = meta.replace(
@@ -483,48 +473,6 @@ def last_valid_index(valid):
 def take_rows(x, idx):
     """x [B, T, ...] -> x[b, idx[b]] for each row."""
     return jnp.take_along_axis(x, idx.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
-
-
-LAYER_LAYOUTS = ("auto", "stacked", "per_layer")
-
-
-def is_per_layer(params: Params) -> bool:
-    return isinstance(params["layers"], (list, tuple))
-
-
-def unstack_layers(params: Params) -> Params:
-    """The same weights with ``layers`` as a tuple of per-layer trees instead of [L, ...] stacks.
-
-    ``forward`` runs either layout. Stacked weights run under one ``lax.scan`` (short
-    compiles, what meshes shard); but XLA:CPU copies each layer's slice of a stack before
-    its matmuls, which doubles the memory traffic of a one-token step (decode, latent
-    steps). Per-layer arrays are read in place, at the cost of a compile that grows with
-    depth."""
-    if is_per_layer(params):
-        return params
-    n = jax.tree.leaves(params["layers"])[0].shape[0]
-    return dict(params, layers=tuple(jax.tree.map(lambda a: a[i], params["layers"]) for i in range(n)))
-
-
-def stack_layers(params: Params) -> Params:
-    """Inverse of ``unstack_layers`` (no-op on stacked params)."""
-    if not is_per_layer(params):
-        return params
-    return dict(params, layers=jax.tree.map(lambda *a: jnp.stack(a), *params["layers"]))
-
-
-def resolve_layer_layout(layout: str, placed: bool) -> str:
-    """``auto``: per-layer arrays on a single-process CPU run without a mesh (where the
-    stacked slices cost most), stacked everywhere else (accelerators, sharded weights);
-    the environment variable DIFFMAS_LAYER_LAYOUT=stacked|per_layer overrides it."""
-    if layout not in LAYER_LAYOUTS:
-        raise ValueError(f"unknown layer layout {layout!r}; expected one of {LAYER_LAYOUTS}")
-    if layout == "auto":
-        forced = os.environ.get("DIFFMAS_LAYER_LAYOUT", "")
-        if forced:
-            return resolve_layer_layout(forced, placed) if forced != "auto" else "stacked"
-        return "per_layer" if not placed and jax.default_backend() == "cpu" else "stacked"
-    return layout
 
 
 def cast_params(params: Params, dtype) -> Params:

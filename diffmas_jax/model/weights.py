@@ -141,10 +141,9 @@ def load_params(cfg: ModelConfig, tensors, dtype=jnp.float32,
 
 def params_to_hf(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
     """Inverse map: params pytree -> HF-named float arrays (merged exports)."""
-    from diffmas_jax.model.transformer import stack_layers
     out = {}
     flat = {".".join(k.key for k in path): np.asarray(v)
-            for path, v in jax.tree_util.tree_flatten_with_path(stack_layers(params))[0]}
+            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     for template, path, transpose, in ((t, p, tr) for t, p, tr in HF_NAME_MAP):
         if path not in flat:
             continue
