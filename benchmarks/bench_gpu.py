@@ -238,19 +238,27 @@ def torch_decode(model, b, prompt, new, reps, device):
 def torch_train(model, up, sol, n_tgt, m, mode, reps, device):
     from bench_train import TorchTrain
     import torch
+    import gc
     th = TorchTrain(None, 8, 5e-5, os.cpu_count() or 1, base=model, device=device)
-    fn, st = th.step_fn([u.tolist() for u in up], sol.tolist(), n_tgt, m, mode)
+    try:
+        fn, st = th.step_fn([u.tolist() for u in up], sol.tolist(), n_tgt, m, mode)
 
-    def run():
-        fn()
-        sync_torch()
-    t0 = time.perf_counter()
-    run()
-    first = time.perf_counter() - t0
-    med, samples, _ = median_time(run, reps)
-    model = th.model.unload()
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return {"median_s": med, "samples_s": samples, "first_call_s": first, "first_loss": st["losses"][0]}, model
+        def run():
+            fn()
+            sync_torch()
+        t0 = time.perf_counter()
+        run()
+        first = time.perf_counter() - t0
+        med, samples, _ = median_time(run, reps)
+        return {"median_s": med, "samples_s": samples, "first_call_s": first, "first_loss": st["losses"][0]}, model
+    finally:
+        # Also after an out-of-memory error: take the adapter off the shared base model (PEFT
+        # edits it in place) and hand the cached blocks back, or every later torch row (and
+        # JAX's cuDNN calls) would start short of memory.
+        th.model.unload()
+        del th
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
 # --------------------------------------------------------------------------- main
