@@ -301,8 +301,10 @@ def main(argv=None):
     flop_peak = peaks["spec_flop_s"] or peaks["matmul_flop_s"]
     bw_peak = peaks["spec_bytes_s"] or peaks["copy_bytes_s"]
 
-    def save():
-        path.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    def save():  # atomic: a run killed mid-write keeps the last complete file
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        os.replace(tmp, path.with_suffix(".json"))
 
     for shape in [s.strip() for s in args.shape.split(",") if s.strip()]:
         cfg = ModelConfig(**SHAPES[shape])
@@ -324,6 +326,7 @@ def main(argv=None):
             if len(variants) > 1:
                 name += f" attention={attn} remat={remat}"
             row = {"case": name, "batch": b, "tokens": b * (k * (t_up + m) + t_sol), "attention": attn}
+            res["train"].append(row)  # filled in place; saved after each side, so a run cut short keeps it
             chunks = [t_up, m] * k + [t_sol]
             # trace_grad=full: everything is back-propagated; stop: the solver's chunk only.
             row["flops"] = step_flops(cfg, b, chunks, n_tgt, 0 if mode == "full" else len(chunks) - 1)
@@ -335,6 +338,7 @@ def main(argv=None):
                                          args.profile and f"{args.profile}/{shape}_{len(res['train'])}")
                 j.update(tok_s=row["tokens"] / j["median_s"], mfu=row["flops"] / j["median_s"] / flop_peak)
                 row["jax"] = j
+                save()
                 if tm is not None and (case, mode) not in torch_rows:  # once per case, not per variant
                     log(f"[{shape}] train {name}: torch")
                     t, tm = torch_train(tm, up, sol, n_tgt, m, mode, reps, device)
@@ -346,7 +350,6 @@ def main(argv=None):
             except Exception as e:  # keep the other rows: one case running out of memory is a result too
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 traceback.print_exc()
-            res["train"].append(row)
             log(f"[{shape}] {json.dumps({k_: v for k_, v in row.items() if k_ in ('jax', 'torch', 'ratio', 'error')}, default=str)[:400]}")
             save()
         prompt, new = (32, 16) if q else (1024, 128)
