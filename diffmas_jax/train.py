@@ -16,7 +16,8 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffmas_jax.cli import UserError, config_flag_value, remat_setting, enable_compilation_cache, load_model_checked, run_cli
+from diffmas_jax.cli import (UserError, config_flag_value, enable_compilation_cache, load_model_checked, remat_setting,
+                            run_cli)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (resumes if it holds a run)")

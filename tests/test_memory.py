@@ -78,6 +78,9 @@ def test_params_shrink_with_the_mesh_and_remat_shrinks_activations():
     no_remat = memory.estimate_train(cfg, (1, 2, 4), **kw)
     remat = memory.estimate_train(cfg, (1, 2, 4), remat=True, **kw)
     assert remat.components["activations"] < no_remat.components["activations"] / 4
+    # remat "dots" keeps every layer's projections but not its scores: between the two
+    dots = memory.estimate_train(cfg, (1, 2, 4), remat="dots", **kw)
+    assert remat.components["activations"] < dots.components["activations"] < no_remat.components["activations"]
     full_grad = memory.estimate_train(cfg, (1, 2, 4), remat=True, trace_grad="full", **kw)
     assert full_grad.total > remat.total
     # the trace grows with the decoding budget and shrinks with the tensor axis

@@ -314,7 +314,7 @@ def attention(q, keys, vals, mask, cfg: ModelConfig):
     b, t = q.shape[:2]
     keys = keys if isinstance(keys, tuple) else (keys,)
     vals = vals if isinstance(vals, tuple) else (vals,)
-    impl = fused_attention_impl(cfg, t, q.dtype)
+    impl = fused_attention_impl(cfg)
     if impl is not None:
         return fused_attention(q, keys, vals, mask, impl)
     if jax.default_backend() == "cpu":
@@ -329,9 +329,9 @@ _CPU_QUERY_BLOCK = 128
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
-def fused_attention_impl(cfg: ModelConfig, t: int, dtype) -> Optional[str]:
-    """Which fused kernel, if any, runs a chunk of ``t`` queries: ``"cudnn"`` (flash attention)
-    when the config asks for it; ``"auto"`` and ``"xla"`` keep XLA's attention."""
+def fused_attention_impl(cfg: ModelConfig) -> Optional[str]:
+    """Which fused kernel, if any, runs chunk attention: ``"cudnn"`` (flash attention) when
+    the config asks for it; ``"auto"`` and ``"xla"`` keep XLA's attention."""
     choice = cfg.attention
     if choice not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {choice!r}; expected one of {ATTENTION_IMPLS}")
