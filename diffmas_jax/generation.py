@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffmas_jax.model.config import ModelConfig
-from diffmas_jax.model.transformer import forward, last_valid_index, lm_logits, resolve_dtype, take_rows
+from diffmas_jax.model.transformer import (forward, last_valid_index, lm_logits, resolve_dtype, take_rows,
+                                           use_per_layer)
+from diffmas_jax.model.transformer import per_layer as as_per_layer
 from diffmas_jax.distributed import to_host
 from diffmas_jax.sharding import mesh_jit
 from diffmas_jax.trace import PROMPT, TEXT, KVTrace
@@ -82,8 +84,12 @@ def start_decode(trace: KVTrace, last_logits, max_new_tokens: int, rng, done=Non
 
 def decode_steps(params, cfg: ModelConfig, state: DecodeState, *, num_steps: int, eos_ids: tuple,
                  sampling: SamplingConfig = GREEDY, pad_id: int = 0, segment=0, visible=None, lora=None,
-                 lora_scale: float = 1.0, compute_dtype=jnp.float32) -> DecodeState:
-    """Run up to ``num_steps`` decode steps (fewer if every row finishes)."""
+                 lora_scale: float = 1.0, compute_dtype=jnp.float32,
+                 per_layer: Optional[bool] = None) -> DecodeState:
+    """Run up to ``num_steps`` decode steps (fewer if every row finishes).
+
+    ``per_layer`` (None: ``use_per_layer``'s choice) runs the steps' layers from per-layer
+    copies of the weights and K/V, made once before the loop."""
     n = state.tokens.shape[1]
     base = state.trace.length - n  # first reserved slot
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
@@ -111,12 +117,17 @@ def decode_steps(params, cfg: ModelConfig, state: DecodeState, *, num_steps: int
             entropy=s.entropy.at[:, s.step].set(jnp.where(live, ent, 0.0)),
             count=s.count + live.astype(jnp.int32), step=s.step + 1, rng=rng)
 
+    if use_per_layer(params) if per_layer is None else per_layer:
+        params, lora = as_per_layer(params, lora, cfg)
+        state = dataclasses.replace(state, trace=state.trace.per_layer())
+        state = jax.lax.while_loop(cond, body, state)
+        return dataclasses.replace(state, trace=state.trace.stacked())
     return jax.lax.while_loop(cond, body, state)
 
 
 jit_decode_steps = mesh_jit(
     decode_steps, static_argnames=("cfg", "num_steps", "eos_ids", "sampling", "pad_id",
-                                   "lora_scale", "compute_dtype"))
+                                   "lora_scale", "compute_dtype", "per_layer"))
 
 
 def prefill(params, cfg, trace, tokens, valid, *, segment=0, kind=PROMPT, visible=None,

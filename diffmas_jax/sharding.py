@@ -142,6 +142,11 @@ def active_mesh(mesh: Optional[Mesh]):
         set_active_mesh(prev)
 
 
+def current_mesh() -> Optional[Mesh]:
+    """The mesh set by ``active_mesh`` / ``set_active_mesh``, or None."""
+    return _ACTIVE_MESH[0]
+
+
 def constrain_trace(trace, rules=None):
     """Inside jit: pin the trace's buffers to the active mesh's sharding (no-op without one)."""
     mesh = _ACTIVE_MESH[0]

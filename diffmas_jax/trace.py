@@ -50,11 +50,24 @@ class KVTrace:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1] if isinstance(self.k, tuple) else self.k.shape[2]
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0] if isinstance(self.k, tuple) else self.k.shape[1]
+
+    def per_layer(self) -> "KVTrace":
+        """K/V as tuples of per-layer [batch, capacity, kv_heads, head_dim] arrays, which
+        ``forward`` reads and updates in place without slicing a stack (decode loops)."""
+        if isinstance(self.k, tuple):
+            return self
+        return self.replace(k=tuple(self.k), v=tuple(self.v))
+
+    def stacked(self) -> "KVTrace":
+        """The inverse of :meth:`per_layer`."""
+        if not isinstance(self.k, tuple):
+            return self
+        return self.replace(k=jnp.stack(self.k), v=jnp.stack(self.v))
 
     def check_room(self, n: int, what: str = "append") -> None:
         if self.length + n > self.capacity:

@@ -255,9 +255,8 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
 
     use_dropout = dropout is not None and dropout.rate > 0 and lora is not None
 
-    def layer(h, xs):
-        p, lo, k_old, v_old, idx = xs
-
+    def block(h, p, lo, idx, attend):
+        """One decoder layer; ``attend(q, k, v)`` -> (attention output, what the layer emits)."""
         def proj(x, name):
             drop = dropout.fold(idx, LORA_TARGETS.index(name)) if use_dropout else None
             return dense(x, p[name], lo.get(name), lora_scale, drop)
@@ -270,30 +269,100 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
             q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
             k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = k.astype(k_old.dtype), v.astype(v_old.dtype)
-        attn = attention(q, (k_old.astype(compute_dtype), k.astype(compute_dtype)),
-                         (v_old.astype(compute_dtype), v.astype(compute_dtype)), mask, cfg)
+        attn, emitted = attend(q, k, v)
         h = h + proj(attn.reshape(b, t, cfg.q_size), "o")
         hn = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
         h = h + proj(jax.nn.silu(proj(hn, "gate")) * proj(hn, "up"), "down")
-        return h, (k, v)
+        return h, emitted
+
+    def layer(h, xs):  # the scan body: reads the cache's slots, emits the chunk's K/V
+        p, lo, k_old, v_old, idx = xs
+
+        def attend(q, k, v):
+            k, v = k.astype(k_old.dtype), v.astype(v_old.dtype)
+            attn = attention(q, (k_old.astype(compute_dtype), k.astype(compute_dtype)),
+                             (v_old.astype(compute_dtype), v.astype(compute_dtype)), mask, cfg)
+            return attn, (k, v)
+        return block(h, p, lo, idx, attend)
 
     body = layer
     if remat not in REMAT_POLICIES and remat is not False:
         raise ValueError(f"unknown remat {remat!r}; expected False, True/'full' or 'dots'")
     if remat:  # True: keep each layer's input only; "dots": also keep projection outputs
         body = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])
-    xs = (params["layers"], lora_layers, trace.k[:, :, :old], trace.v[:, :, :old],
-          jnp.arange(cfg.num_layers))
-    x, (k_new, v_new) = jax.lax.scan(body, x, xs, unroll=layer_unroll(cfg, t))
-    hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     meta = trace.write_meta(offset, valid, segment, kind, positions, next_pos)
-    new_trace = meta.replace(
-        k=jax.lax.dynamic_update_slice(trace.k, k_new, (0, 0, offset, 0, 0)),
-        v=jax.lax.dynamic_update_slice(trace.v, v_new, (0, 0, offset, 0, 0)),
-        length=max(old, offset + t) if isinstance(offset, int) else old)
+    length = max(old, offset + t) if isinstance(offset, int) else old
+    if isinstance(params["layers"], (list, tuple)):
+        if remat:
+            raise ValueError("remat needs stacked layers (a scan); got per-layer params")
+        trace = trace.per_layer()
+        # Per-layer arrays (see ``unstack_layers``): a Python loop reads each layer's
+        # weights and K/V where they lie, where a scan would copy its slice first. The
+        # chunk's write is made to depend on attention's output: XLA:CPU then sees the read
+        # ordered before the write and updates a loop-carried cache in place (without it, it
+        # copies every layer's K and V twice per decode step).
+        per_layer_lora = lora if isinstance(lora, (list, tuple)) else [None] * cfg.num_layers
+        ks, vs = list(trace.k), list(trace.v)
+        for i, p in enumerate(params["layers"]):
+            def attend(q, k, v, i=i):
+                k_old, v_old = ks[i][:, :old], vs[i][:, :old]
+                attn = attention(q, (k_old.astype(compute_dtype), k.astype(compute_dtype)),
+                                 (v_old.astype(compute_dtype), v.astype(compute_dtype)), mask, cfg)
+                after = 0 * attn[:, :, :1, :1]  # the write's data dependence on the read
+                ks[i] = jax.lax.dynamic_update_slice(ks[i], (k + after).astype(ks[i].dtype), (0, offset, 0, 0))
+                vs[i] = jax.lax.dynamic_update_slice(vs[i], (v + after).astype(vs[i].dtype), (0, offset, 0, 0))
+                return attn, None
+            x, _ = block(x, p, per_layer_lora[i] or {}, i, attend)
+        new_trace = meta.replace(k=tuple(ks), v=tuple(vs), length=length)
+    else:
+        xs = (params["layers"], lora_layers, trace.k[:, :, :old], trace.v[:, :, :old],
+              jnp.arange(cfg.num_layers))
+        x, (k_new, v_new) = jax.lax.scan(body, x, xs, unroll=layer_unroll(cfg, t))
+        new_trace = meta.replace(
+            k=jax.lax.dynamic_update_slice(trace.k, k_new, (0, 0, offset, 0, 0)),
+            v=jax.lax.dynamic_update_slice(trace.v, v_new, (0, 0, offset, 0, 0)),
+            length=length)
+    hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     logits = lm_logits(params, cfg, hidden) if return_logits else None
     return ForwardOut(logits=logits, hidden=hidden, trace=constrain_trace(new_trace))
+
+
+def unstack_layers(tree, num_layers: int) -> list:
+    """A ``[layers, ...]``-stacked pytree as a list of per-layer pytrees."""
+    return [jax.tree.map(lambda a: a[i], tree) for i in range(num_layers)]
+
+
+# Largest stack of layer weights that one-token loops copy into per-layer arrays (below).
+PER_LAYER_MAX_BYTES = 4 << 30
+
+
+def use_per_layer(params: Params, *, remat=False, dropout: Optional[LoraDropout] = None) -> bool:
+    """Whether a one-token loop (decode, latent steps) should run its layers from per-layer arrays.
+
+    Inside a scan over stacked layers XLA:CPU copies every layer's weight slice and K/V slab
+    before using it; for one-token steps those copies cost more than the matmuls (a B=1 decode
+    step of the embedded model: 51 ms stacked, 33 ms per layer). Unstacking once, outside the
+    loop, is one transient copy of the layer weights per call. Chosen on a single CPU device
+    for inference only (no remat, no dropout) and weights up to ``PER_LAYER_MAX_BYTES``;
+    GPUs keep the stacked path (not measured there), meshes too (the trace's sharding rules
+    are written for stacks)."""
+    from diffmas_jax.sharding import current_mesh
+    if remat or (dropout is not None and dropout.rate > 0):
+        return False
+    if jax.default_backend() != "cpu" or current_mesh() is not None:
+        return False
+    if isinstance(params["layers"], (list, tuple)):
+        return True
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params["layers"])) <= PER_LAYER_MAX_BYTES
+
+
+def per_layer(params: Params, lora: Optional[Params], cfg: ModelConfig):
+    """(params, lora) with their layer stacks split into lists (``forward`` then loops in Python)."""
+    if not isinstance(params["layers"], (list, tuple)):
+        params = dict(params, layers=unstack_layers(params["layers"], cfg.num_layers))
+    if lora is not None and not isinstance(lora, (list, tuple)):
+        lora = unstack_layers(lora, cfg.num_layers)
+    return params, lora
 
 
 def layer_unroll(cfg: ModelConfig, chunk: int) -> int:

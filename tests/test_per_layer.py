@@ -1,0 +1,116 @@
+"""One-token loops over per-layer arrays (decode, latent steps) equal the stacked layer scan,
+and XLA updates the loop-carried per-layer K/V in place."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffmas_jax.generation import decode_steps, start_decode
+from diffmas_jax.lora import LoraConfig, init_lora
+from diffmas_jax.model.config import ModelConfig
+from diffmas_jax.model.transformer import (LoraDropout, forward, init_params, make_visibility, per_layer,
+                                           use_per_layer)
+from diffmas_jax.stages import Realign, think
+from diffmas_jax.trace import LATENT, PROMPT, TEXT, KVTrace
+
+CFGS = {
+    "qwen3": ModelConfig("qwen3", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=3,
+                         num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True),
+    "mistral_window": ModelConfig("mistral", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=3,
+                                  num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, sliding_window=6),
+}
+
+
+def _setup(cfg, b=3, prompt=7, seed=0):
+    params = init_params(cfg, jax.random.PRNGKey(seed), std=0.2)
+    lora = init_lora(cfg, LoraConfig(rank=4), jax.random.PRNGKey(seed + 1))
+    lora = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(7), a.shape), lora)  # B != 0
+    toks = jax.random.randint(jax.random.PRNGKey(seed + 2), (b, prompt), 3, cfg.vocab_size)
+    valid = jnp.arange(prompt)[None, :] < jnp.asarray([prompt, 4, 2])[:b, None]   # ragged rows
+    trace = KVTrace.create(cfg, b, prompt + 20)
+    out = forward(params, cfg, trace, tokens=toks, valid=valid, segment=0, lora=lora, lora_scale=0.5)
+    return params, lora, out
+
+
+def _assert_traces_close(a: KVTrace, b: KVTrace):
+    assert not isinstance(a.k, tuple) and not isinstance(b.k, tuple)  # both come back stacked
+    assert a.length == b.length
+    for name in ("valid", "segment", "kind", "pos", "next_pos"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    np.testing.assert_allclose(a.k, b.k, atol=2e-5)
+    np.testing.assert_allclose(a.v, b.v, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CFGS))
+def test_decode_per_layer_equals_scan(name):
+    cfg = CFGS[name]
+    params, lora, out = _setup(cfg)
+    last = out.logits[:, -1]
+    vis = make_visibility(segments=[0], kinds=[PROMPT, TEXT])
+    kw = dict(num_steps=9, eos_ids=(5,), segment=1, visible=vis, lora=lora, lora_scale=0.5)
+    state = start_decode(out.trace, last, 12, jax.random.PRNGKey(0))
+    scan = jax.jit(lambda s: decode_steps(params, cfg, s, per_layer=False, **kw))(state)
+    loop = jax.jit(lambda s: decode_steps(params, cfg, s, per_layer=True, **kw))(state)
+    np.testing.assert_array_equal(loop.tokens, scan.tokens)
+    np.testing.assert_array_equal(loop.count, scan.count)
+    np.testing.assert_allclose(loop.logprobs, scan.logprobs, atol=2e-5)
+    np.testing.assert_allclose(loop.logits, scan.logits, atol=2e-4)
+    _assert_traces_close(loop.trace, scan.trace)
+    assert int(scan.step) == 9 and int(scan.trace.valid.sum()) > int(out.trace.valid.sum())
+
+
+def test_latent_steps_per_layer_equal_scan():
+    cfg = CFGS["qwen3"]
+    params, lora, out = _setup(cfg)
+    realign = Realign(matrix=None, target_norm=jnp.float32(3.0), mode="norm")
+    seed = out.hidden[:, -1]
+    kw = dict(steps=5, segment=2, active=jnp.asarray([True, False, True]), lora=lora, lora_scale=0.5,
+              visible=make_visibility(kinds=[PROMPT, LATENT]))
+    t_scan, h_scan = jax.jit(lambda tr, s: think(params, cfg, tr, s, realign, per_layer=False, **kw))(out.trace, seed)
+    t_loop, h_loop = jax.jit(lambda tr, s: think(params, cfg, tr, s, realign, per_layer=True, **kw))(out.trace, seed)
+    np.testing.assert_allclose(h_loop, h_scan, atol=2e-5)
+    _assert_traces_close(t_loop, t_scan)
+    assert int(t_scan.kind.__eq__(LATENT).sum()) == 2 * 5   # the inactive row wrote nothing
+
+
+def test_per_layer_forward_is_differentiable_like_the_scan():
+    """The per-layer path is chosen only for inference, but its gradients are still right."""
+    cfg = CFGS["mistral_window"]
+    params, lora, out = _setup(cfg)
+    toks = jnp.asarray([[5, 6], [7, 8], [9, 10]])
+
+    def loss(lo, layered):
+        p, lo2 = per_layer(params, lo, cfg) if layered else (params, lo)
+        return jnp.sum(forward(p, cfg, out.trace, tokens=toks, lora=lo2, lora_scale=0.5).logits ** 2)
+
+    g_scan = jax.grad(loss)(lora, False)
+    g_loop = jax.grad(loss)(lora, True)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_loop, g_scan)
+
+
+def test_use_per_layer_only_for_single_device_inference():
+    cfg = CFGS["qwen3"]
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    assert use_per_layer(params) == (jax.default_backend() == "cpu")
+    assert not use_per_layer(params, remat=True)
+    assert not use_per_layer(params, remat="dots")
+    assert not use_per_layer(params, dropout=LoraDropout(0.1, jax.random.PRNGKey(0)))
+    with pytest.raises(ValueError, match="remat needs stacked layers"):
+        p, _ = per_layer(params, None, cfg)
+        forward(p, cfg, KVTrace.create(cfg, 1, 4), tokens=jnp.ones((1, 1), jnp.int32), remat=True)
+
+
+def test_decode_loop_updates_per_layer_cache_in_place():
+    """Without the write's dependence on attention's read, XLA:CPU copies every layer's K and V
+    (twice) on every decode step; the compiled loop must hold no copy of a K/V-shaped buffer."""
+    cfg = CFGS["qwen3"]
+    params, lora, out = _setup(cfg)
+    state = start_decode(out.trace, out.logits[:, -1], 12, jax.random.PRNGKey(0))
+    fn = jax.jit(lambda s: decode_steps(params, cfg, s, num_steps=12, eos_ids=(), per_layer=True))
+    hlo = fn.lower(state).compile().as_text()
+    kv_shape = "f32[%d,%d,%d,%d]" % (3, state.trace.capacity, cfg.num_kv_heads, cfg.head_dim)
+    assert "while" in hlo
+    copies = re.findall(re.escape(kv_shape) + r"\{[^}]*\} copy\(", hlo)
+    assert copies == [], f"{len(copies)} copies of per-layer K/V buffers in the decode loop"
