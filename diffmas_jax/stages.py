@@ -20,8 +20,7 @@ import jax.numpy as jnp
 
 from diffmas_jax.model.config import ModelConfig
 from diffmas_jax.model.transformer import (LoraDropout, Visibility, forward, last_valid_index, lm_logits,
-                                           resolve_dtype, take_rows, use_per_layer)
-from diffmas_jax.model.transformer import per_layer as as_per_layer
+                                           resolve_dtype, take_rows)
 from diffmas_jax.sharding import mesh_jit
 from diffmas_jax.trace import LATENT, PROMPT, TEXT, KVTrace
 
@@ -62,22 +61,10 @@ def make_realign(params, cfg: ModelConfig, mode: str = "ridge", lam: float = 1e-
 
 def think(params, cfg: ModelConfig, trace: KVTrace, seed_hidden, realign: Realign, *, steps: int,
           segment, active=None, visible: Optional[Visibility] = None, lora=None, lora_scale: float = 1.0,
-          compute_dtype=jnp.float32, remat: bool = False, dropout: Optional[LoraDropout] = None,
-          per_layer: Optional[bool] = None):
-    """m latent steps under ``lax.scan``; returns (trace, last hidden).
-
-    ``per_layer`` (None: ``use_per_layer``'s choice, which is off under remat or dropout)
-    runs the steps' layers from per-layer copies of the weights and K/V made before the scan.
-    Differentiated callers pass False: an unrolled layer loop inside a differentiated scan
-    compiles slowly."""
+          compute_dtype=jnp.float32, remat: bool = False, dropout: Optional[LoraDropout] = None):
+    """m latent steps under ``lax.scan``; returns (trace, last hidden)."""
     if steps == 0:
         return trace, seed_hidden
-    if use_per_layer(params, remat=remat, dropout=dropout) if per_layer is None else per_layer:
-        params, lora = as_per_layer(params, lora, cfg)
-        trace, h = think(params, cfg, trace.per_layer(), seed_hidden, realign, steps=steps, segment=segment,
-                         active=active, visible=visible, lora=lora, lora_scale=lora_scale,
-                         compute_dtype=compute_dtype, remat=remat, dropout=dropout, per_layer=False)
-        return trace.stacked(), h
     b = trace.batch
     active = jnp.ones((b,), bool) if active is None else active
     trace = trace.reserve(steps, f"{steps} latent steps")
@@ -98,9 +85,8 @@ def think(params, cfg: ModelConfig, trace: KVTrace, seed_hidden, realign: Realig
 def agent_stage(params, cfg: ModelConfig, trace: KVTrace, tokens, valid, realign: Realign, *,
                 steps: int, segment, visible: Optional[Visibility] = None, lora=None,
                 lora_scale: float = 1.0, compute_dtype=jnp.float32, remat: bool = False,
-                dropout: Optional[LoraDropout] = None, per_layer: Optional[bool] = None) -> KVTrace:
-    """An upstream agent: prefill its prompt, then think ``steps`` latent steps
-    (``per_layer``: see ``think``)."""
+                dropout: Optional[LoraDropout] = None) -> KVTrace:
+    """An upstream agent: prefill its prompt, then think ``steps`` latent steps."""
     out = forward(params, cfg, trace, tokens=tokens, valid=valid, segment=segment, kind=PROMPT,
                   visible=visible, lora=lora, lora_scale=lora_scale, compute_dtype=compute_dtype,
                   return_logits=False, remat=remat, dropout=None if dropout is None else dropout.fold(0))
@@ -108,7 +94,7 @@ def agent_stage(params, cfg: ModelConfig, trace: KVTrace, tokens, valid, realign
     trace, _ = think(params, cfg, out.trace, seed, realign, steps=steps, segment=segment,
                      active=valid.any(axis=1), visible=visible, lora=lora, lora_scale=lora_scale,
                      compute_dtype=compute_dtype, remat=remat,
-                     dropout=None if dropout is None else dropout.fold(1), per_layer=per_layer)
+                     dropout=None if dropout is None else dropout.fold(1))
     return trace
 
 
@@ -149,7 +135,7 @@ def teacher_forced_nll(params, cfg: ModelConfig, trace: KVTrace, tokens, valid, 
     return jnp.sum(nll * m), jnp.sum(m)
 
 
-_STATIC = ("cfg", "steps", "lora_scale", "compute_dtype", "remat", "per_layer")
+_STATIC = ("cfg", "steps", "lora_scale", "compute_dtype", "remat")
 # On an active mesh these compile with explicit input shardings (sharding.mesh_jit).
 jit_agent_stage = mesh_jit(agent_stage, static_argnames=_STATIC)
 jit_solver_prefill = mesh_jit(solver_prefill, static_argnames=("cfg", "lora_scale", "compute_dtype"))

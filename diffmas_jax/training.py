@@ -123,7 +123,7 @@ def loss_and_grads(lora, params, cfg, realign: Realign, batch: dict, sc: StepCon
             out = agent_stage(params, cfg, prev.replace(k=k, v=v), batch["up_tokens"][j], batch["up_valid"][j],
                               realign, steps=sc.latent_steps[j], segment=j, visible=upstream_visibility(mc, j),
                               lora=select_lora(lo, role), lora_scale=sc.lora_scale, compute_dtype=dtype,
-                              remat=sc.remat, dropout=stage_drop(j), per_layer=False)
+                              remat=sc.remat, dropout=stage_drop(j))
             return (out.k, out.v), out
 
         if sc.trace_grad == "full":

@@ -1,4 +1,4 @@
-"""One-token loops over per-layer arrays (decode, latent steps) equal the stacked layer scan,
+"""Per-layer arrays (the decode loop's layout on a CPU) give what the stacked layer scan gives,
 and XLA updates the loop-carried per-layer K/V in place."""
 import re
 
@@ -12,7 +12,6 @@ from diffmas_jax.lora import LoraConfig, init_lora
 from diffmas_jax.model.config import ModelConfig
 from diffmas_jax.model.transformer import (LoraDropout, forward, init_params, make_visibility, per_layer,
                                            use_per_layer)
-from diffmas_jax.stages import Realign, think
 from diffmas_jax.trace import LATENT, PROMPT, TEXT, KVTrace
 
 CFGS = {
@@ -61,18 +60,25 @@ def test_decode_per_layer_equals_scan(name):
     assert int(scan.step) == 9 and int(scan.trace.valid.sum()) > int(out.trace.valid.sum())
 
 
-def test_latent_steps_per_layer_equal_scan():
-    cfg = CFGS["qwen3"]
+def test_chunk_forward_per_layer_equals_scan():
+    """A multi-token chunk (appended at a static offset) and a one-token write at a traced
+    offset into reserved slots, as latent steps and decode do."""
+    cfg = CFGS["mistral_window"]
     params, lora, out = _setup(cfg)
-    realign = Realign(matrix=None, target_norm=jnp.float32(3.0), mode="norm")
-    seed = out.hidden[:, -1]
-    kw = dict(steps=5, segment=2, active=jnp.asarray([True, False, True]), lora=lora, lora_scale=0.5,
-              visible=make_visibility(kinds=[PROMPT, LATENT]))
-    t_scan, h_scan = jax.jit(lambda tr, s: think(params, cfg, tr, s, realign, per_layer=False, **kw))(out.trace, seed)
-    t_loop, h_loop = jax.jit(lambda tr, s: think(params, cfg, tr, s, realign, per_layer=True, **kw))(out.trace, seed)
-    np.testing.assert_allclose(h_loop, h_scan, atol=2e-5)
-    _assert_traces_close(t_loop, t_scan)
-    assert int(t_scan.kind.__eq__(LATENT).sum()) == 2 * 5   # the inactive row wrote nothing
+    p_layers, lo_layers = per_layer(params, lora, cfg)
+    embeds = jax.random.normal(jax.random.PRNGKey(3), (3, 4, cfg.hidden_size))
+    kw = dict(embeds=embeds, valid=jnp.asarray([[1, 1, 1, 0]] * 3, bool), segment=2, kind=LATENT,
+              lora_scale=0.5, visible=make_visibility(kinds=[PROMPT]))
+    scan = forward(params, cfg, out.trace, lora=lora, **kw)
+    loop = forward(p_layers, cfg, out.trace, lora=lo_layers, **kw)
+    assert isinstance(loop.trace.k, tuple) and len(loop.trace.k) == cfg.num_layers
+    np.testing.assert_allclose(loop.logits, scan.logits, atol=2e-5)
+    _assert_traces_close(loop.trace.stacked(), scan.trace)
+
+    reserved = out.trace.reserve(5)
+    step = jax.jit(lambda p, lo, tr, off: forward(p, cfg, tr, embeds=embeds[:, :1], offset=off, lora=lo,
+                                                  lora_scale=0.5).trace.stacked())
+    _assert_traces_close(step(p_layers, lo_layers, reserved, 9), step(params, lora, reserved, 9))
 
 
 def test_per_layer_forward_is_differentiable_like_the_scan():

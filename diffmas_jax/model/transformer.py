@@ -337,15 +337,16 @@ PER_LAYER_MAX_BYTES = 4 << 30
 
 
 def use_per_layer(params: Params, *, remat=False, dropout: Optional[LoraDropout] = None) -> bool:
-    """Whether a one-token loop (decode, latent steps) should run its layers from per-layer arrays.
+    """Whether a decode loop should run its layers from per-layer arrays.
 
     Inside a scan over stacked layers XLA:CPU copies every layer's weight slice and K/V slab
     before using it; for one-token steps those copies cost more than the matmuls (a B=1 decode
-    step of the embedded model: 51 ms stacked, 33 ms per layer). Unstacking once, outside the
+    step of the embedded model: 51 ms stacked, 33 ms per layer). Unstacking once, before the
     loop, is one transient copy of the layer weights per call. Chosen on a single CPU device
     for inference only (no remat, no dropout) and weights up to ``PER_LAYER_MAX_BYTES``;
     GPUs keep the stacked path (not measured there), meshes too (the trace's sharding rules
-    are written for stacks)."""
+    are written for stacks). Latent steps keep the scan: ten steps per agent do not repay
+    the copy, and the unrolled layers tripled the pipeline's compile time."""
     from diffmas_jax.sharding import current_mesh
     if remat or (dropout is not None and dropout.rate > 0):
         return False
