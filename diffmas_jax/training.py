@@ -169,19 +169,6 @@ def make_optimizer(lr: float, total_steps: int, warmup_steps: int, weight_decay:
     return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
 
 
-# XLA:CPU builds the step's fusions with LLVM; at -O1 instead of the default the DiffMAS
-# step (embedded model, B=4, trace_grad full) compiled in 26-27 s instead of 40-44 s with
-# the same step time (its time is in the GEMMs, Eigen's precompiled kernels). -O0 made
-# decode 1.5x slower, so 1 it is. CPU only: GPU kernels are not measured at other levels.
-CPU_TRAIN_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
-
-
-def train_compiler_options() -> Optional[dict]:
-    """Compiler options for the single-device train step (called when the step is built,
-    after any distributed initialisation, since it asks which backend runs)."""
-    return dict(CPU_TRAIN_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
-
-
 def make_train_step(cfg, sc: StepConfig, optimizer, mesh=None):
     """A jitted (lora, opt_state, params, realign, batch[, rng]) -> (lora, opt_state, metrics).
 
@@ -198,7 +185,7 @@ def make_train_step(cfg, sc: StepConfig, optimizer, mesh=None):
         return lora, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "segment_grad_norms": norms}
 
     if mesh is None:
-        return jax.jit(step, donate_argnums=(0, 1), compiler_options=train_compiler_options())
+        return jax.jit(step, donate_argnums=(0, 1))
     rep = NamedSharding(mesh, PartitionSpec())
     return mesh_jit(step, static_argnames=("cfg",), donate_argnames=("lora", "opt_state"), mesh=mesh,
                     out_shardings=(rep, rep, rep))

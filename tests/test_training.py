@@ -221,22 +221,6 @@ def test_overfit_one_batch(chat):
     assert float(m["loss"]) < 0.1 * first, (first, float(m["loss"]))
 
 
-def test_cpu_train_step_compiles_at_llvm_o1_with_the_same_result(chat, monkeypatch):
-    """On a CPU the step is compiled at -O1 (a shorter compile); its update equals -O2's."""
-    import diffmas_jax.training as training
-    assert training.train_compiler_options() == (
-        {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None)
-    sc, lcfg, batch, realign = setup_step(chat, "full", roles=("planner", "solver"), steps=(2,), n=2)
-    lora = random_lora(chat.cfg, lcfg)
-    opt = make_optimizer(1e-2, 10, 0, 0.0, 1.0, 1)
-    o1 = make_train_step(chat.cfg, sc, opt)(lora, opt.init(lora), chat.params, realign, batch)
-    monkeypatch.setattr(training, "train_compiler_options", lambda: None)
-    lora = random_lora(chat.cfg, lcfg)
-    o2 = make_train_step(chat.cfg, sc, opt)(lora, opt.init(lora), chat.params, realign, batch)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), o1[0], o2[0])
-    assert float(o1[2]["loss"]) == pytest.approx(float(o2[2]["loss"]), rel=1e-6)
-
-
 def test_bad_lora_configs():
     with pytest.raises(LoraConfigError, match="unknown LoRA target"):
         LoraConfig(targets=("q", "qkv")).validate()
