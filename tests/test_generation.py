@@ -14,11 +14,12 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
 
 
 def test_greedy_matches_transformers_generate(embedded, embedded_hf):
-    g = generate(embedded, PROMPTS, max_new_tokens=32)
+    # 64 new tokens: on a CPU this runs the per-layer decode loop (PER_LAYER_MIN_TOKENS).
+    g = generate(embedded, PROMPTS, max_new_tokens=64)
     for i, p in enumerate(PROMPTS):
         ids = chat_ids(embedded.tokenizer, [{"role": "user", "content": p}])
         with torch.no_grad():
-            ref = embedded_hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+            ref = embedded_hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
                                        pad_token_id=embedded.tokenizer.pad_token_id)
         assert g.tokens[i] == ref[0, len(ids):].tolist(), p
         assert len(g.logprobs[i]) == len(g.tokens[i]) and all(lp <= 0 for lp in g.logprobs[i])

@@ -74,6 +74,8 @@ def test_chunk_forward_per_layer_equals_scan():
     assert isinstance(loop.trace.k, tuple) and len(loop.trace.k) == cfg.num_layers
     np.testing.assert_allclose(loop.logits, scan.logits, atol=2e-5)
     _assert_traces_close(loop.trace.stacked(), scan.trace)
+    mixed = forward(p_layers, cfg, out.trace, lora=lora, **kw)   # a stacked LoRA is split too
+    np.testing.assert_allclose(mixed.logits, scan.logits, atol=2e-5)
 
     reserved = out.trace.reserve(5)
     step = jax.jit(lambda p, lo, tr, off: forward(p, cfg, tr, embeds=embeds[:, :1], offset=off, lora=lo,
@@ -120,3 +122,17 @@ def test_decode_loop_updates_per_layer_cache_in_place():
     assert "while" in hlo
     copies = re.findall(re.escape(kv_shape) + r"\{[^}]*\} copy\(", hlo)
     assert copies == [], f"{len(copies)} copies of per-layer K/V buffers in the decode loop"
+
+
+def test_auto_choice_takes_the_per_layer_loop_for_long_generations(monkeypatch):
+    import diffmas_jax.generation as generation
+    cfg = CFGS["qwen3"]
+    params, _, out = _setup(cfg)
+    calls = []
+    real = generation.as_per_layer
+    monkeypatch.setattr(generation, "as_per_layer", lambda *a: calls.append(1) or real(*a))
+    for n in (generation.PER_LAYER_MIN_TOKENS - 1, generation.PER_LAYER_MIN_TOKENS):
+        big = KVTrace.create(cfg, 3, 8 + n)
+        state = start_decode(big, out.logits[:, -1], n, jax.random.PRNGKey(0))
+        jax.eval_shape(lambda s: decode_steps(params, cfg, s, num_steps=2, eos_ids=()), state)
+    assert calls == ([1] if jax.default_backend() == "cpu" else [])

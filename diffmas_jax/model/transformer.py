@@ -217,6 +217,8 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
     With ``offset=None`` the chunk is appended at ``trace.length`` (static, so
     overflow raises before compute); a traced ``offset`` writes into slots
     already reserved with ``trace.reserve`` (decode loops).
+    With per-layer ``params`` (see ``per_layer``) the layers run in a Python loop and
+    the returned trace holds per-layer K/V (``trace.stacked()`` restores the stacks).
     """
     compute_dtype = resolve_dtype(compute_dtype)
     if (tokens is None) == (embeds is None):
@@ -301,7 +303,7 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
         # chunk's write is made to depend on attention's output: XLA:CPU then sees the read
         # ordered before the write and updates a loop-carried cache in place (without it, it
         # copies every layer's K and V twice per decode step).
-        per_layer_lora = lora if isinstance(lora, (list, tuple)) else [None] * cfg.num_layers
+        per_layer_lora = [None] * cfg.num_layers if lora is None else per_layer(params, lora, cfg)[1]
         ks, vs = list(trace.k), list(trace.v)
         for i, p in enumerate(params["layers"]):
             def attend(q, k, v, i=i):
