@@ -277,15 +277,16 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
         h = h + proj(jax.nn.silu(proj(hn, "gate")) * proj(hn, "up"), "down")
         return h, emitted
 
+    def attend_cache(q, k, v, k_old, v_old):
+        """Attention over (cache slots, chunk); the chunk's K/V rounded to the cache's dtype first."""
+        k, v = k.astype(k_old.dtype), v.astype(v_old.dtype)
+        attn = attention(q, (k_old.astype(compute_dtype), k.astype(compute_dtype)),
+                         (v_old.astype(compute_dtype), v.astype(compute_dtype)), mask, cfg)
+        return attn, (k, v)
+
     def layer(h, xs):  # the scan body: reads the cache's slots, emits the chunk's K/V
         p, lo, k_old, v_old, idx = xs
-
-        def attend(q, k, v):
-            k, v = k.astype(k_old.dtype), v.astype(v_old.dtype)
-            attn = attention(q, (k_old.astype(compute_dtype), k.astype(compute_dtype)),
-                             (v_old.astype(compute_dtype), v.astype(compute_dtype)), mask, cfg)
-            return attn, (k, v)
-        return block(h, p, lo, idx, attend)
+        return block(h, p, lo, idx, lambda q, k, v: attend_cache(q, k, v, k_old, v_old))
 
     body = layer
     if remat not in REMAT_POLICIES and remat is not False:
@@ -303,16 +304,14 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
         # chunk's write is made to depend on attention's output: XLA:CPU then sees the read
         # ordered before the write and updates a loop-carried cache in place (without it, it
         # copies every layer's K and V twice per decode step).
-        per_layer_lora = [None] * cfg.num_layers if lora is None else per_layer(params, lora, cfg)[1]
+        per_layer_lora = [None] * cfg.num_layers if lora is None else per_layer(params, lora, cfg)[1]  # splits a stacked LoRA
         ks, vs = list(trace.k), list(trace.v)
         for i, p in enumerate(params["layers"]):
             def attend(q, k, v, i=i):
-                k_old, v_old = ks[i][:, :old], vs[i][:, :old]
-                attn = attention(q, (k_old.astype(compute_dtype), k.astype(compute_dtype)),
-                                 (v_old.astype(compute_dtype), v.astype(compute_dtype)), mask, cfg)
-                after = 0 * attn[:, :, :1, :1]  # the write's data dependence on the read
-                ks[i] = jax.lax.dynamic_update_slice(ks[i], (k + after).astype(ks[i].dtype), (0, offset, 0, 0))
-                vs[i] = jax.lax.dynamic_update_slice(vs[i], (v + after).astype(vs[i].dtype), (0, offset, 0, 0))
+                attn, (k, v) = attend_cache(q, k, v, ks[i][:, :old], vs[i][:, :old])
+                after = (0 * attn[:, :, :1, :1]).astype(k.dtype)  # the write's data dependence on the read
+                ks[i] = jax.lax.dynamic_update_slice(ks[i], k + after, (0, offset, 0, 0))
+                vs[i] = jax.lax.dynamic_update_slice(vs[i], v + after, (0, offset, 0, 0))
                 return attn, None
             x, _ = block(x, p, per_layer_lora[i] or {}, i, attend)
         new_trace = meta.replace(k=tuple(ks), v=tuple(vs), length=length)
@@ -334,7 +333,7 @@ def unstack_layers(tree, num_layers: int) -> list:
     return [jax.tree.map(lambda a: a[i], tree) for i in range(num_layers)]
 
 
-# Largest stack of layer weights that one-token loops copy into per-layer arrays (below).
+# Largest stack of layer weights that decode loops copy into per-layer arrays (below).
 PER_LAYER_MAX_BYTES = 4 << 30
 
 
