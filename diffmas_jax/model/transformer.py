@@ -304,7 +304,8 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
         # chunk's write is made to depend on attention's output: XLA:CPU then sees the read
         # ordered before the write and updates a loop-carried cache in place (without it, it
         # copies every layer's K and V twice per decode step).
-        per_layer_lora = [None] * cfg.num_layers if lora is None else per_layer(params, lora, cfg)[1]  # splits a stacked LoRA
+        # per_layer also splits a LoRA that is still stacked
+        per_layer_lora = [None] * cfg.num_layers if lora is None else per_layer(params, lora, cfg)[1]
         ks, vs = list(trace.k), list(trace.v)
         for i, p in enumerate(params["layers"]):
             def attend(q, k, v, i=i):
