@@ -67,19 +67,23 @@ def think(params, cfg: ModelConfig, trace: KVTrace, seed_hidden, realign: Realig
         return trace, seed_hidden
     b = trace.batch
     active = jnp.ones((b,), bool) if active is None else active
-    trace = trace.reserve(steps, f"{steps} latent steps")
-    base = trace.length - steps
+    trace.check_room(steps, f"{steps} latent steps")
+    # Only the m new slots are carried through the scan; the trace so far is a read-only
+    # prefix, a loop constant. Carrying the whole trace made the backward save all of it
+    # at every step (with trace_grad="full": steps x the trace, ~10 GB at B=4, m=10).
+    slots = KVTrace.create(cfg, b, steps, dtype=trace.k.dtype)
+    slots = slots.replace(next_pos=trace.next_pos).reserve(steps, f"{steps} latent steps")
 
     def step(carry, i):
-        tr, h = carry
-        out = forward(params, cfg, tr, embeds=realign(h)[:, None], valid=active[:, None], segment=segment,
-                      kind=LATENT, offset=base + i, visible=visible, lora=lora, lora_scale=lora_scale,
-                      compute_dtype=compute_dtype, return_logits=False, remat=remat,
+        new, h = carry
+        out = forward(params, cfg, new, prefix=trace, embeds=realign(h)[:, None], valid=active[:, None],
+                      segment=segment, kind=LATENT, offset=i, visible=visible, lora=lora,
+                      lora_scale=lora_scale, compute_dtype=compute_dtype, return_logits=False, remat=remat,
                       dropout=None if dropout is None else dropout.fold(i))
         return (out.trace, out.hidden[:, 0]), None
 
-    (trace, h), _ = jax.lax.scan(step, (trace, seed_hidden), jnp.arange(steps))
-    return trace, h
+    (slots, h), _ = jax.lax.scan(step, (slots, seed_hidden), jnp.arange(steps))
+    return trace.append(slots), h
 
 
 def agent_stage(params, cfg: ModelConfig, trace: KVTrace, tokens, valid, realign: Realign, *,

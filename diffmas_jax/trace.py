@@ -81,6 +81,20 @@ class KVTrace:
         self.check_room(n, what)
         return self.replace(length=self.length + n)
 
+    def append(self, other: "KVTrace") -> "KVTrace":
+        """``other``'s first ``other.length`` slots (K/V and metadata) appended after this
+        trace's; the row positions continue from ``other.next_pos``."""
+        n, at = other.length, self.length
+        self.check_room(n, f"appending {n} slots")
+        other = other.stacked()
+        upd = jax.lax.dynamic_update_slice
+        put_kv = lambda a, b: upd(a, b[:, :, :n].astype(a.dtype), (0, 0, at, 0, 0))
+        put = lambda a, b: upd(a, b[:, :n], (0, at))
+        return self.replace(k=put_kv(self.k, other.k), v=put_kv(self.v, other.v),
+                            valid=put(self.valid, other.valid), segment=put(self.segment, other.segment),
+                            kind=put(self.kind, other.kind), pos=put(self.pos, other.pos),
+                            next_pos=other.next_pos, length=at + n)
+
     def num_valid(self) -> jax.Array:
         return self.valid.sum(-1)
 

@@ -205,7 +205,7 @@ def default_positions(trace: KVTrace, valid):
 def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
             tokens=None, embeds=None, valid=None, positions=None,
             segment=0, kind=PROMPT, visible: Optional["Visibility"] = None, offset=None,
-            lora: Optional[Params] = None, lora_scale: float = 1.0,
+            prefix: Optional[KVTrace] = None, lora: Optional[Params] = None, lora_scale: float = 1.0,
             compute_dtype=jnp.float32, return_logits: bool = True,
             remat: bool = False, dropout: Optional[LoraDropout] = None) -> ForwardOut:
     """Run new tokens (or input embeddings) on top of ``trace``.
@@ -217,6 +217,9 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
     With ``offset=None`` the chunk is appended at ``trace.length`` (static, so
     overflow raises before compute); a traced ``offset`` writes into slots
     already reserved with ``trace.reserve`` (decode loops).
+    ``prefix`` holds read-only slots that come before all of ``trace``'s: the chunk attends
+    to [prefix | trace | chunk] and writes into ``trace`` only (``think`` carries just its
+    latent slots through its scan this way).
     With per-layer ``params`` (see ``per_layer``) the layers run in a Python loop and
     the returned trace holds per-layer K/V (``trace.stacked()`` restores the stacks).
     """
@@ -242,15 +245,23 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
     # Keys are [existing slots | this chunk]. Existing slots: real and visible (and in the
     # sliding window); the chunk: causal among its own real tokens. The cache is only read
     # inside the layer scan; the chunk's K/V are written once after it (in place under jit).
-    old_mask = trace.valid[:, :old]
-    if visible is not None:
-        old_mask = old_mask & visible.slot_mask(trace)[:, :old]
-    old_mask = jnp.broadcast_to(old_mask[:, None, :], (b, t, old))
+    if prefix is not None and prefix.batch != b:
+        raise ValueError(f"batch {b} does not match the prefix's batch {prefix.batch}")
+    caches = ([] if prefix is None else [(prefix, prefix.length)]) + [(trace, old)]
+
+    def visible_slots(tr, n):
+        m = tr.valid[:, :n]
+        if visible is not None:
+            m = m & visible.slot_mask(tr)[:, :n]
+        m = jnp.broadcast_to(m[:, None, :], (b, t, n))
+        if cfg.sliding_window is not None:
+            m = m & ((positions[:, :, None] - tr.pos[:, None, :n]) < cfg.sliding_window)
+        return m
+
     new_mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
     if cfg.sliding_window is not None:
-        old_mask = old_mask & ((positions[:, :, None] - trace.pos[:, None, :old]) < cfg.sliding_window)
         new_mask = new_mask & ((positions[:, :, None] - positions[:, None, :]) < cfg.sliding_window)
-    mask = jnp.concatenate([old_mask, new_mask], axis=-1)
+    mask = jnp.concatenate([visible_slots(tr, n) for tr, n in caches] + [new_mask], axis=-1)
 
     cos, sin = rope_tables(cfg, positions, compute_dtype)
     lora_layers = lora if lora is not None else {}
@@ -278,10 +289,11 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
         return h, emitted
 
     def attend_cache(q, k, v, k_old, v_old):
-        """Attention over (cache slots, chunk); the chunk's K/V rounded to the cache's dtype first."""
-        k, v = k.astype(k_old.dtype), v.astype(v_old.dtype)
-        attn = attention(q, (k_old.astype(compute_dtype), k.astype(compute_dtype)),
-                         (v_old.astype(compute_dtype), v.astype(compute_dtype)), mask, cfg)
+        """Attention over (cache slots..., chunk), the slots given as tuples of parts; the
+        chunk's K/V are rounded to the cache's dtype first."""
+        k, v = k.astype(k_old[-1].dtype), v.astype(v_old[-1].dtype)
+        cast = lambda parts: tuple(a.astype(compute_dtype) for a in parts)
+        attn = attention(q, cast(k_old + (k,)), cast(v_old + (v,)), mask, cfg)
         return attn, (k, v)
 
     def layer(h, xs):  # the scan body: reads the cache's slots, emits the chunk's K/V
@@ -307,9 +319,12 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
         # per_layer also splits a LoRA that is still stacked
         per_layer_lora = [None] * cfg.num_layers if lora is None else per_layer(params, lora, cfg)[1]
         ks, vs = list(trace.k), list(trace.v)
+        pre = None if prefix is None else prefix.per_layer()
         for i, p in enumerate(params["layers"]):
             def attend(q, k, v, i=i):
-                attn, (k, v) = attend_cache(q, k, v, ks[i][:, :old], vs[i][:, :old])
+                k_pre = () if pre is None else (pre.k[i][:, :pre.length],)
+                v_pre = () if pre is None else (pre.v[i][:, :pre.length],)
+                attn, (k, v) = attend_cache(q, k, v, k_pre + (ks[i][:, :old],), v_pre + (vs[i][:, :old],))
                 after = (0 * attn[:, :, :1, :1]).astype(k.dtype)  # the write's data dependence on the read
                 ks[i] = jax.lax.dynamic_update_slice(ks[i], k + after, (0, offset, 0, 0))
                 vs[i] = jax.lax.dynamic_update_slice(vs[i], v + after, (0, offset, 0, 0))
@@ -317,8 +332,9 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
             x, _ = block(x, p, per_layer_lora[i] or {}, i, attend)
         new_trace = meta.replace(k=tuple(ks), v=tuple(vs), length=length)
     else:
-        xs = (params["layers"], lora_layers, trace.k[:, :, :old], trace.v[:, :, :old],
-              jnp.arange(cfg.num_layers))
+        parts = [(trace, old)] if prefix is None else [(prefix.stacked(), prefix.length), (trace, old)]
+        xs = (params["layers"], lora_layers, tuple(tr.k[:, :, :n] for tr, n in parts),
+              tuple(tr.v[:, :, :n] for tr, n in parts), jnp.arange(cfg.num_layers))
         x, (k_new, v_new) = jax.lax.scan(body, x, xs, unroll=layer_unroll(cfg, t))
         new_trace = meta.replace(
             k=jax.lax.dynamic_update_slice(trace.k, k_new, (0, 0, offset, 0, 0)),
