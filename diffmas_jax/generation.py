@@ -17,7 +17,7 @@ import numpy as np
 
 from diffmas_jax.model.config import ModelConfig
 from diffmas_jax.model.transformer import (forward, last_valid_index, lm_logits, resolve_dtype, take_rows,
-                                           use_per_layer)
+                                           use_per_layer, with_lm_head)
 from diffmas_jax.model.transformer import per_layer as as_per_layer
 from diffmas_jax.distributed import to_host
 from diffmas_jax.sharding import mesh_jit
@@ -126,6 +126,7 @@ def decode_steps(params, cfg: ModelConfig, state: DecodeState, *, num_steps: int
 
     if per_layer is None:
         per_layer = use_per_layer(params) and n >= PER_LAYER_MIN_TOKENS
+    params = with_lm_head(params, cfg)
     if per_layer:
         params, lora = as_per_layer(params, lora, cfg)
         state = dataclasses.replace(state, trace=state.trace.per_layer())

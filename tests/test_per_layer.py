@@ -1,5 +1,6 @@
 """Per-layer arrays (the decode loop's layout on a CPU) give what the stacked layer scan gives,
 and XLA updates the loop-carried per-layer K/V in place."""
+import dataclasses
 import re
 
 import jax
@@ -10,8 +11,8 @@ import pytest
 from diffmas_jax.generation import decode_steps, start_decode
 from diffmas_jax.lora import LoraConfig, init_lora
 from diffmas_jax.model.config import ModelConfig
-from diffmas_jax.model.transformer import (LoraDropout, forward, init_params, make_visibility, per_layer,
-                                           use_per_layer)
+from diffmas_jax.model.transformer import (LoraDropout, forward, init_params, lm_logits, make_visibility, per_layer,
+                                           use_per_layer, with_lm_head)
 from diffmas_jax.trace import LATENT, PROMPT, TEXT, KVTrace
 
 CFGS = {
@@ -136,3 +137,31 @@ def test_auto_choice_takes_the_per_layer_loop_for_long_generations(monkeypatch):
         state = start_decode(big, out.logits[:, -1], n, jax.random.PRNGKey(0))
         jax.eval_shape(lambda s: decode_steps(params, cfg, s, num_steps=2, eos_ids=()), state)
     assert calls == ([1] if jax.default_backend() == "cpu" else [])
+
+
+def test_tied_lm_head_layout_changes_no_result(monkeypatch):
+    """Decode loops on a CPU read a tied LM head from a [D, V] copy of the embedding; logits,
+    tokens and log-probs are those of the [V, D] contraction."""
+    import diffmas_jax.generation as generation
+    cfg = dataclasses.replace(CFGS["qwen3"], tie_embeddings=True)
+    params, lora, out = _setup(cfg)
+    assert "lm_head" not in params
+    laid = with_lm_head(params, cfg)
+    on_cpu = jax.default_backend() == "cpu"
+    assert ("lm_head" in laid) == on_cpu
+    if on_cpu:
+        assert laid["lm_head"].shape == (cfg.hidden_size, cfg.vocab_size)
+    hidden = jax.random.normal(jax.random.PRNGKey(4), (3, 2, cfg.hidden_size))
+    np.testing.assert_allclose(lm_logits(laid, cfg, hidden), lm_logits(params, cfg, hidden), atol=1e-5)
+    untied = init_params(CFGS["qwen3"], jax.random.PRNGKey(0))
+    assert with_lm_head(untied, CFGS["qwen3"]) is untied
+
+    state = start_decode(out.trace, out.logits[:, -1], 12, jax.random.PRNGKey(0))
+    run = lambda: jax.jit(lambda s: decode_steps(params, cfg, s, num_steps=12, eos_ids=(5,), per_layer=True,
+                                                 lora=lora, lora_scale=0.5))(state)
+    laid_out = run()
+    monkeypatch.setattr(generation, "with_lm_head", lambda p, c: p)
+    plain = run()
+    np.testing.assert_array_equal(laid_out.tokens, plain.tokens)
+    np.testing.assert_allclose(laid_out.logprobs, plain.logprobs, atol=2e-5)
+    np.testing.assert_allclose(laid_out.logits, plain.logits, atol=2e-4)

@@ -544,11 +544,23 @@ def _one_token_attention(q, keys, vals, mask, cfg: ModelConfig):
 
 
 def lm_logits(params: Params, cfg: ModelConfig, hidden):
-    if cfg.tie_embeddings:  # contract with the [V, D] table directly: no transposed copy of it
-        logits = jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(hidden.dtype))
-    else:
+    if "lm_head" in params:  # untied, or a tied table laid out [D, V] by ``with_lm_head``
         logits = hidden @ params["lm_head"].astype(hidden.dtype)
+    else:  # tied: contract with the [V, D] table directly, no transposed copy of it
+        logits = jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(hidden.dtype))
     return logits.astype(jnp.float32)
+
+
+def with_lm_head(params: Params, cfg: ModelConfig) -> Params:
+    """``params`` whose tied LM head is also laid out [D, V], on a CPU (elsewhere unchanged).
+
+    For the one-token steps of a decode loop: XLA:CPU streams a [D, V] table faster than it
+    contracts the [V, D] embedding (embedded model, 49152 x 576: 5.2 -> 3.7 ms at B=1 and
+    16.7 -> 10.8 ms at B=8). The transpose is one copy per call (about 15 ms there), made
+    before the loop."""
+    if not cfg.tie_embeddings or "lm_head" in params or jax.default_backend() != "cpu":
+        return params
+    return dict(params, lm_head=params["embed"].T)
 
 
 def last_valid_index(valid):
