@@ -53,10 +53,12 @@ def test_think_equals_one_step_at_a_time(name):
     for field in ("valid", "segment", "kind", "pos", "next_pos"):
         np.testing.assert_array_equal(getattr(got, field), getattr(ref, field), err_msg=field)
     # invalid slots and the empty row's state are never visible and not compared
+    # float32 rounding, not a loose check: with std=0.2 weights each path is about 5e-4 from a
+    # float64 run of the same steps (|k| up to 5.4), and the two sum in different orders
     slot = np.asarray(ref.valid)[None, :, :, None, None]
-    np.testing.assert_allclose(np.where(slot, got.k, 0), np.where(slot, ref.k, 0), atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(np.where(slot, got.v, 0), np.where(slot, ref.v, 0), atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(got_h[:2], ref_h[:2], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.where(slot, got.k, 0), np.where(slot, ref.k, 0), atol=5e-4, rtol=5e-4)
+    np.testing.assert_allclose(np.where(slot, got.v, 0), np.where(slot, ref.v, 0), atol=5e-4, rtol=5e-4)
+    np.testing.assert_allclose(got_h[:2], ref_h[:2], atol=5e-4, rtol=5e-4)
     assert not np.asarray(got.valid[2]).any()          # the empty row wrote no latent slot
     assert np.asarray(got.kind[0, trace.length:got.length] == LATENT).all()
 

@@ -530,17 +530,20 @@ def _one_token_attention(q, keys, vals, mask, cfg: ModelConfig):
     q_bd = jnp.einsum("btkgd,kj->bkdjgt", q.reshape(b, t, kvh, g, hd), eye).reshape(b, kvh * hd, kvh * g * t)
     scores = jnp.concatenate([jnp.matmul(k.reshape(b, k.shape[1], kvh * hd), q_bd.astype(k.dtype))
                               for k in keys], axis=1).astype(jnp.float32)          # [B, S, (j, g, t)]
-    scores = scores.reshape(b, -1, kvh, g, t) * (hd ** -0.5)
-    scores = jnp.where(jnp.swapaxes(mask, 1, 2)[:, :, None, None, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=1).astype(vals[0].dtype)
+    # The scores are small: transposed once, the softmax reduces over their minor axis and
+    # the probabilities are already the value GEMM's left operand (a softmax over S as
+    # axis 1 and a transposed copy per part cost 10-25% more across B = 1, 8, S = 192, 670).
+    scores = jnp.swapaxes(scores, 1, 2).reshape(b, kvh, g, t, -1) * (hd ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(vals[0].dtype)
     out, start = 0, 0
     for v in vals:
         s = v.shape[1]
-        p_t = jnp.swapaxes(probs[:, start:start + s].reshape(b, s, kvh * g * t), 1, 2)  # [B, (j, g, t), S]
-        blocks = jnp.matmul(p_t, v.reshape(b, s, kvh * hd)).reshape(b, kvh, g, t, kvh, hd)
-        out = out + jnp.einsum("bjgtkd,jk->btjgd", blocks, eye.astype(blocks.dtype))
+        p = probs[..., start:start + s].reshape(b, kvh * g * t, s)
+        blocks = jnp.matmul(p, v.reshape(b, s, kvh * hd)).reshape(b, kvh, g, t, kvh, hd)
+        out = out + jnp.stack([blocks[:, j, :, :, j] for j in range(kvh)], axis=1)  # diagonal blocks
         start += s
-    return out.reshape(b, t, cfg.num_heads, hd)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, cfg.num_heads, hd)
 
 
 def lm_logits(params: Params, cfg: ModelConfig, hidden):
