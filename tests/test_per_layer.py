@@ -67,6 +67,11 @@ def test_chunk_forward_per_layer_equals_scan():
     cfg = CFGS["mistral_window"]
     params, lora, out = _setup(cfg)
     p_layers, lo_layers = per_layer(params, lora, cfg)
+    # q/k/v and gate/up are fused kernels (and biases) in the per-layer copy
+    fused = p_layers["layers"][0]
+    assert {"qkv", "gate_up"} <= set(fused) and not {"q", "k", "v", "gate", "up"} & set(fused)
+    assert fused["qkv"]["kernel"].shape == (cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size)
+    assert fused["qkv"]["bias"].shape == (cfg.q_size + 2 * cfg.kv_size,)
     embeds = jax.random.normal(jax.random.PRNGKey(3), (3, 4, cfg.hidden_size))
     kw = dict(embeds=embeds, valid=jnp.asarray([[1, 1, 1, 0]] * 3, bool), segment=2, kind=LATENT,
               lora_scale=0.5, visible=make_visibility(kinds=[PROMPT]))

@@ -143,17 +143,43 @@ class LoraDropout:
         return LoraDropout(self.rate, key)
 
 
+def lora_delta(x, lora, lora_scale=1.0, dropout: Optional[LoraDropout] = None):
+    """The LoRA branch ``scale * (x A) B`` of one projection (``x`` dropped out first)."""
+    if dropout is not None and dropout.rate > 0:
+        keep = jax.random.bernoulli(dropout.key, 1.0 - dropout.rate, x.shape)
+        x = jnp.where(keep, x / (1.0 - dropout.rate), 0).astype(x.dtype)
+    return lora_scale * ((x @ lora["a"].astype(x.dtype)) @ lora["b"].astype(x.dtype))
+
+
 def dense(x, p, lora=None, lora_scale=1.0, dropout: Optional[LoraDropout] = None):
     y = x @ p["kernel"].astype(x.dtype)
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
     if lora is not None:
-        xl = x
-        if dropout is not None and dropout.rate > 0:
-            keep = jax.random.bernoulli(dropout.key, 1.0 - dropout.rate, x.shape)
-            xl = jnp.where(keep, x / (1.0 - dropout.rate), 0).astype(x.dtype)
-        y = y + lora_scale * ((xl @ lora["a"].astype(x.dtype)) @ lora["b"].astype(x.dtype))
+        y = y + lora_delta(x, lora, lora_scale, dropout)
     return y
+
+
+# Projections that read the same input, and the name of their concatenated kernel in a
+# per-layer dict made by ``fuse_projections``.
+FUSED_PROJECTIONS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+
+
+def fuse_projections(layer: Params) -> Params:
+    """One layer's params with the q/k/v and gate/up kernels (and biases) concatenated along
+    their output axis, for the per-layer decode loop.
+
+    For one-token steps one wider GEMV beats two or three narrow ones: fewer calls, and a
+    matrix wide enough for both threads (the embedded model's 30-layer matmul chain at B=1:
+    23-25 -> 19-20 ms; no change at B=8). LoRA stays per target (``forward`` adds each
+    target's branch to its slice of the fused output)."""
+    layer = dict(layer)
+    for fused, names in FUSED_PROJECTIONS.items():
+        if fused in layer or not all(n in layer for n in names):
+            continue
+        parts = [layer.pop(n) for n in names]
+        layer[fused] = {key: jnp.concatenate([part[key] for part in parts], axis=-1) for key in parts[0]}
+    return layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,14 +296,26 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
 
     def block(h, p, lo, idx, attend):
         """One decoder layer; ``attend(q, k, v)`` -> (attention output, what the layer emits)."""
+        def drop(name):
+            return dropout.fold(idx, LORA_TARGETS.index(name)) if use_dropout else None
+
         def proj(x, name):
-            drop = dropout.fold(idx, LORA_TARGETS.index(name)) if use_dropout else None
-            return dense(x, p[name], lo.get(name), lora_scale, drop)
+            return dense(x, p[name], lo.get(name), lora_scale, drop(name))
+
+        def projs(x, fused, sizes):
+            """The projections ``FUSED_PROJECTIONS[fused]`` of one input, from a fused kernel if any."""
+            names = FUSED_PROJECTIONS[fused]
+            if fused not in p:
+                return [proj(x, n) for n in names]
+            outs = jnp.split(dense(x, p[fused]), np.cumsum(sizes)[:-1].tolist(), axis=-1)
+            return [y if lo.get(n) is None else y + lora_delta(x, lo[n], lora_scale, drop(n))
+                    for y, n in zip(outs, names)]
 
         hn = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
-        q = proj(hn, "q").reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = proj(hn, "k").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = proj(hn, "v").reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = projs(hn, "qkv", (cfg.q_size, cfg.kv_size, cfg.kv_size))
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
             k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
@@ -285,7 +323,8 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
         attn, emitted = attend(q, k, v)
         h = h + proj(attn.reshape(b, t, cfg.q_size), "o")
         hn = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
-        h = h + proj(jax.nn.silu(proj(hn, "gate")) * proj(hn, "up"), "down")
+        gate, up = projs(hn, "gate_up", (cfg.intermediate_size, cfg.intermediate_size))
+        h = h + proj(jax.nn.silu(gate) * up, "down")
         return h, emitted
 
     def attend_cache(q, k, v, k_old, v_old):
@@ -376,9 +415,10 @@ def use_per_layer(params: Params, *, remat=False, dropout: Optional[LoraDropout]
 
 
 def per_layer(params: Params, lora: Optional[Params], cfg: ModelConfig):
-    """(params, lora) with their layer stacks split into lists (``forward`` then loops in Python)."""
+    """(params, lora) with their layer stacks split into lists (``forward`` then loops in Python);
+    each layer's projections that share an input are fused (``fuse_projections``) in the same copy."""
     if not isinstance(params["layers"], (list, tuple)):
-        params = dict(params, layers=unstack_layers(params["layers"], cfg.num_layers))
+        params = dict(params, layers=[fuse_projections(p) for p in unstack_layers(params["layers"], cfg.num_layers)])
     if lora is not None and not isinstance(lora, (list, tuple)):
         lora = unstack_layers(lora, cfg.num_layers)
     return params, lora
