@@ -111,8 +111,9 @@ def to_markdown(summary: dict, title: str) -> str:
                for m in summary["memory"] if m["rss_peak_mb"] is not None]
     if summary["kernels"]:
         md += ["", "Floor: the decode step's matmul chain (bench_kernels.py)", "",
-               "| batch | XLA ms | torch ms |", "|---:|---:|---:|"]
-        md += [f"| {k['batch']} | {k['xla_ms']:.1f} | {k['torch_ms']:.1f} |" for k in summary["kernels"]]
+               "| batch | XLA ms | XLA fused q/k/v, gate/up ms | torch ms |", "|---:|---:|---:|---:|"]
+        fused = lambda k: f"{k['xla_fused_ms']:.1f}" if "xla_fused_ms" in k else "—"  # runs before 2026-12-03 08:48
+        md += [f"| {k['batch']} | {k['xla_ms']:.1f} | {fused(k)} | {k['torch_ms']:.1f} |" for k in summary["kernels"]]
     md += ["", f"Load average at each script's start: {summary['load_avg_start']}"]
     return "\n".join(md) + "\n"
 

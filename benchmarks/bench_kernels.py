@@ -53,10 +53,18 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def weight_chain(params) -> list[np.ndarray]:
-    """Every [in, out] matrix a decode step multiplies by, in order (LM head last)."""
+def weight_chain(params, fused: bool = False) -> list[np.ndarray]:
+    """Every [in, out] matrix a decode step multiplies by, in order (LM head last). ``fused``:
+    q/k/v and gate/up concatenated as the CPU decode loop runs them (``fuse_projections``)."""
+    from diffmas_jax.model.transformer import fuse_projections
     layers = params["layers"]
-    mats = [np.asarray(layers[name]["kernel"][i]) for i in range(layers["q"]["kernel"].shape[0]) for name in LINEARS]
+    names = ("qkv", "o", "gate_up", "down") if fused else LINEARS
+    mats = []
+    for i in range(layers["q"]["kernel"].shape[0]):
+        layer = {name: {"kernel": np.asarray(layers[name]["kernel"][i])} for name in LINEARS}
+        if fused:
+            layer = fuse_projections(layer)
+        mats += [np.asarray(layer[name]["kernel"]) for name in names]
     head = params.get("lm_head")
     mats.append(np.asarray(head) if head is not None else np.ascontiguousarray(np.asarray(params["embed"]).T))  # tied
     return mats
@@ -78,6 +86,7 @@ def main(argv=None):
     n_params = sum(m.size for m in mats)
 
     jmats = [jnp.asarray(m) for m in mats]
+    jfused = [jnp.asarray(m) for m in weight_chain(model.params, fused=True)]
     tmats = [torch.from_numpy(np.ascontiguousarray(m)) for m in mats]
 
     @jax.jit
@@ -101,11 +110,13 @@ def main(argv=None):
         xj = {w: jnp.ones((b, w), jnp.float32) for w in widths}
         xt = {w: torch.ones((b, w)) for w in widths}
         tj = median_time(lambda: jax_chain(jmats, xj).block_until_ready(), repeats)
+        tf = median_time(lambda: jax_chain(jfused, xj).block_until_ready(), repeats)
         tt = median_time(lambda: torch_chain(xt), repeats)
         flops = 2 * b * n_params
-        rows.append(dict(batch=b, xla_ms=tj * 1e3, torch_ms=tt * 1e3, xla_gflop_s=flops / tj / 1e9,
+        rows.append(dict(batch=b, xla_ms=tj * 1e3, xla_fused_ms=tf * 1e3, torch_ms=tt * 1e3, xla_gflop_s=flops / tj / 1e9,
                          torch_gflop_s=flops / tt / 1e9, xla_gb_s=n_bytes / tj / 1e9, torch_gb_s=n_bytes / tt / 1e9))
-        print(f"B={b}: matmul chain XLA {tj * 1e3:.1f} ms, torch {tt * 1e3:.1f} ms", file=sys.stderr)
+        print(f"B={b}: matmul chain XLA {tj * 1e3:.1f} ms (fused {tf * 1e3:.1f}), torch {tt * 1e3:.1f} ms",
+              file=sys.stderr)
 
     stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
     machine = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), platform=platform.platform(),
@@ -115,10 +126,11 @@ def main(argv=None):
     md = [f"# Decode-step floors: the model's matmul chain, embedded SmolLM2-135M, float32 ({machine['date']})", "",
           f"{len(mats)} matrices ({n_bytes / 2**20:.0f} MiB), each multiplied once by B rows. GB/s: the weights "
           f"streamed per second (at B = 1 the chain is a memory-bandwidth test). Load average at start "
-          f"{machine['load_avg'][0]:.2f}; torch threads {machine['torch_threads']}.", "",
-          "| batch | XLA chain ms | torch chain ms | XLA GFLOP/s | torch GFLOP/s | XLA GB/s | torch GB/s |",
-          "|---:|---:|---:|---:|---:|---:|---:|"]
-    md += [f"| {r['batch']} | {r['xla_ms']:.1f} | {r['torch_ms']:.1f} | {r['xla_gflop_s']:.1f} | "
+          f"{machine['load_avg'][0]:.2f}; torch threads {machine['torch_threads']}. XLA fused: the same "
+          f"weights with q/k/v and gate/up concatenated per layer, as the CPU decode loop runs them.", "",
+          "| batch | XLA chain ms | XLA fused chain ms | torch chain ms | XLA GFLOP/s | torch GFLOP/s | XLA GB/s | torch GB/s |",
+          "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    md += [f"| {r['batch']} | {r['xla_ms']:.1f} | {r['xla_fused_ms']:.1f} | {r['torch_ms']:.1f} | {r['xla_gflop_s']:.1f} | "
            f"{r['torch_gflop_s']:.1f} | {r['xla_gb_s']:.1f} | {r['torch_gb_s']:.1f} |" for r in rows]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
