@@ -64,6 +64,9 @@ def parse_args(argv=None):
     ap.add_argument("--new-tokens", default=None,
                     help="solver tokens to decode; a comma list adds rows for memory vs trace length "
                          "(default 128; quick 8)")
+    ap.add_argument("--memory-new-tokens", default=None,
+                    help="extra solver lengths run once each for (d), peak memory against trace length: not "
+                         "timing rows (default 512; quick 16; '' for none)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats of the forced pipeline (default 2; quick 1)")
     ap.add_argument("--eos-repeats", type=int, default=None,
                     help="timed repeats of the EOS-stopping pipeline (default 1; 0 skips it)")
@@ -348,12 +351,15 @@ def main(argv=None):
     q = args.quick
     batches = [int(x) for x in (args.batches or ("1,2" if q else "1,8")).split(",") if x.strip()]
     new_tokens = [int(x) for x in (args.new_tokens or ("8" if q else "128")).split(",") if x.strip()]
+    mem_arg = args.memory_new_tokens if args.memory_new_tokens is not None else ("16" if q else "512")
+    memory_tokens = [n for n in (int(x) for x in mem_arg.split(",") if x.strip()) if n not in new_tokens]
     m_steps = args.latent_steps if args.latent_steps is not None else (2 if q else 10)
     reps = args.repeats or (1 if q else 2)
     eos_reps = args.eos_repeats if args.eos_repeats is not None else 1
     threads = args.threads or os.cpu_count() or 1
     t_start = time.perf_counter()
-    log(f"settings: batches={batches} new_tokens={new_tokens} latent_steps={m_steps} repeats={reps} "
+    log(f"settings: batches={batches} new_tokens={new_tokens} memory_new_tokens={memory_tokens} "
+        f"latent_steps={m_steps} repeats={reps} "
         f"eos_repeats={eos_reps} torch_threads={threads}")
 
     from diffmas_jax.model.loading import resolve_model_dir
@@ -380,20 +386,23 @@ def main(argv=None):
         info.update(jax=vers[0], jax_backend=vers[1], torch=vers[2], transformers=vers[3])
 
     plan = []
-    for n in new_tokens:
+    for n in new_tokens + memory_tokens:
         for b in batches:
             plan += [("jax", b, n)] + ([] if args.skip_torch else [("torch", b, n)])
     results = {}
     for i, (side, b, n) in enumerate(plan, 1):
+        memory_only = n in memory_tokens  # one timed run: its peak RSS is the point; no timing row
         tag = f"[{i}/{len(plan)}] {'diffmas_jax' if side == 'jax' else 'transformers'} B={b} N={n}"
         log(f"{tag}: fresh subprocess")
         qs = [it.question for it in items[:b]]
         spec = {"side": side, "model": str(model_dir), "questions": qs, "instruction": instruction,
                 "messages": build_messages(qs, instruction), "latent_steps": m_steps, "new_tokens": n,
-                "repeats": reps, "eos_repeats": eos_reps if n == new_tokens[0] else 0, "threads": threads,
+                "repeats": 1 if memory_only else reps, "eos_repeats": eos_reps if n == new_tokens[0] else 0,
+                "threads": threads,
                 "eos_ids": hf_cfg.get("eos_token_id") if isinstance(hf_cfg.get("eos_token_id"), list)
                 else [hf_cfg.get("eos_token_id")]}
         r = run_child(spec, tag)
+        r["memory_only"] = memory_only
         results[(side, b, n)] = r
         f = r["forced"]
         log(f"{tag}: {f['median_s']:.2f}s median ({f['generated']} tokens; first call {f['first_call_s']:.1f}s), "
@@ -402,11 +411,11 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- rows
     rows, checks = [], {}
-    for n in new_tokens:
+    for n in new_tokens + memory_tokens:
         for b in batches:
             j, t = results.get(("jax", b, n)), results.get(("torch", b, n))
             for kind in ("forced", "eos"):
-                if kind not in j:
+                if kind not in j or n in memory_tokens:
                     continue
                 jr, tr = j[kind], (t or {}).get(kind)
                 name = (f"latent_mas, {n} tokens forced (B={b})" if kind == "forced"
@@ -466,12 +475,13 @@ def main(argv=None):
         md.append(f"| {r['measurement']} | {fmt(j['first_call_s'])} | {fmt(j['median_s'])} | "
                   f"{fmt(j['first_call_s'] - j['median_s'])} | {fmt(t['first_call_s']) if t else 'n/a'} | "
                   f"{fmt(t['median_s']) if t else 'n/a'} |")
+    once = (f"; N = {', '.join(map(str, memory_tokens))} ran once, for this table only" if memory_tokens else "")
     md += ["", "Peak memory against trace length (each configuration in a fresh subprocess; RSS in MB; "
            "trace slots per row = padded agent prompts + latent steps + padded solver prompt + N; "
-           "KV = float32 K+V of that many slots x B):", "",
+           f"KV = float32 K+V of that many slots x B{once}):", "",
            "| configuration | trace slots/row | KV MB | diffmas_jax RSS after load | diffmas_jax peak RSS "
            "| transformers RSS after load | transformers peak RSS |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for n in new_tokens:
+    for n in sorted(new_tokens + memory_tokens):
         for b in batches:
             j, t = results[("jax", b, n)], results.get(("torch", b, n))
             slots = j["slots_per_row"]
@@ -485,7 +495,7 @@ def main(argv=None):
            "|---|---|---:|---:|---:|---:|---:|"]
     keys = ["tokenize + trace alloc", "make_realign (ridge W_a)", "upstream agents (prefill + latent)",
             "solver prefill", "decode"]
-    for n in new_tokens:
+    for n in new_tokens + memory_tokens:
         for b in batches:
             for side in ("jax", "torch"):
                 r = results.get((side, b, n))
@@ -506,14 +516,18 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
     base = out_dir / f"pipeline_{stamp}{'_quick' if q else ''}"
-    settings = {"batches": batches, "new_tokens": new_tokens, "latent_steps": m_steps, "roles": list(ROLES),
+    settings = {"batches": batches, "new_tokens": new_tokens, "memory_new_tokens": memory_tokens,
+                "latent_steps": m_steps, "roles": list(ROLES),
                 "repeats": reps, "eos_repeats": eos_reps, "realign": "ridge", "task": "arith/test"}
     raw = {f"{s}_B{b}_N{n}": {k: v for k, v in r.items()} for (s, b, n), r in results.items()}
     base.with_suffix(".json").write_text(json.dumps(
         {"machine": info, "settings": settings, "results": rows, "checks": checks, "subprocesses": raw},
         indent=2) + "\n")
     base.with_suffix(".md").write_text(table + "\n")
-    log(f"wrote {base}.json and {base}.md")
+    from plots import memory_plot
+    png = memory_plot(raw, base.parent / f"{base.name}_memory.png",
+                      title=f"4-agent LatentMAS pipeline, m={m_steps}: peak RSS against trace length")
+    log(f"wrote {base}.json, {base}.md and {png.name}")
     return 0
 
 

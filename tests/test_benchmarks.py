@@ -45,3 +45,56 @@ def test_kernel_floor_fused_chain_holds_the_same_weights():
     np.testing.assert_allclose(x @ fused[0], np.concatenate([x @ plain[0], x @ plain[1], x @ plain[2]], 1), rtol=1e-5)
     np.testing.assert_allclose(x @ fused[2], np.concatenate([x @ plain[4], x @ plain[5]], 1), rtol=1e-5)
     np.testing.assert_array_equal(fused[-1], np.asarray(params["embed"]).T)
+
+
+def test_pipeline_memory_sweep_and_summary_plots(tmp_path, embedded):
+    """bench_pipeline's extra solver lengths (--memory-new-tokens) run once each: they add (d)
+    memory rows and a plot point, not (a) timing rows; bench_all's summary keeps them out of (a)
+    and (e) and draws targets.png and memory.png. A tiny random llama with the embedded tokenizer
+    keeps it quick; greedy tokens must agree with the transformers loop on every run."""
+    import shutil
+    from conftest import save_tiny_model
+    model = save_tiny_model(tmp_path / "tiny", "llama", vocab_size=embedded.cfg.vocab_size)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(Path(embedded.path) / name, model / name)
+    out = tmp_path / "all"
+    cmd = [sys.executable, str(REPO / "benchmarks/bench_pipeline.py"), "--model", str(model), "--out", str(out),
+           "--batches", "2", "--new-tokens", "4", "--memory-new-tokens", "12", "--latent-steps", "1",
+           "--repeats", "1", "--eos-repeats", "0", "--threads", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(next(out.glob("pipeline_*.json")).read_text())
+    assert [(row["batch"], row["new_tokens"]) for row in report["results"]] == [(2, 4)]
+    runs = report["subprocesses"]
+    assert sorted(runs) == sorted(f"{s}_B{b}_N{n}" for s in ("jax", "torch") for b in (2,) for n in (4, 12))
+    assert runs["jax_B2_N12"]["memory_only"] and not runs["jax_B2_N4"]["memory_only"]
+    assert runs["jax_B2_N12"]["slots_per_row"] == runs["jax_B2_N4"]["slots_per_row"] + 8
+    agreement = {k: v for k, v in report["checks"].items() if k.endswith("greedy_token_agreement")}
+    assert sorted(agreement) == sorted(f"B{b}_N{n}_greedy_token_agreement" for b in (2,) for n in (4, 12))
+    assert all(v == 1.0 for v in agreement.values()), agreement
+    md = next(out.glob("pipeline_*.md")).read_text()
+    assert "| B=2, N=12 |" in md and "N = 12 ran once" in md
+    assert next(out.glob("pipeline_*_memory.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_all.py"), "--from-dir", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    measured = [row["measurement"] for row in summary["rows"]]
+    assert len([m for m in measured if m.startswith("(a)")]) == 1
+    assert [m for m in measured if m.startswith("(e)")] == ["(e) pipeline first call (trace + compile + run), jax_B2_N4"]
+    mem = {m["run"]: m for m in summary["memory"]}
+    assert mem["torch_B2_N12"]["slots_per_row"] == mem["jax_B2_N12"]["slots_per_row"] > mem["jax_B2_N4"]["slots_per_row"]
+    for png in ("targets.png", "memory.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_series_places_torch_runs_at_the_jax_trace_length():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from plots import memory_series
+    runs = {"jax_B8_N512": {"slots_per_row": 1054, "rss_peak_mb": 3000.0},
+            "jax_B8_N128": {"slots_per_row": 670, "rss_peak_mb": 2700.0},
+            "torch_B8_N128": {"rss_peak_mb": 1340.0}, "torch_B8_N512": {"rss_peak_mb": 1900.0},
+            "jax_B1_N128": {"slots_per_row": 670, "rss_peak_mb": None}}  # a run without a peak is left out
+    assert memory_series(runs) == {("jax", 8): [(670, 2700.0), (1054, 3000.0)],
+                                   ("torch", 8): [(670, 1340.0), (1054, 1900.0)]}

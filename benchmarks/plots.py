@@ -1,0 +1,87 @@
+"""PNG figures for the benchmark reports (matplotlib, headless).
+
+  memory_plot   (d): peak RSS against trace slots per row, one line per side and batch size
+  targets_plot  issue 8's targets: each measurement as a fraction of its target (1 = met)
+"""
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+SIDES = {"jax": ("diffmas_jax", "-", "o"), "torch": ("transformers", "--", "s")}
+RUN_NAME = re.compile(r"^(jax|torch)_B(\d+)_N(\d+)$")
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def memory_series(runs: dict) -> dict:
+    """{(side, batch): [(slots per row, peak RSS MB), ...] sorted by slots} from a pipeline report's
+    ``subprocesses`` ({"jax_B8_N512": {...}, ...}). A torch run has no trace of its own; it is
+    placed at the slots of the diffmas_jax run with the same batch and N (the same tokens)."""
+    slots_of = {}
+    for name, r in runs.items():
+        m = RUN_NAME.match(name)
+        if m and m.group(1) == "jax" and r.get("slots_per_row"):
+            slots_of[(int(m.group(2)), int(m.group(3)))] = r["slots_per_row"]
+    series = {}
+    for name, r in runs.items():
+        m = RUN_NAME.match(name)
+        if not m or r.get("rss_peak_mb") is None:
+            continue
+        side, b, n = m.group(1), int(m.group(2)), int(m.group(3))
+        slots = r.get("slots_per_row") or slots_of.get((b, n))
+        if slots:
+            series.setdefault((side, b), []).append((slots, r["rss_peak_mb"]))
+    return {k: sorted(v) for k, v in sorted(series.items())}
+
+
+def memory_plot(runs: dict, path: Path, title: str = "Peak memory against trace length") -> Path:
+    """Peak RSS (MB) against trace slots per row for each (side, batch) in ``runs`` (see memory_series)."""
+    plt = _pyplot()
+    series = memory_series(runs)
+    if not series:
+        raise ValueError("no run with a peak RSS and a trace length to plot")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (side, b), pts in series.items():
+        label, style, marker = SIDES[side]
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, style, marker=marker, label=f"{label}, B={b}")
+    ax.set_xlabel("trace slots per row")
+    ax.set_ylabel("peak RSS (MB)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def targets_plot(rows: list, path: Path, title: str = "Issue 8 targets") -> Path:
+    """Each measured row as a fraction of its target (higher is better; times are inverted, so a
+    60 s limit met in 30 s shows as 2.0). Rows that did not run are left out."""
+    plt = _pyplot()
+    done = [r for r in rows if r.get("value")]
+    if not done:
+        raise ValueError("no measured row to plot")
+    frac = [r["value"] / r["target"] if r["unit"] in ("x", "") else r["target"] / r["value"] for r in done]
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(done) + 1.2))
+    ys = range(len(done))[::-1]
+    ax.barh(list(ys), frac, color=["tab:green" if f >= 1 else "tab:red" for f in frac])
+    ax.axvline(1.0, color="black", lw=1)
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels([textwrap.fill(r["measurement"], 60) for r in done], fontsize=7)
+    ax.set_xlabel("measured / target (≥ 1: met)")
+    ax.set_title(title)
+    for y, f in zip(ys, frac):
+        ax.text(f, y, f" {f:.2f}", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
