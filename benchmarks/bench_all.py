@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 SCRIPTS = ("bench_model", "bench_pipeline", "bench_train", "bench_kernels")
 # issue 8's CPU targets
 TARGETS = {"pipeline": 3.0, "generate_b8": 2.0, "train": 1.3, "train_peak_share": 0.5, "first_call_s": 60.0}
@@ -82,11 +83,12 @@ def summarise(folder: Path) -> dict:
             first = (r.get("diffmas_jax") or {}).get("first_call_s")
             add(f"(e) {r['measurement']}: first call", TARGETS["first_call_s"], first, unit="s", higher_is_better=False)
     memory = []
-    if pipe:  # torch runs hold the same tokens as the diffmas_jax run of their batch and N
+    if pipe:
+        from plots import run_slots
         runs = pipe.get("subprocesses", {})
+        slots_of = run_slots(runs)
         for name, sub in runs.items():
-            slots = sub.get("slots_per_row") or runs.get("jax" + name[len("torch"):], {}).get("slots_per_row")
-            memory.append(dict(run=name, slots_per_row=slots, rss_loaded_mb=sub.get("rss_loaded_mb"),
+            memory.append(dict(run=name, slots_per_row=slots_of[name], rss_loaded_mb=sub.get("rss_loaded_mb"),
                                rss_peak_mb=sub.get("rss_peak_mb")))
         memory.sort(key=lambda m: (m["run"].split("_")[:2], m["slots_per_row"] or 0))
     kernels = newest(folder, "kernels")
@@ -146,7 +148,6 @@ def main(argv=None):
     runs = summary.pop("memory_runs")
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (folder / "summary.md").write_text(to_markdown(summary, title))
-    sys.path.insert(0, str(HERE))
     from plots import memory_plot, targets_plot
     if any(r["value"] for r in summary["rows"]):
         targets_plot(summary["rows"], folder / "targets.png", title=title)

@@ -20,24 +20,26 @@ def _pyplot():
     return plt
 
 
+def run_slots(runs: dict) -> dict:
+    """{run name: trace slots per row} for a pipeline report's ``subprocesses``
+    ({"jax_B8_N512": {...}, ...}). A torch run has no trace of its own; it gets the slots of the
+    diffmas_jax run with the same batch and N (the same tokens)."""
+    out = {}
+    for name, r in runs.items():
+        m = RUN_NAME.match(name)
+        own = r.get("slots_per_row")
+        out[name] = own or (runs.get(f"jax_B{m.group(2)}_N{m.group(3)}", {}).get("slots_per_row") if m else None)
+    return out
+
+
 def memory_series(runs: dict) -> dict:
-    """{(side, batch): [(slots per row, peak RSS MB), ...] sorted by slots} from a pipeline report's
-    ``subprocesses`` ({"jax_B8_N512": {...}, ...}). A torch run has no trace of its own; it is
-    placed at the slots of the diffmas_jax run with the same batch and N (the same tokens)."""
-    slots_of = {}
+    """{(side, batch): [(slots per row, peak RSS MB), ...] sorted by slots} (slots from run_slots)."""
+    slots_of, series = run_slots(runs), {}
     for name, r in runs.items():
         m = RUN_NAME.match(name)
-        if m and m.group(1) == "jax" and r.get("slots_per_row"):
-            slots_of[(int(m.group(2)), int(m.group(3)))] = r["slots_per_row"]
-    series = {}
-    for name, r in runs.items():
-        m = RUN_NAME.match(name)
-        if not m or r.get("rss_peak_mb") is None:
+        if not m or r.get("rss_peak_mb") is None or not slots_of[name]:
             continue
-        side, b, n = m.group(1), int(m.group(2)), int(m.group(3))
-        slots = r.get("slots_per_row") or slots_of.get((b, n))
-        if slots:
-            series.setdefault((side, b), []).append((slots, r["rss_peak_mb"]))
+        series.setdefault((m.group(1), int(m.group(2))), []).append((slots_of[name], r["rss_peak_mb"]))
     return {k: sorted(v) for k, v in sorted(series.items())}
 
 
