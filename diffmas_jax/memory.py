@@ -14,16 +14,18 @@ evaluation batch:
                trace_grad=full the upstream stages' saved trace slices)
   activations  training: what the backward pass keeps per layer (all of it without
                remat, only each layer's input with remat plus one layer recomputed),
-               the attention scores (float32, not fused: this implementation
-               materialises them), and the target logits; evaluation: one layer of the
+               one layer's attention scores (float32, not fused: this implementation
+               materialises them, and recomputes them in the backward rather than keeping
+               every layer's), and the target logits; evaluation: one layer of the
                largest prefill chunk and the last-position logits
   other        the realignment matrix (hidden x hidden, float32)
 
 It is an estimate (XLA fuses some buffers and adds scratch of its own), meant to say
 early and in one line that a run cannot fit, and which knob helps. Checked against
-XLA's own ``compile().memory_analysis()`` of the train step (SmolLM2-135M shapes, B=4,
-planner prompt 64, m=4, solver 128, CPU): activations + trace within 0.89x-1.18x of
-XLA's temporary buffers, with and without remat, trace_grad stop and full. It is pure
+XLA's own ``compile().memory_analysis()`` of the train step (SmolLM2-135M, B=4, three
+upstream agents with 128-token prompts and m=10, solver 192, CPU, 2026-12-03):
+activations + trace are 1.00x XLA's temporary buffers with trace_grad stop (1.52 GB) and
+0.83x with full (5.09 GB); with remat "dots" 1.11x (stop, 1.22 GB) and 0.92x (full, 4.00 GB). It is pure
 Python: no device is touched, so it runs before any weights load.
 """
 from __future__ import annotations
@@ -111,17 +113,20 @@ def _trace_bytes(cfg, mesh, batch: int, slots: int, dtype_bytes: int) -> int:
     return int(kv + meta)
 
 
-def _layer_act(cfg, mesh, batch: int, t: int, s: int, a: int) -> tuple[int, int]:
-    """(bytes one layer keeps for backward, bytes of its attention scores) for a chunk of t
-    tokens attending to s keys, on one device."""
+def _layer_act(cfg, mesh, batch: int, t: int, s: int, a: int) -> tuple[int, int, int]:
+    """(bytes one layer keeps for backward, the part of it remat "dots" keeps (the
+    projections' outputs), bytes of its attention scores) for a chunk of t tokens
+    attending to s keys, on one device."""
     tp = mesh.shape["tensor"]
     b = _div(batch, mesh.shape["data"] * mesh.shape["fsdp"])
     d = cfg.hidden_size
     q, kv, f = _div(cfg.q_size, tp), _div(cfg.kv_size, tp), _div(cfg.intermediate_size, tp)
     heads = _div(cfg.num_heads, tp)
     dense = b * t * (6 * d + 4 * q + 4 * kv + 4 * f) * a
+    # q, k, v, o, gate, up and down outputs, twice: the base projection and its LoRA product
+    dots = 2 * b * t * (2 * d + q + 2 * kv + 2 * f) * a
     scores = b * heads * t * s * (4 + a)        # float32 scores and the probabilities in the compute dtype
-    return int(dense), int(scores)
+    return int(dense), int(dots), int(scores)
 
 
 def estimate_train(cfg, mesh_shape: Sequence[int], *, batch: int, solver_length: int,
@@ -143,13 +148,13 @@ def estimate_train(cfg, mesh_shape: Sequence[int], *, batch: int, solver_length:
     L = cfg.num_layers
 
     def chunk(t, s):
-        dense, scores = _layer_act(cfg, mesh, batch, t, s, a)
-        if remat == "dots":  # the projections' outputs are kept; scores are recomputed one layer at a time
-            return L * dense + scores
+        dense, dots, scores = _layer_act(cfg, mesh, batch, t, s, a)
+        if remat == "dots":  # the projections' outputs are kept; the rest is recomputed one layer at a time
+            return L * dots + dense + scores
         if remat:  # each layer's input is kept; one layer is recomputed at a time
             b = _div(batch, mesh.shape["data"] * mesh.shape["fsdp"])
             return L * b * t * cfg.hidden_size * a + dense + scores
-        return L * (dense + scores)
+        return L * dense + scores  # scores are recomputed in the backward, one layer at a time
 
     act = chunk(solver_length, slots)
     if trace_grad == "full":
@@ -188,8 +193,8 @@ def estimate_eval(cfg, mesh_shape: Sequence[int], *, batch: int, prompt_tokens: 
     # The solver's prefill attends to what the upstream agents filled plus its own chunk;
     # a decode step (one token) attends to every slot.
     filled = (num_agents - 1) * chunk + latent_steps + chunk
-    dense, scores = _layer_act(cfg, mesh, batch, chunk, filled, a)
-    scores = max(scores, _layer_act(cfg, mesh, batch, 1, slots, a)[1])
+    dense, _, scores = _layer_act(cfg, mesh, batch, chunk, filled, a)
+    scores = max(scores, _layer_act(cfg, mesh, batch, 1, slots, a)[2])
     b = _div(batch, mesh.shape["data"] * mesh.shape["fsdp"])
     logits = 3 * b * cfg.vocab_size * 4  # last-position logits, log-softmax, sampling sort
     c["activations"] = int(dense + scores + logits)

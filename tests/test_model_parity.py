@@ -216,3 +216,35 @@ def test_blocked_attention_equals_grouped_attention():
     want = jax.grad(lambda *a: loss(_grouped_attention, *a), argnums=(0, 1, 2))(q, keys, vals)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
+
+
+def test_attention_scores_are_recomputed_not_saved_for_backward(capsys):
+    """Chunk attention saves no [.., S] score or probability block for the backward pass (both
+    the CPU blocked path and the grouped path), where the plain grouped attention does;
+    the gradients are unchanged."""
+    import types
+    import jax
+    import jax.numpy as jnp
+    from jax.ad_checkpoint import print_saved_residuals
+    from diffmas_jax.model.transformer import _grouped_attention, _recomputed, attention
+    cfg = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=8, attention="auto")
+    rng = np.random.default_rng(1)
+    b, t, sizes = 2, 7, (11, 7)   # slot counts 11 and 18 appear in no other shape
+    q = jnp.asarray(rng.standard_normal((b, t, 4, 8)), jnp.float32)
+    keys = tuple(jnp.asarray(rng.standard_normal((b, s, 2, 8)), jnp.float32) for s in sizes)
+    vals = tuple(jnp.asarray(rng.standard_normal((b, s, 2, 8)), jnp.float32) for s in sizes)
+    mask = jnp.asarray(rng.random((b, t, sum(sizes))) > 0.3)
+
+    def score_residuals(fn):
+        capsys.readouterr()
+        print_saved_residuals(lambda q, k, v: (fn(q, k, v, mask) ** 2).sum(), q, keys, vals)
+        lines = capsys.readouterr().out.splitlines()
+        return [ln for ln in lines if ln.startswith("f32[") and ln.split("]")[0].rsplit(",", 1)[-1] in ("11", "18")]
+
+    plain = lambda q, k, v, m: _grouped_attention(q, k, v, m, cfg)
+    assert score_residuals(plain), "the check must see the plain path's saved scores"
+    assert score_residuals(lambda q, k, v, m: attention(q, k, v, m, cfg)) == []        # CPU: blocked
+    assert score_residuals(_recomputed(_grouped_attention, cfg)) == []                 # GPU / TPU path
+    loss = lambda fn: jax.grad(lambda q, k, v: (fn(q, k, v, mask) ** 2).sum(), argnums=(0, 1, 2))(q, keys, vals)
+    for g, w in zip(jax.tree.leaves(loss(_recomputed(_grouped_attention, cfg))), jax.tree.leaves(loss(plain))):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)

@@ -446,11 +446,21 @@ def attention(q, keys, vals, mask, cfg: ModelConfig):
     if impl is not None:
         return fused_attention(q, keys, vals, mask, impl)
     if jax.default_backend() == "cpu":
-        if t == 1:
+        if t == 1:  # one query's scores are small: kept, not recomputed
             return _one_token_attention(q, keys, vals, mask, cfg)
         if jax.device_count() == 1:  # a map over rows of a batch sharded over devices would gather it
             return _blocked_attention(q, keys, vals, mask, cfg)
-    return _grouped_attention(q, keys, vals, mask, cfg)
+    return _recomputed(_grouped_attention, cfg)(q, keys, vals, mask)
+
+
+def _recomputed(attention_fn, cfg: ModelConfig):
+    """``attention_fn`` whose scores and probabilities are recomputed in the backward pass.
+
+    Saved, they are the largest activation of a layer ([B, H, T, S] twice, for every layer
+    of every differentiated chunk: 2.2 of the 7.2 GB of temporaries of the full-mode
+    DiffMAS step at B=4); recomputing them costs one more QK^T per layer in the backward,
+    as flash attention does. Outside of differentiation it changes nothing."""
+    return jax.checkpoint(lambda q, keys, vals, mask: attention_fn(q, keys, vals, mask, cfg))
 
 
 _CPU_QUERY_BLOCK = 128
@@ -517,6 +527,7 @@ def _blocked_attention(q, keys, vals, mask, cfg: ModelConfig, block: int = _CPU_
     q_blocks = q.reshape(b * nb, tq, *q.shape[2:])
     mask_blocks = mask.reshape(b * nb, tq, mask.shape[-1])
 
+    @jax.checkpoint  # each block's scores are recomputed in the backward (see ``_recomputed``)
     def one(args):
         qb, mb, row = args
         pick = lambda xs: tuple(jax.lax.dynamic_index_in_dim(x, row, 0) for x in xs)  # keeps a [1, ...] axis
