@@ -148,7 +148,12 @@ def lora_delta(x, lora, lora_scale=1.0, dropout: Optional[LoraDropout] = None):
     if dropout is not None and dropout.rate > 0:
         keep = jax.random.bernoulli(dropout.key, 1.0 - dropout.rate, x.shape)
         x = jnp.where(keep, x / (1.0 - dropout.rate), 0).astype(x.dtype)
-    return lora_scale * ((x @ lora["a"].astype(x.dtype)) @ lora["b"].astype(x.dtype))
+    # Rank-2 matmuls over flattened tokens: B's gradient then contracts the token rows in
+    # place. Over [B, T, r] XLA:CPU first transposes the [B*T, out] cotangent (in the B=4
+    # train step 0.9 s of 10 s, for gate and up alone).
+    x2 = x.reshape(-1, x.shape[-1])
+    y = (x2 @ lora["a"].astype(x.dtype)) @ lora["b"].astype(x.dtype)
+    return lora_scale * y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def dense(x, p, lora=None, lora_scale=1.0, dropout: Optional[LoraDropout] = None):
