@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from bench_model import fmt, log, median_time, ratio  # noqa: E402
+from flops import FORMULA, linear_params, step_flops  # noqa: E402
 
 SHAPES = {
     "qwen3-1.7b": dict(model_type="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
@@ -100,29 +101,6 @@ def device_peaks(q):
     spec = next((v for k, v in SPEC.items() if k in name), (None, None))
     return {"device": name, "matmul_n": n, "matmul_flop_s": 2 * n ** 3 / mm,
             "copy_bytes_s": 2 * nbytes / cp, "spec_flop_s": spec[0], "spec_bytes_s": spec[1]}
-
-
-# --------------------------------------------------------------------------- FLOPs and bytes
-def linear_params(cfg):
-    d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    return L * (d * cfg.q_size + 2 * d * cfg.kv_size + cfg.q_size * d + 3 * d * f)
-
-
-def step_flops(cfg, b, chunks, n_tgt, grad_from):
-    """Model FLOPs a LoRA step needs. ``chunks`` = token counts appended in order to one causal
-    trace; chunks with index >= grad_from are back-propagated. Linear layers: 2N per token forward,
-    2N backward (input gradients only: the backbone is frozen; LoRA's own terms are ignored).
-    Attention: 4 x L x q_size x (visible context) per token forward, twice that backward.
-    LM head on target tokens only: 2 x D x V forward + 2 x D x V backward."""
-    n_lin = linear_params(cfg)
-    fl, ctx = 0.0, 0
-    for i, t in enumerate(chunks):
-        mult = 2 if i >= grad_from else 1           # forward (+ backward of equal cost)
-        attn = 4 * cfg.num_layers * cfg.q_size * sum(ctx + j + 1 for j in range(t))
-        fl += mult * b * (2 * n_lin * t) + (3 if i >= grad_from else 1) * b * attn
-        ctx += t
-    fl += 2 * 2 * cfg.hidden_size * cfg.vocab_size * b * n_tgt
-    return fl
 
 
 # --------------------------------------------------------------------------- JAX side
@@ -412,9 +390,8 @@ def render(report, flop_peak, bw_peak):
                          f"{fmt(100 * j['bw_util']) + '%' if 'bw_util' in j else 'n/a'} | {fmt(t.get('tok_s'))} | "
                          f"{fmt(r['ratio']) + 'x' if r.get('ratio') else 'n/a'} |")
         lines.append("")
-    lines.append("MFU counts the FLOPs a frozen-backbone LoRA step needs (linear 2N forward + 2N input-gradient "
-                 "backward per back-propagated token, causal attention, LM head on target tokens). Decode bytes "
-                 "per step: bf16 weights (incl. the LM head) + the whole K/V cache capacity.")
+    lines.append(f"MFU counts the {FORMULA} Decode bytes per step: bf16 weights (incl. the LM head) + the "
+                 "whole K/V cache capacity.")
     return "\n".join(lines)
 
 

@@ -74,6 +74,37 @@ def timed_first(fn):
     return time.perf_counter() - t0, out
 
 
+# JAX's own duration events for the stages a first call compiles through (jax.monitoring).
+COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+                  "/jax/core/compile/backend_compile_duration": "xla_compile_s"}
+_compile_seconds = dict.fromkeys(COMPILE_EVENTS.values(), 0.0)
+_listening = []
+
+
+def _on_duration(event, duration, **_):
+    key = COMPILE_EVENTS.get(event)
+    if key is not None:
+        _compile_seconds[key] += duration
+
+
+def timed_first_split(fn):
+    """(seconds, fn(), split) for a first call of JAX code: ``split`` holds the seconds JAX spent
+    tracing, lowering and XLA-compiling inside it (``compile_s``, their sum) and the rest
+    (``run_s``: the first execution, plus host work). The (e) target is about compile time;
+    on this VM a first execution is also slower than later ones (fresh memory), so both show."""
+    import jax
+    if not _listening:
+        jax.monitoring.register_event_duration_secs_listener(_on_duration)
+        _listening.append(True)
+    before = dict(_compile_seconds)
+    total, out = timed_first(fn)
+    split = {k: _compile_seconds[k] - before[k] for k in _compile_seconds}
+    split["compile_s"] = sum(split.values())
+    split["run_s"] = total - split["compile_s"]
+    return total, out, split
+
+
 def make_prompts(tokenizer, batch: int, length: int):
     """``batch`` distinct prompts of exactly ``length`` token ids (no padding on either side)."""
     text = (

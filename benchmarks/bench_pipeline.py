@@ -48,7 +48,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_model import fmt, log, median_time, ratio, timed_first  # noqa: E402
+from bench_model import fmt, log, median_time, ratio, timed_first, timed_first_split  # noqa: E402
 
 ROLES = ("planner", "critic", "refiner", "solver")
 
@@ -176,11 +176,12 @@ def child_jax(spec):
                 + [int(s_tokens.shape[1])]}
 
     log(f"  jax B={b} N={n_new}: first call (compiles)")
-    first, out = timed_first(forced)
+    first, out, split = timed_first_split(forced)
     res["rss_after_first_mb"] = rss_mb()
-    log(f"  jax B={b} N={n_new}: first call {first:.1f}s; timing {spec['repeats']} repeat(s)")
+    log(f"  jax B={b} N={n_new}: first call {first:.1f}s (compile {split['compile_s']:.1f}s); "
+        f"timing {spec['repeats']} repeat(s)")
     med, samples, out, phases = timed_with_phases(forced, spec["repeats"])
-    res["forced"] = {"first_call_s": first, "median_s": med, "samples_s": samples, "generated": out["generated"],
+    res["forced"] = {"first_call_s": first, "first_call_split": split, "median_s": med, "samples_s": samples, "generated": out["generated"],
                      "phases_s": phases, "tokens": out["tokens"]}
     res["slots_per_row"], res["prompt_slots"] = out["slots_per_row"], out["prompt_slots"]
     res["rss_after_forced_mb"] = rss_mb()

@@ -37,7 +37,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_model import fmt, log, machine_info, median_time, ratio, timed_first  # noqa: E402
+from bench_model import fmt, log, machine_info, median_time, ratio, timed_first, timed_first_split  # noqa: E402
+from flops import FORMULA, conventional_6n, linear_params, step_flops  # noqa: E402
 
 ROLES = ("planner", "critic", "refiner", "math", "science", "code")
 
@@ -88,24 +89,14 @@ def make_inputs(tokenizer, b, k, t_up, t_sol):
 
 # --------------------------------------------------------------------------- FLOPs
 def count_flops(cfg, b, k, t_up, m, t_sol, n_tgt, mode):
-    """Analytic matmul FLOPs of one step (see FLOP_FORMULA)."""
-    d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    n_params = L * (d * cfg.q_size + 2 * d * cfg.kv_size + cfg.q_size * d + 3 * d * f)
-    up_tokens = b * k * (t_up + m)
-    sol_tokens = b * t_sol
-    up_factor = 6 if mode == "full" else 2
-    head = 6 * d * cfg.vocab_size * b * n_tgt
-    return {"non_embedding_params": n_params, "upstream_tokens": up_tokens, "solver_tokens": sol_tokens,
-            "flops": up_factor * n_params * up_tokens + 6 * n_params * sol_tokens + head,
-            "lm_head_flops": head}
-
-
-FLOP_FORMULA = ("FLOPs/step = c x N x B x K x (prompt + m) + 6 x N x B x solver + 6 x D x V x B x target, "
-                "N = non-embedding params (q,k,v,o,gate,up,down of every layer; LoRA and norms ignored), "
-                "c = 2 (trace_grad stop: upstream forward only) or 6 (full: forward + backward), "
-                "D x V = the tied LM head, run on the target positions only. Attention score/value "
-                "matmuls are not counted. With a frozen backbone the weight-gradient third of each "
-                "backward is not needed, so the work actually required is about 2/3 of the '6' terms.")
+    """The step's model FLOPs (``flops.FORMULA``): the chunks are K x (prompt, m latent steps) then
+    the solver; trace_grad=full back-propagates all of them, stop only the solver's."""
+    chunks = [t_up, m] * k + [t_sol]
+    return {"non_embedding_params": linear_params(cfg), "upstream_tokens": b * k * (t_up + m),
+            "solver_tokens": b * t_sol,
+            "flops": step_flops(cfg, b, chunks, n_tgt, 0 if mode == "full" else len(chunks) - 1),
+            "lm_head_flops": 4 * cfg.hidden_size * cfg.vocab_size * b * n_tgt,
+            "conventional_6n_flops": conventional_6n(cfg, b, k, t_up, m, t_sol, n_tgt, mode)}
 
 
 def matmul_peak(n: int, repeats: int):
@@ -299,10 +290,12 @@ def main(argv=None):
         name = f"train step, trace_grad={mode} (B={b})"
         log(f"{tag} {name}: diffmas_jax (first call compiles)")
         fn, jst, sc = jx.step_fn(up, sol, n_tgt, m_steps, mode)
-        first, _ = timed_first(fn)
-        log(f"{tag} {name}: diffmas_jax first call {first:.1f}s; timing {reps} step(s)")
+        first, _, split = timed_first_split(fn)
+        log(f"{tag} {name}: diffmas_jax first call {first:.1f}s (compile {split['compile_s']:.1f}s); "
+            f"timing {reps} step(s)")
         med, samples, _ = median_time(fn, reps)
-        j = {"median_s": med, "samples_s": samples, "first_call_s": first, "compile_overhead_s": first - med,
+        j = {"median_s": med, "samples_s": samples, "first_call_s": first, "first_call_split": split,
+             "compile_overhead_s": first - med,
              "tok_s": ntok / med, "flop_s": fl["flops"] / med, "mfu": fl["flops"] / med / peak,
              "losses": jst["losses"]}
         tres = None
@@ -357,16 +350,18 @@ def main(argv=None):
                   f"{fmt(t['median_s']) if t else 'n/a'} | {fmt(t['tok_s']) if t else 'n/a'} | "
                   f"{fmt(rt) + 'x' if rt else 'n/a'} | {fmt(r['flops'] / 1e9)} | {fmt(100 * j['mfu'])}% | "
                   f"{fmt(100 * t['mfu']) + '%' if t else 'n/a'} |")
-    md += ["", "First call (diffmas_jax: trace + jit compile + one step) vs steady-state median, seconds:", "",
-           "| measurement | diffmas_jax first | diffmas_jax median | diffmas_jax compile overhead "
+    md += ["", "First call (diffmas_jax: trace + lower + XLA compile + the first run of the step) vs steady-state "
+           "median, seconds; compile = JAX's trace, lowering and XLA compile durations (jax.monitoring):", "",
+           "| measurement | diffmas_jax first call | of which compile | of which first run | diffmas_jax median "
            "| transformers first | transformers median |",
-           "|---|---:|---:|---:|---:|---:|"]
+           "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         j, t = r["diffmas_jax"], r["transformers"]
-        md.append(f"| {r['measurement']} | {fmt(j['first_call_s'])} | {fmt(j['median_s'])} | "
-                  f"{fmt(j['compile_overhead_s'])} | {fmt(t['first_call_s']) if t else 'n/a'} | "
+        sp = j.get("first_call_split") or {}
+        md.append(f"| {r['measurement']} | {fmt(j['first_call_s'])} | {fmt(sp.get('compile_s'))} | "
+                  f"{fmt(sp.get('run_s'))} | {fmt(j['median_s'])} | {fmt(t['first_call_s']) if t else 'n/a'} | "
                   f"{fmt(t['median_s']) if t else 'n/a'} |")
-    md += ["", f"FLOP count: {FLOP_FORMULA}"]
+    md += ["", f"FLOP count: {FORMULA}"]
     if checks:
         md += ["", "Checks (first-step loss, LoRA B = 0 so both are the base model's NLL; jax, torch): " + "; ".join(
             f"{kk} = ({a:.5f}, {b_:.5f})" for kk, (a, b_) in checks.items())]
@@ -381,7 +376,7 @@ def main(argv=None):
     base = out_dir / f"train_{stamp}{'_quick' if q else ''}"
     settings = {"batches": batches, "modes": modes, "agents": k, "latent_steps": m_steps, "prompt_len": t_up,
                 "solver_len": t_sol, "target_len": n_tgt, "lora_rank": args.rank, "lora_alpha": 2 * args.rank,
-                "lr": args.lr, "repeats": reps, "realign": "norm (both sides)", "flop_formula": FLOP_FORMULA}
+                "lr": args.lr, "repeats": reps, "realign": "norm (both sides)", "flop_formula": FORMULA}
     base.with_suffix(".json").write_text(json.dumps(
         {"machine": info, "settings": settings, "results": rows,
          "checks": {kk: list(v) for kk, v in checks.items()}}, indent=2) + "\n")
