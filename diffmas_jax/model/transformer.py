@@ -316,7 +316,9 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
             return [y if lo.get(n) is None else y + lora_delta(x, lo[n], lora_scale, drop(n))
                     for y, n in zip(outs, names)]
 
-        hn = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
+        # Projections run over the flattened [B*T, D] tokens (see ``lora_delta``), so the LoRA
+        # branches of q/k/v (and of gate/up) share one saved input for the backward.
+        hn = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps).reshape(b * t, -1)
         q, k, v = projs(hn, "qkv", (cfg.q_size, cfg.kv_size, cfg.kv_size))
         q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -326,10 +328,10 @@ def forward(params: Params, cfg: ModelConfig, trace: KVTrace, *,
             k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn, emitted = attend(q, k, v)
-        h = h + proj(attn.reshape(b, t, cfg.q_size), "o")
-        hn = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
+        h = h + proj(attn.reshape(b * t, cfg.q_size), "o").reshape(b, t, -1)
+        hn = rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps).reshape(b * t, -1)
         gate, up = projs(hn, "gate_up", (cfg.intermediate_size, cfg.intermediate_size))
-        h = h + proj(jax.nn.silu(gate) * up, "down")
+        h = h + proj(jax.nn.silu(gate) * up, "down").reshape(b, t, -1)
         return h, emitted
 
     def attend_cache(q, k, v, k_old, v_old):
