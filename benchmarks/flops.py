@@ -12,6 +12,12 @@ FORMULA = ("model FLOPs a frozen-backbone LoRA step needs: linear layers 2N per 
            "the backward; the tied LM head on target tokens only, 2DV forward + 2DV backward. Not counted: "
            "weight gradients of the frozen backbone and any recomputation.")
 
+IMPLEMENTATION = ("the FLOPs of every matmul the jitted step runs (2 x output size x contracted size per "
+                  "dot_general in its jaxpr, scan bodies once per iteration): the model FLOPs plus what this "
+                  "implementation adds, i.e. the attention scores recomputed in the backward, the masked "
+                  "halves of causal attention blocks, one-token attention's block-diagonal query matmuls "
+                  "and LoRA's rank-r products.")
+
 
 def linear_params(cfg) -> int:
     """N: the parameters of every layer's q, k, v, o, gate, up and down projections."""
@@ -39,3 +45,35 @@ def conventional_6n(cfg, b: int, k: int, t_up: int, m: int, t_sol: int, n_tgt: i
     n_lin = linear_params(cfg)
     up = (6 if mode == "full" else 2) * n_lin * b * k * (t_up + m)
     return up + 6 * n_lin * b * t_sol + 6 * cfg.hidden_size * cfg.vocab_size * b * n_tgt
+
+
+def dot_flops(fn, *args, **kwargs) -> float:
+    """The FLOPs of every matmul ``fn`` runs (2 x output size x contracted size per
+    ``dot_general``), read from its jaxpr: what the implementation multiplies, recomputation,
+    masked attention blocks and LoRA included. Scan bodies count once per iteration, ``cond``
+    its costliest branch. ``args`` may be ``jax.ShapeDtypeStruct``s: nothing is compiled or run."""
+    import jax
+    return _jaxpr_dot_flops(jax.jit(fn).trace(*args, **kwargs).jaxpr.jaxpr)
+
+
+def _jaxpr_dot_flops(jaxpr) -> float:
+    import math
+
+    from jax.extend import core
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            out = eqn.outvars[0].aval.shape
+            total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in contract)
+        elif name == "while":
+            raise ValueError("a while loop's trip count is not known from its jaxpr; use scan")
+        elif name == "cond":
+            total += max(_jaxpr_dot_flops(b.jaxpr) for b in eqn.params["branches"])
+        else:
+            inner = sum(_jaxpr_dot_flops(getattr(v, "jaxpr", v)) for v in eqn.params.values()
+                        if isinstance(v, (core.Jaxpr, core.ClosedJaxpr)))
+            total += inner * (eqn.params["length"] if name == "scan" else 1)
+    return total
