@@ -19,6 +19,7 @@ def test_bench_gpu_quick_variants_and_profile(tmp_path):
     assert [row["attention"] for row in rows] == ["xla", "cudnn"]
     xla, cudnn = rows
     assert xla["remat"] == "dots" and xla["jax"]["tok_s"] > 0 and 0 < xla["jax"]["mfu"] < 1
+    assert xla["jax"]["mfu"] <= xla["jax"]["hfu"] < 1  # FLOPs run include the model's
     prof = xla["jax"]["profile"]
     assert prof["total_ms"] > 0 and prof["kernels_ms"] and prof["planes"] == ["/host:CPU"]
     assert "error" in cudnn and "jax" not in cudnn  # no cuDNN on a CPU: recorded, not fatal
