@@ -61,8 +61,8 @@ def test_model_flops_bound_what_the_benchmarked_train_step_multiplies(embedded, 
 
 
 def test_bench_train_quick_reports_both_counts_and_matching_losses(tmp_path, embedded):
-    """A quick bench_train on a tiny random llama (embedded tokenizer): the JSON and table carry
-    the model FLOPs and the FLOPs run, and both sides' first-step losses agree."""
+    """A quick bench_train on a tiny random llama (embedded tokenizer): the JSON, its table and
+    bench_all's summary carry the model FLOPs and the FLOPs run; both sides' first-step losses agree."""
     from conftest import save_tiny_model
     model = save_tiny_model(tmp_path / "tiny", "llama", vocab_size=embedded.cfg.vocab_size)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -80,3 +80,10 @@ def test_bench_train_quick_reports_both_counts_and_matching_losses(tmp_path, emb
     jax_loss, torch_loss = report["checks"]["B2_full_first_loss_jax_vs_torch"]
     assert jax_loss == pytest.approx(torch_loss, rel=1e-4)
     assert "% of peak, FLOPs run" in next(out.glob("train_*.md")).read_text()
+    # bench_all's summary keeps the model-FLOPs share as the target and notes the FLOPs-run share
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_all.py"), "--from-dir", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (share,) = [s for s in json.loads((out / "summary.json").read_text())["rows"] if "share of" in s["measurement"]]
+    assert share["value"] == j["mfu"]
+    assert share["note"] == f"{100 * j['implementation_share_of_peak']:.1f}% counting the FLOPs the step runs"
