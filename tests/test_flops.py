@@ -76,6 +76,7 @@ def test_bench_train_quick_reports_both_counts_and_matching_losses(tmp_path, emb
     (row,) = report["results"]
     assert 0 < row["flops"] <= row["implementation_flops"]
     j = row["diffmas_jax"]
+    assert j["first_call_split"]["trace_s"] > 0  # counting the FLOPs run must not pre-trace the timed call
     assert j["implementation_share_of_peak"] == pytest.approx(j["mfu"] * row["implementation_flops"] / row["flops"])
     jax_loss, torch_loss = report["checks"]["B2_full_first_loss_jax_vs_torch"]
     assert jax_loss == pytest.approx(torch_loss, rel=1e-4)
