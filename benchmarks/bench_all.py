@@ -7,7 +7,9 @@ Runs, each in its own process and in this order, writing into one folder:
                      (d) peak memory against trace length, (e) first-call times
   bench_train.py     (c) the DiffMAS train step vs transformers + peft, share of the matmul peak
   bench_kernels.py   the floor: the decode step's matmul chain in XLA and in torch
-then reads their JSON and writes ``summary.json`` and ``summary.md``: each target, the
+(glibc's malloc asking for huge pages, ``diffmas_jax.host_malloc``, unless the caller
+set ``glibc.malloc.hugetlb`` in GLIBC_TUNABLES), then reads their JSON and writes
+``summary.json`` and ``summary.md``: each target, the
 measured figure, and whether it is met; ``targets.png`` draws each figure against its target
 and ``memory.png`` the pipeline's peak RSS against trace length.
 
@@ -95,8 +97,10 @@ def summarise(folder: Path) -> dict:
     kernels = newest(folder, "kernels")
     loads = {k: v["machine"].get("load_avg_start") or v["machine"].get("load_avg")
              for k, v in (("pipeline", pipe), ("model", model), ("train", train), ("kernels", kernels)) if v}
+    hugetlb = {k: v["machine"].get("glibc_malloc_hugetlb")  # runs before 2026-12-03 22:40 lack it
+               for k, v in (("pipeline", pipe), ("model", model), ("train", train), ("kernels", kernels)) if v}
     return dict(rows=rows, memory=memory, memory_runs=(pipe or {}).get("subprocesses", {}),
-                kernels=kernels["rows"] if kernels else None, load_avg_start=loads)
+                kernels=kernels["rows"] if kernels else None, load_avg_start=loads, malloc_hugetlb=hugetlb)
 
 
 def _first_call_rows(add, what: str, res: dict):
@@ -135,10 +139,13 @@ def to_markdown(summary: dict, title: str) -> str:
         fused = lambda k: f"{k['xla_fused_ms']:.1f}" if "xla_fused_ms" in k else "—"  # runs before 2026-12-03 08:48
         md += [f"| {k['batch']} | {k['xla_ms']:.1f} | {fused(k)} | {k['torch_ms']:.1f} |" for k in summary["kernels"]]
     md += ["", f"Load average at each script's start: {summary['load_avg_start']}"]
+    if any(summary.get("malloc_hugetlb", {}).values()):
+        md += [f"glibc.malloc.hugetlb in each script: {summary['malloc_hugetlb']}"]
     return "\n".join(md) + "\n"
 
 
 def main(argv=None):
+    from diffmas_jax.host_malloc import with_hugetlb
     args = parse_args(argv)
     if args.from_dir:
         folder = Path(args.from_dir)
@@ -153,7 +160,7 @@ def main(argv=None):
             cmd += ["--quick"] if args.quick else []
             cmd += ["--threads", str(args.threads)] if args.threads else []
             print(f"== {' '.join(cmd)}", file=sys.stderr, flush=True)
-            rc = subprocess.run(cmd, cwd=HERE.parent, env=dict(os.environ)).returncode
+            rc = subprocess.run(cmd, cwd=HERE.parent, env=with_hugetlb(os.environ)).returncode
             if rc:
                 print(f"warning: {name} exited with {rc}; its rows are missing", file=sys.stderr)
     summary = summarise(folder)

@@ -118,9 +118,11 @@ def main(argv=None):
         print(f"B={b}: matmul chain XLA {tj * 1e3:.1f} ms (fused {tf * 1e3:.1f}), torch {tt * 1e3:.1f} ms",
               file=sys.stderr)
 
+    from diffmas_jax.host_malloc import hugetlb_setting
     stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
     machine = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), platform=platform.platform(),
-                   cpu_count=os.cpu_count(), load_avg=list(os.getloadavg()), jax=jax.__version__,
+                   cpu_count=os.cpu_count(), load_avg=list(os.getloadavg()), glibc_malloc_hugetlb=hugetlb_setting(),
+                   jax=jax.__version__,
                    torch=torch.__version__, torch_threads=torch.get_num_threads(), jax_backend=jax.default_backend())
     result = dict(machine=machine, weights_mib=n_bytes / 2**20, matrices=len(mats), rows=rows)
     md = [f"# Decode-step floors: the model's matmul chain, embedded SmolLM2-135M, float32 ({machine['date']})", "",

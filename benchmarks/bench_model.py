@@ -126,6 +126,7 @@ def make_prompts(tokenizer, batch: int, length: int):
 
 def machine_info(args):
     import jax
+    from diffmas_jax.host_malloc import hugetlb_setting
     info = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "platform": platform.platform(),
@@ -133,6 +134,7 @@ def machine_info(args):
         "cpu_count": os.cpu_count(),
         "cpu_model": None,
         "load_avg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "glibc_malloc_hugetlb": hugetlb_setting(),
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],

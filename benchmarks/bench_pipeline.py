@@ -363,6 +363,7 @@ def main(argv=None):
         f"latent_steps={m_steps} repeats={reps} "
         f"eos_repeats={eos_reps} torch_threads={threads}")
 
+    from diffmas_jax.host_malloc import hugetlb_setting
     from diffmas_jax.model.loading import resolve_model_dir
     from diffmas_jax.tasks import get_task
     model_dir = resolve_model_dir(args.model)
@@ -373,7 +374,8 @@ def main(argv=None):
     info = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
         "python": platform.python_version(), "cpu_count": os.cpu_count(), "cpu_model": None,
-        "load_avg_start": list(os.getloadavg()), "quick": q, "torch_threads": threads, "model": str(model_dir),
+        "load_avg_start": list(os.getloadavg()), "glibc_malloc_hugetlb": hugetlb_setting(), "quick": q,
+        "torch_threads": threads, "model": str(model_dir),
         "dtype": "float32"}
     try:
         info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
