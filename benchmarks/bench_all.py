@@ -6,7 +6,8 @@ Runs, each in its own process and in this order, writing into one folder:
   bench_pipeline.py  (a) the 4-agent LatentMAS pipeline vs an HF forward loop over a DynamicCache,
                      (d) peak memory against trace length, (e) first-call times
   bench_train.py     (c) the DiffMAS train step vs transformers + peft, share of the matmul peak
-  bench_kernels.py   the floor: the decode step's matmul chain in XLA and in torch
+  bench_kernels.py   the floors: the decode step's matmul chain in XLA and in torch, and the
+                     cost of writing fresh memory (what each XLA:CPU run and first run pays)
 (glibc's malloc asking for huge pages, ``diffmas_jax.host_malloc``, unless the caller
 set ``glibc.malloc.hugetlb`` in GLIBC_TUNABLES), then reads their JSON and writes
 ``summary.json`` and ``summary.md``: each target, the
@@ -100,7 +101,8 @@ def summarise(folder: Path) -> dict:
     hugetlb = {k: v["machine"].get("glibc_malloc_hugetlb")  # runs before 2026-12-03 22:40 lack it
                for k, v in (("pipeline", pipe), ("model", model), ("train", train), ("kernels", kernels)) if v}
     return dict(rows=rows, memory=memory, memory_runs=(pipe or {}).get("subprocesses", {}),
-                kernels=kernels["rows"] if kernels else None, load_avg_start=loads, malloc_hugetlb=hugetlb)
+                kernels=kernels["rows"] if kernels else None, memory_touch=(kernels or {}).get("memory_touch") or [],
+                load_avg_start=loads, malloc_hugetlb=hugetlb)
 
 
 def _first_call_rows(add, what: str, res: dict):
@@ -138,6 +140,11 @@ def to_markdown(summary: dict, title: str) -> str:
                "| batch | XLA ms | XLA fused q/k/v, gate/up ms | torch ms |", "|---:|---:|---:|---:|"]
         fused = lambda k: f"{k['xla_fused_ms']:.1f}" if "xla_fused_ms" in k else "—"  # runs before 2026-12-03 08:48
         md += [f"| {k['batch']} | {k['xla_ms']:.1f} | {fused(k)} | {k['torch_ms']:.1f} |" for k in summary["kernels"]]
+    if summary.get("memory_touch"):  # bench_kernels from 2026-12-04 on
+        md += ["", "Floor: writing fresh memory (bench_kernels.py; one fresh process per row, in this order)", "",
+               "| glibc.malloc.hugetlb | GB | first touch s | later touches s |", "|---|---:|---:|---:|"]
+        md += [f"| {t['hugetlb']} | {t['gb']:.1f} | {t['first_wall_s']:.2f} | {t['later_wall_s']:.2f} |"
+               for t in summary["memory_touch"]]
     md += ["", f"Load average at each script's start: {summary['load_avg_start']}"]
     if any(summary.get("malloc_hugetlb", {}).values()):
         md += [f"glibc.malloc.hugetlb in each script: {summary['malloc_hugetlb']}"]

@@ -34,6 +34,14 @@ def with_hugetlb(env: Mapping[str, str]) -> dict:
     return env
 
 
+def with_hugetlb_value(env: Mapping[str, str], value: str) -> dict:
+    """A copy of ``env`` with ``glibc.malloc.hugetlb`` forced to ``value`` (for A/B measurements)."""
+    env = dict(env)
+    kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t.partition("=")[0] != TUNABLE]
+    env["GLIBC_TUNABLES"] = ":".join(kept + [f"{TUNABLE}={value}"])
+    return env
+
+
 def hugetlb_setting(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """The ``glibc.malloc.hugetlb`` value this process started with (None when unset)."""
     env = os.environ if env is None else env

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from diffmas_jax.host_malloc import HUGETLB, hugetlb_setting, with_hugetlb
+from diffmas_jax.host_malloc import HUGETLB, hugetlb_setting, with_hugetlb, with_hugetlb_value
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,6 +21,9 @@ def test_with_hugetlb_keeps_other_tunables_and_the_users_choice():
     assert with_hugetlb(off) == off
     assert hugetlb_setting(with_hugetlb({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})) == "1"
     assert hugetlb_setting(off) == "0" and hugetlb_setting({}) is None
+    forced = with_hugetlb_value({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=2"}, "0")
+    assert forced["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"
+    assert with_hugetlb_value({}, "1")["GLIBC_TUNABLES"] == HUGETLB
 
 
 # A child mallocs 256 MiB outside numpy (which asks for huge pages itself), touches it and
@@ -60,6 +63,21 @@ def test_the_tunable_gives_a_child_process_huge_pages():
     assert with_it >= 128 << 10  # at least half the block in 2 MiB pages
     if _thp_mode() == "madvise":  # without the tunable glibc never asks, so the kernel gives none
         assert _huge_kb(base) < 32 << 10
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or tuple(map(int, platform.libc_ver()[1].split(".")[:2])) < (2, 35)
+                    or _thp_mode() != "madvise", reason="needs glibc >= 2.35 and THP in madvise mode (Linux)")
+def test_bench_kernels_times_fresh_memory_under_each_setting():
+    """The memory floor runs one fresh process per setting, and each really gets its pages:
+    one fault per 4 KiB page without huge pages, far fewer with them."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_kernels import memory_touch_floor
+    rows = memory_touch_floor(0.256, repeats=2, order="10")
+    by = {r["hugetlb"]: r for r in rows}
+    assert [r["hugetlb"] for r in rows] == ["1", "0"] and all(r["first_wall_s"] > 0 and r["later_wall_s"] > 0 for r in rows)
+    pages = 256_000_000 // 4096
+    assert by["0"]["first_faults"] >= 0.9 * pages and by["0"]["later_faults"] >= 0.9 * pages
+    assert by["1"]["later_faults"] < 0.1 * pages
 
 
 def test_bench_all_starts_every_script_with_the_tunable(tmp_path, monkeypatch):
