@@ -77,7 +77,7 @@ def test_bench_kernels_times_fresh_memory_under_each_setting():
     assert [r["hugetlb"] for r in rows] == ["1", "0"] and all(r["first_wall_s"] > 0 and r["later_wall_s"] > 0 for r in rows)
     pages = 256_000_000 // 4096
     assert by["0"]["first_faults"] >= 0.9 * pages and by["0"]["later_faults"] >= 0.9 * pages
-    assert by["1"]["later_faults"] < 0.1 * pages
+    assert by["1"]["later_faults"] < 0.5 * pages  # as above: at least half in 2 MiB pages
 
 
 def test_bench_all_starts_every_script_with_the_tunable(tmp_path, monkeypatch):
