@@ -58,9 +58,9 @@ def summarise(folder: Path) -> dict:
     """One row per target from the scripts' JSON (None where a script did not run)."""
     rows = []
 
-    def add(what, target, value, unit="x", higher_is_better=True, note=""):
+    def add(what, target, value, unit="x", higher_is_better=True, note="", **extra):
         met = None if value is None else (value >= target if higher_is_better else value <= target)
-        rows.append(dict(measurement=what, target=target, value=value, unit=unit, met=met, note=note))
+        rows.append(dict(measurement=what, target=target, value=value, unit=unit, met=met, note=note, **extra))
 
     pipe = newest(folder, "pipeline")
     if pipe:
@@ -82,9 +82,12 @@ def summarise(folder: Path) -> dict:
             add(f"(c) {r['measurement']}: tok/s vs transformers + peft", TARGETS["train"], _ratio(r))
             j = r.get("diffmas_jax") or {}
             run_share = j.get("implementation_share_of_peak")
+            # runs before 2026-12-03 16:25 counted 6N FLOPs per trained token (flops.conventional_6n)
+            legacy = {} if "conventional_6n_flops" in r else dict(legacy_6n_count=True)
             add(f"(c) {r['measurement']}: share of measured f32 matmul peak", TARGETS["train_peak_share"],
                 j.get("mfu"), unit="",
-                note="" if run_share is None else f"{100 * run_share:.1f}% counting the FLOPs the step runs")
+                note="; ".join(([] if run_share is None else [f"{100 * run_share:.1f}% counting the FLOPs the step runs"])
+                               + (["counted as 6N per trained token"] if legacy else [])), **legacy)
             _first_call_rows(add, r["measurement"], r.get("diffmas_jax") or {})
     memory = []
     if pipe:

@@ -2,6 +2,7 @@
 
   memory_plot   (d): peak RSS against trace slots per row, one line per side and batch size
   targets_plot  issue 8's targets: each measurement as a fraction of its target (1 = met)
+  history_plot  the same across bench_all runs, one dot per run (bench_history.py)
 """
 from __future__ import annotations
 
@@ -83,6 +84,39 @@ def targets_plot(rows: list, path: Path, title: str = "Issue 8 targets") -> Path
     ax.set_title(title)
     for y, f in zip(ys, frac):
         ax.text(f, y, f" {f:.2f}", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def history_plot(history: dict, path: Path, title: str = "Issue 8 targets across bench_all runs") -> Path:
+    """One row per target: every run's figure as a fraction of the target (times inverted, as in
+    ``targets_plot``), the latest run as a black ring, 1 = met. From ``bench_history.collect``."""
+    plt = _pyplot()
+    rows = [r for r in history["rows"] if r["n"]]
+    if not rows:
+        raise ValueError("no measured row to plot")
+    frac = lambda r, v: v / r["target"] if r["unit"] != "s" else r["target"] / v
+    fig, ax = plt.subplots(figsize=(11, 0.5 * len(rows) + 1.6))
+    for y, r in zip(range(len(rows))[::-1], rows):
+        pts = [frac(r, v) for v, old in zip(r["values"], r.get("legacy_6n_count") or [False] * len(r["values"]))
+               if v is not None and not old]
+        ax.scatter(pts, [y] * len(pts), s=18, alpha=0.6,
+                   color=["tab:green" if p >= 1 else "tab:red" for p in pts])
+        if r["values"][-1] is not None:
+            ax.scatter([frac(r, r["values"][-1])], [y], s=70, facecolors="none", edgecolors="black")
+    ax.axvline(1.0, color="black", lw=1)
+    ax.set_yticks(list(range(len(rows))[::-1]))
+    ax.set_yticklabels([textwrap.fill(f"{r['measurement']} (met in {r['met']} of {r['n']})", 50)
+                        for r in rows], fontsize=7)
+    ax.set_xscale("log")  # compile times sit at 3-9x their limit, the misses at 0.4-0.9x
+    ax.set_xticks([0.25, 0.5, 1, 2, 4, 8])
+    ax.set_xticklabels(["0.25", "0.5", "1", "2", "4", "8"])
+    ax.set_xlabel("measured / target, log scale (≥ 1: met)")
+    ax.set_title(f"{title}\none dot per run, {history['runs'][0]} to {history['runs'][-1]}; ring: the latest",
+                 fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

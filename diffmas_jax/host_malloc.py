@@ -6,7 +6,7 @@ of the embedded model (B=4, 5.1 GB of temporaries) takes 1.5 M minor page faults
 step. With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` glibc asks for transparent huge pages
 on the blocks it maps (``madvise``): in five alternating process pairs (2026-12-03) the
 minor page faults fell from 7.5 M to 0.4 M per benchmark process and the full-mode step
-from 23.6 s to 19.3 s (means); see the README's Benchmarks section.
+from 23.6 s to 19.3 s (means); see docs/performance.md.
 
 glibc reads its tunables once, when a process starts, so the setting cannot be switched
 on from inside a running Python. The CPU entry points set it: the Makefile and

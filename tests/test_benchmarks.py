@@ -104,3 +104,55 @@ def test_memory_series_places_torch_runs_at_the_jax_trace_length():
             "jax_B1_N128": {"slots_per_row": 670, "rss_peak_mb": None}}  # a run without a peak is left out
     assert memory_series(runs) == {("jax", 8): [(670, 2700.0), (1054, 3000.0)],
                                    ("torch", 8): [(670, 1340.0), (1054, 1900.0)]}
+
+
+def _fake_run(results, stamp, *, decode_ratio, stop_ratio, share, legacy=False, quick=False):
+    """An all_<stamp> folder holding a model and a train JSON in the shape the scripts write."""
+    folder = results / f"all_{stamp}"
+    folder.mkdir(parents=True)
+    machine = dict(quick=quick, load_avg_start=[1.0, 1.0, 1.0])
+    model = dict(machine=machine, results=[
+        {"measurement": "greedy decode tok/s, end to end (B=8, prompt 64, 128 new)", "ratio_jax_over_torch": decode_ratio}])
+    train_row = {"measurement": "train step, trace_grad=stop (B=4)", "ratio_jax_over_torch": stop_ratio,
+                 "diffmas_jax": {"mfu": share, "first_call_s": 20.0}}
+    if not legacy:  # runs from 2026-12-03 16:25 on record both counts
+        train_row["conventional_6n_flops"] = 1.0
+    (folder / f"model_{stamp}{'_quick' if quick else ''}.json").write_text(json.dumps(model))
+    (folder / f"train_{stamp}.json").write_text(json.dumps(dict(machine=machine, results=[train_row])))
+
+
+def test_bench_history_spreads_and_met_counts(tmp_path):
+    """bench_history lines up every full bench_all run: per-target values in run order, the
+    spread and "met in k of n" (6N-counted shares shown but not counted), --quick runs and runs
+    before --since left out; no run is one error line and a non-zero exit."""
+    results = tmp_path / "results"
+    _fake_run(results, "2026-12-01_100000", decode_ratio=2.5, stop_ratio=1.0, share=0.6)  # before --since
+    _fake_run(results, "2026-12-03_084852", decode_ratio=1.6, stop_ratio=1.31, share=0.43, legacy=True)
+    _fake_run(results, "2026-12-03_120000", decode_ratio=2.2, stop_ratio=1.2, share=0.48, quick=True)
+    _fake_run(results, "2026-12-03_223719", decode_ratio=1.4, stop_ratio=1.64, share=0.51)
+    _fake_run(results, "2026-12-04_152010", decode_ratio=2.1, stop_ratio=1.29, share=0.45)
+    out = tmp_path / "hist"
+    cmd = [sys.executable, str(REPO / "benchmarks/bench_history.py"), "--results", str(results),
+           "--since", "2026-12-03", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hist = json.loads((out / "history.json").read_text())
+    assert hist["runs"] == ["2026-12-03 08:48", "2026-12-03 22:37", "2026-12-04 15:20"]
+    decode = next(row for row in hist["rows"] if row["measurement"].startswith("(b)"))
+    assert decode["values"] == [1.6, 1.4, 2.1] and (decode["n"], decode["met"]) == (3, 1)
+    assert (decode["min"], decode["median"], decode["max"]) == (1.4, 1.6, 2.1)
+    stop = next(row for row in hist["rows"] if row["measurement"].endswith("tok/s vs transformers + peft"))
+    assert stop["met"] == 2 and stop["n"] == 3
+    share = next(row for row in hist["rows"] if "share of measured" in row["measurement"])
+    assert share["values"] == [0.43, 0.51, 0.45] and share["legacy_6n_count"] == [True, False, False]
+    assert (share["n"], share["met"], share["min"]) == (2, 1, 0.45)
+    first = next(row for row in hist["rows"] if row["measurement"].startswith("(e)"))
+    assert first["values"] == [20.0] * 3 and first["met"] == 3  # a time: met when under its limit
+    assert [row["measurement"][:3] for row in hist["rows"]] == sorted(row["measurement"][:3] for row in hist["rows"])
+    md = (out / "history.md").read_text()
+    assert "| in 1 of 3 runs |" in md and "43.0% †" in md and "6N" in md
+    assert (out / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    r = subprocess.run(cmd[:-4] + ["--since", "2027-01-01", "--out", str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: no full bench_all run")
