@@ -50,24 +50,30 @@ class KVTrace:
 
     @property
     def capacity(self) -> int:
-        return self.k[0].shape[1] if isinstance(self.k, tuple) else self.k.shape[2]
+        return self.v[0].shape[2] if isinstance(self.v, tuple) else self.v.shape[2]
 
     @property
     def batch(self) -> int:
-        return self.k[0].shape[0] if isinstance(self.k, tuple) else self.k.shape[1]
+        return self.v[0].shape[0] if isinstance(self.v, tuple) else self.v.shape[1]
 
     def per_layer(self) -> "KVTrace":
-        """K/V as tuples of per-layer [batch, capacity, kv_heads, head_dim] arrays, which
-        ``forward`` reads and updates in place without slicing a stack (decode loops)."""
+        """K/V as tuples of per-layer, head-major arrays (decode loops): K transposed to
+        [batch, kv_heads, head_dim, capacity], V as [batch, kv_heads, capacity, head_dim].
+
+        ``forward`` reads and updates them in place without slicing a stack, and one-token
+        attention over them is a matrix-vector product per row and head, which XLA:CPU runs
+        as a streaming GEMV rather than a small GEMM (``_head_major_one_token_attention``)."""
         if isinstance(self.k, tuple):
             return self
-        return self.replace(k=tuple(self.k), v=tuple(self.v))
+        return self.replace(k=tuple(jnp.transpose(k, (0, 2, 3, 1)) for k in self.k),
+                            v=tuple(jnp.transpose(v, (0, 2, 1, 3)) for v in self.v))
 
     def stacked(self) -> "KVTrace":
-        """The inverse of :meth:`per_layer`."""
+        """The inverse of :meth:`per_layer`: [layers, batch, capacity, kv_heads, head_dim] stacks."""
         if not isinstance(self.k, tuple):
             return self
-        return self.replace(k=jnp.stack(self.k), v=jnp.stack(self.v))
+        return self.replace(k=jnp.stack([jnp.transpose(k, (0, 3, 1, 2)) for k in self.k]),
+                            v=jnp.stack([jnp.transpose(v, (0, 2, 1, 3)) for v in self.v]))
 
     def check_room(self, n: int, what: str = "append") -> None:
         if self.length + n > self.capacity:

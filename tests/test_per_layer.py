@@ -124,10 +124,40 @@ def test_decode_loop_updates_per_layer_cache_in_place():
     state = start_decode(out.trace, out.logits[:, -1], 12, jax.random.PRNGKey(0))
     fn = jax.jit(lambda s: decode_steps(params, cfg, s, num_steps=12, eos_ids=(), per_layer=True))
     hlo = fn.lower(state).compile().as_text()
-    kv_shape = "f32[%d,%d,%d,%d]" % (3, state.trace.capacity, cfg.num_kv_heads, cfg.head_dim)
-    assert "while" in hlo
-    copies = re.findall(re.escape(kv_shape) + r"\{[^}]*\} copy\(", hlo)
+    cap, kvh, hd = state.trace.capacity, cfg.num_kv_heads, cfg.head_dim
+    # the head-major per-layer layouts (KVTrace.per_layer): K [B, KVH, hd, S], V [B, KVH, S, hd]
+    k_shape, v_shape = "f32[3,%d,%d,%d]" % (kvh, hd, cap), "f32[3,%d,%d,%d]" % (kvh, cap, hd)
+    body = _while_body_text(hlo, k_shape)
+    assert k_shape in body and v_shape in body
+    copies = re.findall(r"(?:%s|%s)\{[^}]*\} copy\(" % (re.escape(k_shape), re.escape(v_shape)), body)
     assert copies == [], f"{len(copies)} copies of per-layer K/V buffers in the decode loop"
+
+
+def _while_body_text(hlo: str, carried: str) -> str:
+    """The HLO text of the body of the while loop whose state holds a ``carried``-shaped buffer,
+    with every computation it calls (fusions, nested loops)."""
+    comps, cur = {}, None
+    for line in hlo.splitlines():
+        m = re.match(r"^(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+        if m:
+            cur = m.group(1)
+            comps[cur] = []
+        elif line.startswith("}"):
+            cur = None
+        elif cur:
+            comps[cur].append(line)
+    bodies = {b for lines in comps.values() for line in lines if carried in line
+              for b in re.findall(r"body=%([\w.\-]+)", line)}
+    assert len(bodies) == 1, f"expected one decode loop carrying {carried}, found {sorted(bodies)}"
+    seen, todo = set(), list(bodies)
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in comps:
+            continue
+        seen.add(name)
+        for line in comps[name]:
+            todo += re.findall(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)", line)
+    return "\n".join(line for name in seen for line in comps[name])
 
 
 def test_auto_choice_takes_the_per_layer_loop_for_long_generations(monkeypatch):
@@ -170,3 +200,24 @@ def test_tied_lm_head_layout_changes_no_result(monkeypatch):
     np.testing.assert_array_equal(laid_out.tokens, plain.tokens)
     np.testing.assert_allclose(laid_out.logprobs, plain.logprobs, atol=2e-5)
     np.testing.assert_allclose(laid_out.logits, plain.logits, atol=2e-4)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_head_major_attention_matches_attention(t):
+    """Attention over the head-major per-layer parts (K [B, KVH, hd, S], V [B, KVH, S, hd]) equals
+    the stacked layout's attention over the same slots: one query token runs as GEMVs, a chunk
+    through the usual path; several parts (prefix, cache, chunk), GQA groups and padding rows."""
+    from diffmas_jax.model.transformer import attention, head_major_attention
+    cfg = CFGS["qwen3"]
+    kvh, hd, h = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+    assert h // kvh > 1  # grouped queries
+    ks = jax.random.split(jax.random.PRNGKey(7), 8)
+    sizes = (5, 11, t)
+    keys = tuple(jax.random.normal(k, (3, s, kvh, hd)) for k, s in zip(ks[:3], sizes))
+    vals = tuple(jax.random.normal(k, (3, s, kvh, hd)) for k, s in zip(ks[3:6], sizes))
+    q = jax.random.normal(ks[6], (3, t, h, hd))
+    mask = jax.random.bernoulli(ks[7], 0.7, (3, t, sum(sizes))).at[:, :, 0].set(True)
+    want = attention(q, keys, vals, mask, cfg)
+    got = head_major_attention(q, tuple(jnp.transpose(k, (0, 2, 3, 1)) for k in keys),
+                               tuple(jnp.transpose(v, (0, 2, 1, 3)) for v in vals), mask, cfg)
+    np.testing.assert_allclose(got, want, atol=2e-5)
