@@ -63,13 +63,6 @@ def find_runs(results: Path, since: str | None = None) -> list:
     return runs
 
 
-def met(value, target, unit) -> bool | None:
-    """bench_all's rule: times (unit "s") must stay under the target, the rest reach it."""
-    if value is None:
-        return None
-    return value <= target if unit == "s" else value >= target
-
-
 def collect(runs: list) -> dict:
     """{"runs": [stamps], "rows": [{measurement, target, unit, values, n, met, min, median, max}]}."""
     from bench_all import summarise
@@ -78,12 +71,15 @@ def collect(runs: list) -> dict:
         for r in summarise(folder)["rows"]:
             row = rows.setdefault(r["measurement"], dict(measurement=r["measurement"], target=r["target"],
                                                          unit=r["unit"], values=[None] * len(runs),
+                                                         met_in_run=[None] * len(runs),
                                                          legacy_6n_count=[False] * len(runs)))
-            row["values"][i] = r["value"]
+            row["values"][i], row["met_in_run"][i] = r["value"], r["met"]  # bench_all's own verdict
             row["legacy_6n_count"][i] = bool(r.get("legacy_6n_count"))
     for row in rows.values():  # the spread and the met count use only figures counted alike
-        got = [v for v, old in zip(row["values"], row["legacy_6n_count"]) if v is not None and not old]
-        row.update(n=len(got), met=sum(bool(met(v, row["target"], row["unit"])) for v in got),
+        kept = [(v, ok) for v, ok, old in zip(row["values"], row["met_in_run"], row["legacy_6n_count"])
+                if v is not None and not old]
+        got = [v for v, _ in kept]
+        row.update(n=len(got), met=sum(bool(ok) for _, ok in kept),
                    min=min(got, default=None), median=statistics.median(got) if got else None,
                    max=max(got, default=None))
     ordered = sorted(rows.values(), key=lambda r: r["measurement"][:3])  # (a), (b), (c), (e); stable within

@@ -100,8 +100,7 @@ def history_plot(history: dict, path: Path, title: str = "Issue 8 targets across
     frac = lambda r, v: v / r["target"] if r["unit"] != "s" else r["target"] / v
     fig, ax = plt.subplots(figsize=(11, 0.5 * len(rows) + 1.6))
     for y, r in zip(range(len(rows))[::-1], rows):
-        pts = [frac(r, v) for v, old in zip(r["values"], r.get("legacy_6n_count") or [False] * len(r["values"]))
-               if v is not None and not old]
+        pts = [frac(r, v) for v, old in zip(r["values"], r["legacy_6n_count"]) if v is not None and not old]
         ax.scatter(pts, [y] * len(pts), s=18, alpha=0.6,
                    color=["tab:green" if p >= 1 else "tab:red" for p in pts])
         if r["values"][-1] is not None:
