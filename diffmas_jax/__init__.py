@@ -6,10 +6,12 @@ __version__ = "0.1.0"
 # XLA:CPU's YNNPACK library fusions (on by default in recent jaxlib) make this project's
 # CPU decode step 1.5x slower at batch 8 (embedded model, 656-slot trace: ~220 ms against
 # ~145 ms with XLA's own codegen), mostly in the softmax reductions and small GEMMs they
-# take over; see benchmarks/README.md. The flags are CPU-only and take effect only if the
-# backend is not yet initialised; a value the user already put in XLA_FLAGS wins, and
-# DIFFMAS_JAX_KEEP_XLA_FLAGS=1 leaves XLA_FLAGS untouched. XLA aborts on a flag it does
-# not know, so only the jaxlib releases that have this experimental flag get it.
+# take over; see benchmarks/README.md. Jits dominated by few-row weight matmuls (the train
+# step, decode loops over several rows) hand just their dots back to YNNPACK (``xla_cpu``).
+# The flags are CPU-only and take effect only if the backend is not yet initialised; a
+# value the user already put in XLA_FLAGS wins, and DIFFMAS_JAX_KEEP_XLA_FLAGS=1 leaves
+# XLA_FLAGS untouched (either way no jit gets per-jit options). XLA aborts on a flag it
+# does not know, so only the jaxlib releases that have this experimental flag get it.
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 _FLAGS_FOR_JAXLIB = ((0, 10), (0, 11))  # [from, until): the releases it was measured on
 
@@ -22,14 +24,18 @@ def _jaxlib_version() -> tuple:
         return (0, 0)
 
 
-def _apply_cpu_xla_flags() -> None:
+def _apply_cpu_xla_flags() -> bool:
+    """Add the CPU defaults to XLA_FLAGS; True when this project's settings are in force
+    (not opted out, a measured jaxlib, and the user did not set the flag themselves)."""
     low, high = _FLAGS_FOR_JAXLIB
     if _os.environ.get("DIFFMAS_JAX_KEEP_XLA_FLAGS") == "1" or not low <= _jaxlib_version() < high:
-        return
+        return False
     flags = _os.environ.get("XLA_FLAGS", "")
     missing = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in flags]
     if missing:
         _os.environ["XLA_FLAGS"] = " ".join([flags, *missing]).strip()
+    return len(missing) == len(CPU_XLA_FLAGS)
 
 
-_apply_cpu_xla_flags()
+# Read by ``xla_cpu.ynn_dot_options``: per-jit YNNPACK dots only where our defaults rule.
+CPU_DEFAULTS_APPLIED = _apply_cpu_xla_flags()

@@ -22,6 +22,7 @@ from diffmas_jax.model.transformer import per_layer as as_per_layer
 from diffmas_jax.distributed import to_host
 from diffmas_jax.sharding import mesh_jit
 from diffmas_jax.trace import PROMPT, TEXT, KVTrace
+from diffmas_jax.xla_cpu import ynn_dot_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +138,8 @@ def decode_steps(params, cfg: ModelConfig, state: DecodeState, *, num_steps: int
 
 jit_decode_steps = mesh_jit(
     decode_steps, static_argnames=("cfg", "num_steps", "eos_ids", "sampling", "pad_id",
-                                   "lora_scale", "compute_dtype", "per_layer"))
+                                   "lora_scale", "compute_dtype", "per_layer"),
+    compiler_options=lambda args: ynn_dot_options(args["state"].trace.batch))  # few-row matmuls (xla_cpu)
 
 
 def prefill(params, cfg, trace, tokens, valid, *, segment=0, kind=PROMPT, visible=None,

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import inspect
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -214,7 +214,7 @@ def _prune(full, like):
 
 
 def mesh_jit(fn, *, static_argnames: Sequence[str] = (), donate_argnames: Sequence[str] = (), mesh=None,
-             out_shardings=None):
+             out_shardings=None, compiler_options: Optional[Callable[[dict], dict]] = None):
     """``jax.jit(fn)``; on a mesh, compiled with explicit ``in_shardings``.
 
     The mesh is ``mesh`` or, if None, the active one (``set_active_mesh``) at call time;
@@ -224,11 +224,28 @@ def mesh_jit(fn, *, static_argnames: Sequence[str] = (), donate_argnames: Sequen
     compiled with exactly those input shardings; one such jit per (mesh, static
     arguments, layouts), so the shapes a run uses compile once each. ``out_shardings``
     (on a mesh only) fixes the outputs' layout; otherwise the trace a forward returns is
-    pinned by ``constrain_trace`` and the rest follows XLA's propagation."""
+    pinned by ``constrain_trace`` and the rest follows XLA's propagation.
+    ``compiler_options(arguments)`` (the call's arguments by name) gives XLA options for the
+    call's compilation (e.g. ``xla_cpu.ynn_dot_options``); each distinct set gets its own jit."""
     static_argnames, donate_argnames = tuple(static_argnames), tuple(donate_argnames)
     plain = jax.jit(fn, static_argnames=static_argnames or None, donate_argnames=donate_argnames or None)
     signature = inspect.signature(fn)
     compiled: dict = {}
+    with_options: dict = {(): plain}  # sorted option items -> the plain-path jit compiled with them
+
+    def options_for(args, kwargs) -> tuple:
+        if compiler_options is None:
+            return ()
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return tuple(sorted(compiler_options(bound.arguments).items()))
+
+    def plain_jit(args, kwargs):
+        opts = options_for(args, kwargs)
+        if opts not in with_options:
+            with_options[opts] = jax.jit(fn, static_argnames=static_argnames or None,
+                                         donate_argnames=donate_argnames or None, compiler_options=dict(opts))
+        return with_options[opts]
 
     def prepare(m, args, kwargs):
         """(the jit for this call, its arguments placed in their shardings)."""
@@ -239,12 +256,15 @@ def mesh_jit(fn, *, static_argnames: Sequence[str] = (), donate_argnames: Sequen
         values = [bound.arguments[k] for k in names]
         shardings = [input_shardings(n, v, m, static.get("cfg")) for n, v in zip(names, values)]
         leaves, treedef = jax.tree.flatten(shardings)
-        key = (m, tuple(static.items()), names, tuple(leaves), treedef)
+        opts = () if compiler_options is None else tuple(sorted(compiler_options(bound.arguments).items()))
+        key = (m, tuple(static.items()), names, tuple(leaves), treedef, opts)
         f = compiled.get(key)
         if f is None:
             def positional(*dynamic):
                 return fn(**dict(zip(names, dynamic)), **static)
             extra = {} if out_shardings is None else {"out_shardings": out_shardings}
+            if opts:
+                extra["compiler_options"] = dict(opts)
             f = compiled[key] = jax.jit(positional, in_shardings=tuple(shardings), **extra,
                                         donate_argnums=tuple(i for i, n in enumerate(names) if n in donate_argnames))
         return f, jax.device_put(values, shardings)
@@ -253,7 +273,7 @@ def mesh_jit(fn, *, static_argnames: Sequence[str] = (), donate_argnames: Sequen
     def call(*args, **kwargs):
         m = mesh if mesh is not None else _ACTIVE_MESH[0]
         if m is None:
-            return plain(*args, **kwargs)
+            return plain_jit(args, kwargs)(*args, **kwargs)
         f, placed = prepare(m, args, kwargs)
         return f(*placed)
 
@@ -261,11 +281,12 @@ def mesh_jit(fn, *, static_argnames: Sequence[str] = (), donate_argnames: Sequen
         """Like ``jax.jit(...).lower``: ``.compile().input_shardings`` shows the layouts."""
         m = mesh if mesh is not None else _ACTIVE_MESH[0]
         if m is None:
-            return plain.lower(*args, **kwargs)
+            return plain_jit(args, kwargs).lower(*args, **kwargs)
         f, placed = prepare(m, args, kwargs)
         return f.lower(*placed)
 
     call.lower = lower
     call.plain = plain
+    call.with_options = with_options  # plain-path jits by compiler options; for tests
     call.compiled = compiled  # (mesh, static, names, layouts) -> jit; for tests and inspection
     return call

@@ -4,6 +4,10 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 PROBE = """
 import os, sys
 import diffmas_jax
@@ -33,3 +37,65 @@ def test_user_value_and_opt_out_win():
     assert flags == "--xla_cpu_experimental_ynn_fusion_type=dot"
     flags, _ = run_probe(DIFFMAS_JAX_KEEP_XLA_FLAGS="1")
     assert flags == ""
+
+
+# --------------------------------------------------------------------------- per-jit options
+def _ynn_in(lowered) -> bool:
+    return "ynn_fusion" in lowered.compile().as_text()
+
+
+def test_few_row_jits_get_ynn_dots_with_equal_results(monkeypatch):
+    """The train step and decode loops over >= 2 rows compile with YNNPACK dots (``xla_cpu``);
+    one row, or this project's CPU defaults not in force, keeps XLA's own dots; results agree."""
+    import diffmas_jax
+    from diffmas_jax.generation import jit_decode_steps, start_decode
+    from diffmas_jax.lora import LoraConfig, init_lora
+    from diffmas_jax.model.config import ModelConfig
+    from diffmas_jax.model.transformer import forward, init_params, lm_logits
+    from diffmas_jax.stages import make_realign
+    from diffmas_jax.trace import KVTrace
+    from diffmas_jax.training import StepConfig, make_optimizer, make_train_step
+    from diffmas_jax.xla_cpu import YNN_DOTS, ynn_dot_options
+
+    cfg = ModelConfig("llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16)
+    params = init_params(cfg, jax.random.PRNGKey(0), std=0.2)
+    monkeypatch.setattr(diffmas_jax, "CPU_DEFAULTS_APPLIED", True)
+    assert ynn_dot_options(1) == {} and ynn_dot_options(2) == YNN_DOTS
+
+    def state(b):
+        toks = jax.random.randint(jax.random.PRNGKey(1), (b, 5), 3, cfg.vocab_size)
+        out = forward(params, cfg, KVTrace.create(cfg, b, 5 + 8), tokens=toks)
+        return start_decode(out.trace, lm_logits(params, cfg, out.hidden[:, -1]), 8, jax.random.PRNGKey(2))
+
+    kw = dict(cfg=cfg, num_steps=8, eos_ids=())
+    assert _ynn_in(jit_decode_steps.lower(params, state=state(2), **kw))
+    assert not _ynn_in(jit_decode_steps.lower(params, state=state(1), **kw))
+    with_ynn = jit_decode_steps(params, state=state(2), **kw)
+    plain = jit_decode_steps.plain(params, state=state(2), **kw)  # compiled without options
+    np.testing.assert_array_equal(with_ynn.tokens, plain.tokens)
+    np.testing.assert_allclose(with_ynn.logprobs, plain.logprobs, atol=1e-5)
+
+    b, t_up, t_sol = 2, 6, 9
+    rng = np.random.default_rng(0)
+    batch = {"up_tokens": [jnp.asarray(rng.integers(3, 128, (b, t_up)))],
+             "up_valid": [jnp.ones((b, t_up), bool)], "tokens": jnp.asarray(rng.integers(3, 128, (b, t_sol))),
+             "valid": jnp.ones((b, t_sol), bool), "target_mask": jnp.asarray(np.arange(t_sol)[None] >= [[5], [6]])}
+    sc = StepConfig(method="diffmas", trace_grad="full", roles=("planner", "solver"), latent_steps=(2,),
+                    up_lengths=(t_up,), solver_length=t_sol, capacity=t_up + 2 + t_sol, lora_scale=2.0, max_target=4)
+    opt = make_optimizer(1e-2, 1, 0, 0.0, 1.0, 1)
+    realign = make_realign(params, cfg, "norm")
+    lora = init_lora(cfg, LoraConfig(rank=4, alpha=8.0), jax.random.PRNGKey(3))
+    lora = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(4), a.shape), lora)
+    copy = lambda tree: jax.tree.map(jnp.array, tree)  # the step donates its LoRA and optimizer state
+
+    results = {}
+    for applied in (True, False):
+        monkeypatch.setattr(diffmas_jax, "CPU_DEFAULTS_APPLIED", applied)
+        step = make_train_step(cfg, sc, opt)
+        results[applied] = step(copy(lora), opt.init(lora), params, realign, batch)
+        (key,) = step.jits
+        assert key == (tuple(sorted(YNN_DOTS.items())) if applied else ())
+        assert _ynn_in(step.jits[key].lower(copy(lora), opt.init(lora), params, realign, batch, None)) == applied
+    np.testing.assert_allclose(results[True][2]["loss"], results[False][2]["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-5), results[True][0], results[False][0])

@@ -1,0 +1,42 @@
+"""Per-jit XLA:CPU options: which jits hand their weight matmuls to YNNPACK.
+
+``import diffmas_jax`` turns XLA:CPU's YNNPACK fusions off for the whole process (see the
+package ``__init__``): over reductions and prompt-sized GEMMs they are slower here. Limited
+to dots (``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``: the weight matmuls go to YNNPACK; attention's
+batched dots, softmax, norms and elementwise ops stay with XLA) they are faster where the
+matmuls have few rows, and slower elsewhere. Measured 2026-12-04 on the 2-core AVX-512 EPYC,
+jaxlib 0.10.2, embedded model, one process per figure (docs/performance.md):
+
+- DiffMAS train step, B=4, m=10, three upstream agents, full mode: 13.3-15.5 s against
+  15.6-17.3 s per step in two alternating process pairs (12.2-12.7 against 16.3-16.5 s in a
+  first pair); stop mode 6.7-7.2 against 6.7-7.8 s. XLA's Eigen path is slowest in the
+  backward of the latent steps' one-token layers (the transposed product with each layer's
+  weight slice): 30 stacked layers forward and backward at B=4, 28-30 ms against 64-66 ms.
+- Greedy decode loop, prompt 64: B=8 49.7-59.1 against 55.0-60.9 ms per step in three
+  alternating pairs (52-57 against 62-72 ms in two first probes); B=1 25.0-28.7 against
+  23.3-25.8 ms (XLA's own matrix-vector emitter wins at one row).
+- Prefill B=8 x 128 tokens over 256 slots: 1.63-1.77 against 1.50-1.52 s; the 4-agent
+  pipeline's upstream phase at B=8 7.18 against 6.10 s.
+
+So the train step and decode loops over two or more rows compile with YNNPACK dots; every
+other jit keeps XLA's own code. Options are per compilation (``jax.jit(compiler_options=)``),
+so they key the persistent compilation cache too.
+"""
+from __future__ import annotations
+
+import jax
+
+import diffmas_jax
+
+YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def ynn_dot_options(rows: int) -> dict:
+    """``compiler_options`` for a jit whose matmuls have ``rows`` rows per token position
+    (the batch): YNNPACK dots on CPU from two rows up, nothing otherwise.
+
+    Empty on other backends, and when this project's CPU defaults are not in force
+    (``DIFFMAS_JAX_KEEP_XLA_FLAGS=1``, the user's own YNN setting, an unmeasured jaxlib)."""
+    if rows < 2 or not diffmas_jax.CPU_DEFAULTS_APPLIED or jax.default_backend() != "cpu":
+        return {}
+    return dict(YNN_DOTS)
