@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diffmas_jax.xla_cpu import traced
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: dict[str, Optional[object]] = {
@@ -234,7 +236,7 @@ def mesh_jit(fn, *, static_argnames: Sequence[str] = (), donate_argnames: Sequen
     with_options: dict = {(): plain}  # sorted option items -> the plain-path jit compiled with them
 
     def options_for(args, kwargs) -> tuple:
-        if compiler_options is None:
+        if compiler_options is None or traced(args, kwargs):  # nested: the outer jit's options rule
             return ()
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
@@ -256,7 +258,7 @@ def mesh_jit(fn, *, static_argnames: Sequence[str] = (), donate_argnames: Sequen
         values = [bound.arguments[k] for k in names]
         shardings = [input_shardings(n, v, m, static.get("cfg")) for n, v in zip(names, values)]
         leaves, treedef = jax.tree.flatten(shardings)
-        opts = () if compiler_options is None else tuple(sorted(compiler_options(bound.arguments).items()))
+        opts = options_for(args, kwargs)
         key = (m, tuple(static.items()), names, tuple(leaves), treedef, opts)
         f = compiled.get(key)
         if f is None:

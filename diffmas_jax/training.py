@@ -25,7 +25,7 @@ from diffmas_jax.model.transformer import LoraDropout, resolve_dtype
 from diffmas_jax.sharding import mesh_jit
 from diffmas_jax.stages import Realign, agent_stage, teacher_forced_nll
 from diffmas_jax.trace import KVTrace, TraceOverflowError
-from diffmas_jax.xla_cpu import ynn_dot_options
+from diffmas_jax.xla_cpu import traced, ynn_dot_options
 
 TRAIN_METHODS = ("diffmas", "single_sft", "text_mas_sft")
 TRACE_GRADS = ("stop", "full")
@@ -192,7 +192,8 @@ def make_train_step(cfg, sc: StepConfig, optimizer, mesh=None):
         jits = {}
 
         def plain(lora, opt_state, params, realign, batch, rng=None):
-            opts = tuple(sorted(options({"batch": batch}).items()))
+            # nested in another jit (e.g. a FLOP count's trace): the outer compile's options rule
+            opts = () if traced(lora, batch) else tuple(sorted(options({"batch": batch}).items()))
             if opts not in jits:
                 jits[opts] = jax.jit(step, donate_argnums=(0, 1), compiler_options=dict(opts) or None)
             return jits[opts](lora, opt_state, params, realign, batch, rng)

@@ -40,3 +40,9 @@ def ynn_dot_options(rows: int) -> dict:
     if rows < 2 or not diffmas_jax.CPU_DEFAULTS_APPLIED or jax.default_backend() != "cpu":
         return {}
     return dict(YNN_DOTS)
+
+
+def traced(*trees) -> bool:
+    """Whether any leaf is a tracer: the call runs inside another ``jit`` or transformation,
+    where a nested jit may not take compiler options (it compiles as part of the outer one)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))

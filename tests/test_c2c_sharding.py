@@ -89,7 +89,7 @@ SCRIPT = textwrap.dedent('''
     # What the compiled programs take, argument by argument (one executable each).
     def layouts(program):
         (key,) = program.compiled
-        _, _, names, leaves, treedef = key
+        names, leaves, treedef = key[2:5]  # (mesh, static, names, layouts, treedef, compiler options)
         return dict(zip(names, jax.tree.unflatten(treedef, leaves)))
     ins, rins = layouts(sharded.programs["plain"]), layouts(sharded.programs["sharer_reading"])
     q_axes = ("layers", "embed", "q_heads")

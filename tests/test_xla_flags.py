@@ -75,6 +75,9 @@ def test_few_row_jits_get_ynn_dots_with_equal_results(monkeypatch):
     plain = jit_decode_steps.plain(params, state=state(2), **kw)  # compiled without options
     np.testing.assert_array_equal(with_ynn.tokens, plain.tokens)
     np.testing.assert_allclose(with_ynn.logprobs, plain.logprobs, atol=1e-5)
+    # nested in the caller's own jit, a jit takes no compiler options: the outer compile's rule
+    nested = jax.jit(lambda s: jit_decode_steps(params, state=s, **kw).tokens)(state(2))
+    np.testing.assert_array_equal(nested, plain.tokens)
 
     b, t_up, t_sol = 2, 6, 9
     rng = np.random.default_rng(0)
@@ -97,5 +100,7 @@ def test_few_row_jits_get_ynn_dots_with_equal_results(monkeypatch):
         (key,) = step.jits
         assert key == (tuple(sorted(YNN_DOTS.items())) if applied else ())
         assert _ynn_in(step.jits[key].lower(copy(lora), opt.init(lora), params, realign, batch, None)) == applied
+        traced = jax.eval_shape(step, lora, opt.init(lora), params, realign, batch)  # nested (e.g. a FLOP count)
+        assert traced[2]["loss"].shape == ()
     np.testing.assert_allclose(results[True][2]["loss"], results[False][2]["loss"], rtol=1e-5)
     jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-5), results[True][0], results[False][0])
