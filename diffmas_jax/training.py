@@ -185,9 +185,10 @@ def make_train_step(cfg, sc: StepConfig, optimizer, mesh=None):
         lora = optax.apply_updates(lora, updates)
         return lora, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "segment_grad_norms": norms}
 
-    # YNNPACK dots on CPU from B=2 (``xla_cpu``): the full-mode step at B=4 ran 13.3-15.5 s
-    # against 15.6-17.3 s with XLA's own GEMMs (alternating processes, 2026-12-04).
-    options = lambda args: ynn_dot_options(args["batch"]["tokens"].shape[0])
+    # YNNPACK dots on CPU (``xla_cpu``): the full-mode step at B=4 ran 13.3-15.5 s against
+    # 15.6-17.3 s with XLA's own GEMMs, at B=1 4.05-4.32 against 4.38-5.16 s (alternating
+    # processes, 2026-12-04).
+    options = lambda args: ynn_dot_options()
     if mesh is None:
         jits = {}
 

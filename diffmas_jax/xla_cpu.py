@@ -9,7 +9,8 @@ jaxlib 0.10.2, embedded model, one process per figure (docs/performance.md):
 
 - DiffMAS train step, B=4, m=10, three upstream agents, full mode: 13.3-15.5 s against
   15.6-17.3 s per step in two alternating process pairs (12.2-12.7 against 16.3-16.5 s in a
-  first pair); stop mode 6.7-7.2 against 6.7-7.8 s. XLA's Eigen path is slowest in the
+  first pair); stop mode 6.7-7.2 against 6.7-7.8 s. At B=1, full mode: 4.05-4.32 against
+  4.38-5.16 s (two alternating pairs). XLA's Eigen path is slowest in the
   backward of the latent steps' one-token layers (the transposed product with each layer's
   weight slice): 30 stacked layers forward and backward at B=4, 28-30 ms against 64-66 ms.
 - Greedy decode loop, prompt 64: B=8 49.7-59.1 against 55.0-60.9 ms per step in three
@@ -18,11 +19,13 @@ jaxlib 0.10.2, embedded model, one process per figure (docs/performance.md):
 - Prefill B=8 x 128 tokens over 256 slots: 1.63-1.77 against 1.50-1.52 s; the 4-agent
   pipeline's upstream phase at B=8 7.18 against 6.10 s.
 
-So the train step and decode loops over two or more rows compile with YNNPACK dots; every
-other jit keeps XLA's own code. Options are per compilation (``jax.jit(compiler_options=)``),
+So the train step (any batch) and decode loops over two or more rows compile with YNNPACK
+dots; every other jit keeps XLA's own code. Options are per compilation (``jax.jit(compiler_options=)``),
 so they key the persistent compilation cache too.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import jax
 
@@ -31,13 +34,14 @@ import diffmas_jax
 YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-def ynn_dot_options(rows: int) -> dict:
-    """``compiler_options`` for a jit whose matmuls have ``rows`` rows per token position
-    (the batch): YNNPACK dots on CPU from two rows up, nothing otherwise.
+def ynn_dot_options(rows: Optional[int] = None) -> dict:
+    """``compiler_options`` handing a jit's dots to YNNPACK on CPU. With ``rows`` (a decode
+    loop's batch) only from two rows up; without, always (the train step, whose backward
+    gains at any batch).
 
     Empty on other backends, and when this project's CPU defaults are not in force
     (``DIFFMAS_JAX_KEEP_XLA_FLAGS=1``, the user's own YNN setting, an unmeasured jaxlib)."""
-    if rows < 2 or not diffmas_jax.CPU_DEFAULTS_APPLIED or jax.default_backend() != "cpu":
+    if (rows is not None and rows < 2) or not diffmas_jax.CPU_DEFAULTS_APPLIED or jax.default_backend() != "cpu":
         return {}
     return dict(YNN_DOTS)
 

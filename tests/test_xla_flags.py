@@ -46,7 +46,8 @@ def _ynn_in(lowered) -> bool:
 
 def test_few_row_jits_get_ynn_dots_with_equal_results(monkeypatch):
     """The train step and decode loops over >= 2 rows compile with YNNPACK dots (``xla_cpu``);
-    one row, or this project's CPU defaults not in force, keeps XLA's own dots; results agree."""
+    one-row decode, or this project's CPU defaults not in force, keeps XLA's own dots; results
+    agree."""
     import diffmas_jax
     from diffmas_jax.generation import jit_decode_steps, start_decode
     from diffmas_jax.lora import LoraConfig, init_lora
@@ -61,7 +62,7 @@ def test_few_row_jits_get_ynn_dots_with_equal_results(monkeypatch):
                       num_heads=4, num_kv_heads=2, head_dim=16)
     params = init_params(cfg, jax.random.PRNGKey(0), std=0.2)
     monkeypatch.setattr(diffmas_jax, "CPU_DEFAULTS_APPLIED", True)
-    assert ynn_dot_options(1) == {} and ynn_dot_options(2) == YNN_DOTS
+    assert ynn_dot_options(1) == {} and ynn_dot_options(2) == ynn_dot_options() == YNN_DOTS
 
     def state(b):
         toks = jax.random.randint(jax.random.PRNGKey(1), (b, 5), 3, cfg.vocab_size)
