@@ -18,8 +18,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffmas_jax.xla_cpu import traced
-
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: dict[str, Optional[object]] = {
@@ -215,6 +213,25 @@ def _prune(full, like):
     return full
 
 
+def jit_per_options(fn, options: Callable[[tuple, dict], dict], **jit_kwargs):
+    """``pick(args, kwargs)`` -> ``jax.jit(fn, **jit_kwargs)`` compiled with the XLA options
+    ``options(args, kwargs)`` gives for that call, one jit per distinct set (``pick.jits``:
+    sorted option items -> the jits calls used; ``pick.plain``: the one without options). A
+    call traced inside another jit or transformation gets ``pick.plain``: a nested jit may
+    not take options (it compiles with the outer one)."""
+    plain = jax.jit(fn, **jit_kwargs)
+    jits: dict = {}
+
+    def pick(args, kwargs):
+        nested = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs)))
+        opts = () if nested else tuple(sorted(options(args, kwargs).items()))
+        if opts not in jits:
+            jits[opts] = jax.jit(fn, **jit_kwargs, compiler_options=dict(opts)) if opts else plain
+        return jits[opts]
+    pick.jits, pick.plain = jits, plain
+    return pick
+
+
 def mesh_jit(fn, *, static_argnames: Sequence[str] = (), donate_argnames: Sequence[str] = (), mesh=None,
              out_shardings=None, compiler_options: Optional[Callable[[dict], dict]] = None):
     """``jax.jit(fn)``; on a mesh, compiled with explicit ``in_shardings``.
@@ -230,24 +247,19 @@ def mesh_jit(fn, *, static_argnames: Sequence[str] = (), donate_argnames: Sequen
     ``compiler_options(arguments)`` (the call's arguments by name) gives XLA options for the
     call's compilation (e.g. ``xla_cpu.ynn_dot_options``); each distinct set gets its own jit."""
     static_argnames, donate_argnames = tuple(static_argnames), tuple(donate_argnames)
-    plain = jax.jit(fn, static_argnames=static_argnames or None, donate_argnames=donate_argnames or None)
     signature = inspect.signature(fn)
     compiled: dict = {}
-    with_options: dict = {(): plain}  # sorted option items -> the plain-path jit compiled with them
 
-    def options_for(args, kwargs) -> tuple:
-        if compiler_options is None or traced(args, kwargs):  # nested: the outer jit's options rule
-            return ()
+    def options(args, kwargs) -> dict:
+        if compiler_options is None:
+            return {}
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        return tuple(sorted(compiler_options(bound.arguments).items()))
+        return compiler_options(bound.arguments)
 
-    def plain_jit(args, kwargs):
-        opts = options_for(args, kwargs)
-        if opts not in with_options:
-            with_options[opts] = jax.jit(fn, static_argnames=static_argnames or None,
-                                         donate_argnames=donate_argnames or None, compiler_options=dict(opts))
-        return with_options[opts]
+    plain_jit = jit_per_options(fn, options, static_argnames=static_argnames or None,
+                                donate_argnames=donate_argnames or None)
+    plain = plain_jit.plain
 
     def prepare(m, args, kwargs):
         """(the jit for this call, its arguments placed in their shardings)."""
@@ -258,7 +270,7 @@ def mesh_jit(fn, *, static_argnames: Sequence[str] = (), donate_argnames: Sequen
         values = [bound.arguments[k] for k in names]
         shardings = [input_shardings(n, v, m, static.get("cfg")) for n, v in zip(names, values)]
         leaves, treedef = jax.tree.flatten(shardings)
-        opts = options_for(args, kwargs)
+        opts = tuple(sorted(options(args, kwargs).items()))
         key = (m, tuple(static.items()), names, tuple(leaves), treedef, opts)
         f = compiled.get(key)
         if f is None:
@@ -289,6 +301,6 @@ def mesh_jit(fn, *, static_argnames: Sequence[str] = (), donate_argnames: Sequen
 
     call.lower = lower
     call.plain = plain
-    call.with_options = with_options  # plain-path jits by compiler options; for tests
+    call.with_options = plain_jit.jits  # plain-path jits by compiler options; for tests
     call.compiled = compiled  # (mesh, static, names, layouts) -> jit; for tests and inspection
     return call

@@ -22,10 +22,10 @@ from diffmas_jax.agents import agent_messages, render_chat
 from diffmas_jax.generation import bucket_length, pad_batch
 from diffmas_jax.methods import MethodConfig, select_lora, solver_visibility, upstream_visibility
 from diffmas_jax.model.transformer import LoraDropout, resolve_dtype
-from diffmas_jax.sharding import mesh_jit
+from diffmas_jax.sharding import jit_per_options, mesh_jit
 from diffmas_jax.stages import Realign, agent_stage, teacher_forced_nll
 from diffmas_jax.trace import KVTrace, TraceOverflowError
-from diffmas_jax.xla_cpu import traced, ynn_dot_options
+from diffmas_jax.xla_cpu import ynn_dot_options
 
 TRAIN_METHODS = ("diffmas", "single_sft", "text_mas_sft")
 TRACE_GRADS = ("stop", "full")
@@ -188,21 +188,16 @@ def make_train_step(cfg, sc: StepConfig, optimizer, mesh=None):
     # YNNPACK dots on CPU (``xla_cpu``): the full-mode step at B=4 ran 13.3-15.5 s against
     # 15.6-17.3 s with XLA's own GEMMs, at B=1 4.05-4.32 against 4.38-5.16 s (alternating
     # processes, 2026-12-04).
-    options = lambda args: ynn_dot_options()
     if mesh is None:
-        jits = {}
+        pick = jit_per_options(step, lambda args, kwargs: ynn_dot_options(), donate_argnums=(0, 1))
 
-        def plain(lora, opt_state, params, realign, batch, rng=None):
-            # nested in another jit (e.g. a FLOP count's trace): the outer compile's options rule
-            opts = () if traced(lora, batch) else tuple(sorted(options({"batch": batch}).items()))
-            if opts not in jits:
-                jits[opts] = jax.jit(step, donate_argnums=(0, 1), compiler_options=dict(opts) or None)
-            return jits[opts](lora, opt_state, params, realign, batch, rng)
-        plain.jits = jits  # compiler options -> jit; for tests
+        def plain(*args, **kwargs):
+            return pick(args, kwargs)(*args, **kwargs)
+        plain.jits = pick.jits  # compiler options -> jit; for tests
         return plain
     rep = NamedSharding(mesh, PartitionSpec())
     return mesh_jit(step, static_argnames=("cfg",), donate_argnames=("lora", "opt_state"), mesh=mesh,
-                    out_shardings=(rep, rep, rep), compiler_options=options)
+                    out_shardings=(rep, rep, rep), compiler_options=lambda args: ynn_dot_options())
 
 
 def make_eval_loss(cfg, sc: StepConfig):

@@ -45,8 +45,3 @@ def ynn_dot_options(rows: Optional[int] = None) -> dict:
         return {}
     return dict(YNN_DOTS)
 
-
-def traced(*trees) -> bool:
-    """Whether any leaf is a tracer: the call runs inside another ``jit`` or transformation,
-    where a nested jit may not take compiler options (it compiles as part of the outer one)."""
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
