@@ -22,7 +22,7 @@ from diffmas_jax.model.transformer import per_layer as as_per_layer
 from diffmas_jax.distributed import to_host
 from diffmas_jax.sharding import mesh_jit
 from diffmas_jax.trace import PROMPT, TEXT, KVTrace
-from diffmas_jax.xla_cpu import ynn_dot_options
+from diffmas_jax.xla_cpu import use_out_in_kernels, ynn_dot_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +129,7 @@ def decode_steps(params, cfg: ModelConfig, state: DecodeState, *, num_steps: int
         per_layer = use_per_layer(params) and n >= PER_LAYER_MIN_TOKENS
     params = with_lm_head(params, cfg)
     if per_layer:
-        params, lora = as_per_layer(params, lora, cfg)
+        params, lora = as_per_layer(params, lora, cfg, out_in=use_out_in_kernels(state.trace.batch))
         state = dataclasses.replace(state, trace=state.trace.per_layer())
         state = jax.lax.while_loop(cond, body, state)
         return dataclasses.replace(state, trace=state.trace.stacked())

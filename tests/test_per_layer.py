@@ -43,8 +43,12 @@ def _assert_traces_close(a: KVTrace, b: KVTrace):
     np.testing.assert_allclose(a.v, b.v, atol=2e-5)
 
 
+@pytest.mark.parametrize("out_in", [False, True])
 @pytest.mark.parametrize("name", sorted(CFGS))
-def test_decode_per_layer_equals_scan(name):
+def test_decode_per_layer_equals_scan(name, out_in, monkeypatch):
+    """Per-layer decode, with kernels laid out [in, out] and [out, in], gives the scan's tokens."""
+    import diffmas_jax.generation as generation
+    monkeypatch.setattr(generation, "use_out_in_kernels", lambda rows: out_in)
     cfg = CFGS[name]
     params, lora, out = _setup(cfg)
     last = out.logits[:, -1]
@@ -52,7 +56,12 @@ def test_decode_per_layer_equals_scan(name):
     kw = dict(num_steps=9, eos_ids=(5,), segment=1, visible=vis, lora=lora, lora_scale=0.5)
     state = start_decode(out.trace, last, 12, jax.random.PRNGKey(0))
     scan = jax.jit(lambda s: decode_steps(params, cfg, s, per_layer=False, **kw))(state)
-    loop = jax.jit(lambda s: decode_steps(params, cfg, s, per_layer=True, **kw))(state)
+    loop_fn = jax.jit(lambda s: decode_steps(params, cfg, s, per_layer=True, **kw))
+    # the layout reaches the compiled loop: [out, in] kernels are the left operand of the dots
+    gate_up = "%d" % (2 * cfg.intermediate_size)
+    dots = re.findall(r"f32\[(\d+),(\d+)\][^ ]* dot\(", loop_fn.lower(state).compile().as_text())
+    assert ((gate_up, "3") in dots) == out_in and (("3", gate_up) in dots) == (not out_in)
+    loop = loop_fn(state)
     np.testing.assert_array_equal(loop.tokens, scan.tokens)
     np.testing.assert_array_equal(loop.count, scan.count)
     np.testing.assert_allclose(loop.logprobs, scan.logprobs, atol=2e-5)
@@ -87,6 +96,46 @@ def test_chunk_forward_per_layer_equals_scan():
     step = jax.jit(lambda p, lo, tr, off: forward(p, cfg, tr, embeds=embeds[:, :1], offset=off, lora=lo,
                                                   lora_scale=0.5).trace.stacked())
     _assert_traces_close(step(p_layers, lo_layers, reserved, 9), step(params, lora, reserved, 9))
+
+
+def test_out_in_kernels_change_no_result():
+    """``per_layer(out_in=True)`` holds every projection's kernel transposed, [out, in], and the
+    forward over it (a chunk, then a one-token step) equals the stacked scan's."""
+    cfg = CFGS["mistral_window"]
+    params, lora, out = _setup(cfg)
+    p_layers, lo_layers = per_layer(params, lora, cfg, out_in=True)
+    layer = p_layers["layers"][0]
+    d, f, qkv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size + 2 * cfg.kv_size
+    shapes = {n: layer[n]["kernel_t"].shape for n in ("qkv", "o", "gate_up", "down")}
+    assert shapes == {"qkv": (qkv, d), "o": (d, cfg.q_size), "gate_up": (2 * f, d), "down": (d, f)}
+    assert not any("kernel" in v for v in layer.values() if isinstance(v, dict))
+    assert layer["qkv"]["bias"].shape == (qkv,)
+    np.testing.assert_array_equal(layer["down"]["kernel_t"], params["layers"]["down"]["kernel"][0].T)
+    embeds = jax.random.normal(jax.random.PRNGKey(3), (3, 4, cfg.hidden_size))
+    kw = dict(valid=jnp.asarray([[1, 1, 1, 0]] * 3, bool), segment=2, kind=LATENT, lora_scale=0.5)
+    scan = forward(params, cfg, out.trace, embeds=embeds, lora=lora, **kw)
+    loop = forward(p_layers, cfg, out.trace, embeds=embeds, lora=lo_layers, **kw)
+    np.testing.assert_allclose(loop.logits, scan.logits, atol=2e-5)
+    _assert_traces_close(loop.trace.stacked(), scan.trace)
+    step = forward(p_layers, cfg, loop.trace, embeds=embeds[:, :1], lora=lo_layers, lora_scale=0.5)
+    want = forward(params, cfg, scan.trace, embeds=embeds[:, :1], lora=lora, lora_scale=0.5)
+    np.testing.assert_allclose(step.logits, want.logits, atol=2e-5)
+
+
+def test_matmul_out_in_keeps_the_kernel_as_left_operand():
+    """XLA folds ``dot(kernel_t, x).T`` back into ``dot(x, kernel_t)``, the slow form; the
+    barrier in ``matmul_out_in`` keeps the [out, rows] product."""
+    from diffmas_jax.model.transformer import matmul_out_in
+    x, w = jax.random.normal(jax.random.PRNGKey(0), (8, 64)), jax.random.normal(jax.random.PRNGKey(1), (96, 64))
+    np.testing.assert_allclose(matmul_out_in(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(matmul_out_in).lower(x, w).compile().as_text()
+    assert re.findall(r"f32\[(\d+),(\d+)\][^ ]* dot\(", hlo) == [("96", "8")]
+
+
+def test_out_in_kernels_only_where_decode_dots_go_to_ynnpack():
+    from diffmas_jax.xla_cpu import use_out_in_kernels, ynn_dot_options
+    assert not use_out_in_kernels(1)
+    assert use_out_in_kernels(8) == bool(ynn_dot_options(8))
 
 
 def test_per_layer_forward_is_differentiable_like_the_scan():
@@ -166,7 +215,7 @@ def test_auto_choice_takes_the_per_layer_loop_for_long_generations(monkeypatch):
     params, _, out = _setup(cfg)
     calls = []
     real = generation.as_per_layer
-    monkeypatch.setattr(generation, "as_per_layer", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(generation, "as_per_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
     for n in (generation.PER_LAYER_MIN_TOKENS - 1, generation.PER_LAYER_MIN_TOKENS):
         big = KVTrace.create(cfg, 3, 8 + n)
         state = start_decode(big, out.logits[:, -1], n, jax.random.PRNGKey(0))
