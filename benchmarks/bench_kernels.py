@@ -149,6 +149,18 @@ def main(argv=None):
     jmats = [jnp.asarray(m) for m in mats]
     jfused = [jnp.asarray(m) for m in weight_chain(model.params, fused=True)]
     tmats = [torch.from_numpy(np.ascontiguousarray(m)) for m in mats]
+    from diffmas_jax.model.transformer import matmul_out_in
+    from diffmas_jax.xla_cpu import use_out_in_kernels, ynn_dot_options
+    jfused_out_in = [m.T.copy() for m in jfused[:-1]] + [jfused[-1]]  # layer kernels [out, in]; LM head [D, V]
+
+    def decode_chain(out_in: bool):
+        """The fused chain as the decode loop compiles it: layer kernels [out, in] if ``out_in``."""
+        def chain(ws, xs):
+            acc = jnp.zeros((), jnp.float32)
+            for w in ws[:-1]:
+                acc = acc + jnp.sum(matmul_out_in(xs[w.shape[1]], w) if out_in else xs[w.shape[0]] @ w)
+            return acc + jnp.sum(xs[ws[-1].shape[0]] @ ws[-1])
+        return chain
 
     @jax.jit
     def jax_chain(ws, xs):
@@ -172,11 +184,17 @@ def main(argv=None):
         xt = {w: torch.ones((b, w)) for w in widths}
         tj = median_time(lambda: jax_chain(jmats, xj).block_until_ready(), repeats)
         tf = median_time(lambda: jax_chain(jfused, xj).block_until_ready(), repeats)
+        out_in = use_out_in_kernels(b)  # and YNNPACK dots from two rows, as generation.jit_decode_steps
+        decode = jax.jit(decode_chain(out_in), compiler_options=ynn_dot_options(b))
+        dws = jfused_out_in if out_in else jfused
+        td = median_time(lambda: decode(dws, xj).block_until_ready(), repeats)
         tt = median_time(lambda: torch_chain(xt), repeats)
         flops = 2 * b * n_params
-        rows.append(dict(batch=b, xla_ms=tj * 1e3, xla_fused_ms=tf * 1e3, torch_ms=tt * 1e3, xla_gflop_s=flops / tj / 1e9,
+        rows.append(dict(batch=b, xla_ms=tj * 1e3, xla_fused_ms=tf * 1e3, xla_decode_ms=td * 1e3,
+                         decode_layout="[out, in]" if out_in else "[in, out]", torch_ms=tt * 1e3, xla_gflop_s=flops / tj / 1e9,
                          torch_gflop_s=flops / tt / 1e9, xla_gb_s=n_bytes / tj / 1e9, torch_gb_s=n_bytes / tt / 1e9))
-        print(f"B={b}: matmul chain XLA {tj * 1e3:.1f} ms (fused {tf * 1e3:.1f}), torch {tt * 1e3:.1f} ms",
+        print(f"B={b}: matmul chain XLA {tj * 1e3:.1f} ms (fused {tf * 1e3:.1f}, decode loop's {td * 1e3:.1f}), "
+              f"torch {tt * 1e3:.1f} ms",
               file=sys.stderr)
 
     touch_gb = args.touch_gb if args.touch_gb is not None else (1.0 if args.quick else 5.1)
@@ -193,10 +211,14 @@ def main(argv=None):
           f"{len(mats)} matrices ({n_bytes / 2**20:.0f} MiB), each multiplied once by B rows. GB/s: the weights "
           f"streamed per second (at B = 1 the chain is a memory-bandwidth test). Load average at start "
           f"{machine['load_avg'][0]:.2f}; torch threads {machine['torch_threads']}. XLA fused: the same "
-          f"weights with q/k/v and gate/up concatenated per layer, as the CPU decode loop runs them.", "",
-          "| batch | XLA chain ms | XLA fused chain ms | torch chain ms | XLA GFLOP/s | torch GFLOP/s | XLA GB/s | torch GB/s |",
-          "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    md += [f"| {r['batch']} | {r['xla_ms']:.1f} | {r['xla_fused_ms']:.1f} | {r['torch_ms']:.1f} | {r['xla_gflop_s']:.1f} | "
+          f"weights with q/k/v and gate/up concatenated per layer. Decode loop's: the fused chain compiled "
+          f"as the CPU decode loop compiles it (from two rows YNNPACK dots and layer kernels laid out "
+          f"[out, in], `matmul_out_in`).", "",
+          "| batch | XLA chain ms | XLA fused chain ms | decode loop's chain ms (layout) | torch chain ms | XLA GFLOP/s | "
+          "torch GFLOP/s | XLA GB/s | torch GB/s |",
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    md += [f"| {r['batch']} | {r['xla_ms']:.1f} | {r['xla_fused_ms']:.1f} | {r['xla_decode_ms']:.1f} ({r['decode_layout']}) | "
+           f"{r['torch_ms']:.1f} | {r['xla_gflop_s']:.1f} | "
            f"{r['torch_gflop_s']:.1f} | {r['xla_gb_s']:.1f} | {r['torch_gb_s']:.1f} |" for r in rows]
     if touch:
         md += ["", "Fresh memory: malloc, write every 4 KiB page, free, four times in one fresh process; one "
