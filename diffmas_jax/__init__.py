@@ -24,9 +24,17 @@ def _jaxlib_version() -> tuple:
         return (0, 0)
 
 
+# The flags this package added to XLA_FLAGS, so that a child process (which inherits them)
+# can tell them from a user's own setting: without it every subprocess of a diffmas_jax
+# process (bench_all's scripts, the pipeline benchmark's fresh runs) lost its per-jit
+# YNNPACK dots.
+ADDED_FLAGS_VAR = "DIFFMAS_JAX_ADDED_XLA_FLAGS"
+
+
 def _apply_cpu_xla_flags() -> bool:
     """Add the CPU defaults to XLA_FLAGS; True when this project's settings are in force
-    (not opted out, a measured jaxlib, and the user did not set the flag themselves)."""
+    (not opted out, a measured jaxlib, and each flag added here or by a parent process
+    running diffmas_jax, none set by the user)."""
     low, high = _FLAGS_FOR_JAXLIB
     if _os.environ.get("DIFFMAS_JAX_KEEP_XLA_FLAGS") == "1" or not low <= _jaxlib_version() < high:
         return False
@@ -34,7 +42,10 @@ def _apply_cpu_xla_flags() -> bool:
     missing = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in flags]
     if missing:
         _os.environ["XLA_FLAGS"] = " ".join([flags, *missing]).strip()
-    return len(missing) == len(CPU_XLA_FLAGS)
+    inherited = set(_os.environ.get(ADDED_FLAGS_VAR, "").split()) & set(flags.split())
+    ours = [f for f in CPU_XLA_FLAGS if f in missing or f in inherited]
+    _os.environ[ADDED_FLAGS_VAR] = " ".join(ours)
+    return len(ours) == len(CPU_XLA_FLAGS)
 
 
 # Read by ``xla_cpu.ynn_dot_options``: per-jit YNNPACK dots only where our defaults rule.

@@ -13,30 +13,52 @@ import os, sys
 import diffmas_jax
 import jax, jax.numpy as jnp
 hlo = jax.jit(lambda a, b: jax.nn.softmax(a @ b)).lower(jnp.ones((8, 64)), jnp.ones((64, 64))).compile().as_text()
-print(os.environ.get("XLA_FLAGS", ""), "|", "ynn_fusion" in hlo)
+print(os.environ.get("XLA_FLAGS", ""), "|", "ynn_fusion" in hlo, "|", diffmas_jax.CPU_DEFAULTS_APPLIED)
+"""
+# A diffmas_jax process that starts the probe as its child, with its own environment.
+PARENT = """
+import os, subprocess, sys
+import diffmas_jax
+out = subprocess.run([sys.executable, "-c", sys.argv[1]], capture_output=True, text=True)
+print(out.stdout if out.returncode == 0 else out.stderr, end="")
 """
 
 
-def run_probe(**env):
-    full = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "DIFFMAS_JAX_KEEP_XLA_FLAGS")}
+def run_probe(via_parent=False, **env):
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("XLA_FLAGS", "DIFFMAS_JAX_KEEP_XLA_FLAGS", "DIFFMAS_JAX_ADDED_XLA_FLAGS")}
     full.update(env, JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", PROBE], env=full, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-c", PARENT, PROBE] if via_parent else [sys.executable, "-c", PROBE]
+    out = subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    flags, fused = out.stdout.strip().rsplit("|", 1)
-    return flags.strip(), fused.strip() == "True"
+    flags, fused, applied = out.stdout.strip().rsplit("|", 2)
+    return flags.strip(), fused.strip() == "True", applied.strip() == "True"
 
 
 def test_import_turns_off_ynn_fusions_on_cpu():
-    flags, fused = run_probe(XLA_FLAGS="--xla_cpu_enable_fast_math=false")
+    flags, fused, applied = run_probe(XLA_FLAGS="--xla_cpu_enable_fast_math=false")
     assert flags == "--xla_cpu_enable_fast_math=false --xla_cpu_experimental_ynn_fusion_type="
-    assert not fused
+    assert not fused and applied
+
+
+def test_child_of_a_diffmas_jax_process_keeps_the_defaults_in_force():
+    """The child inherits the flag its parent's import added; it is still this project's
+    setting (per-jit YNNPACK dots stay on), not a user's."""
+    flags, fused, applied = run_probe(via_parent=True, XLA_FLAGS="--xla_cpu_enable_fast_math=false")
+    assert flags == "--xla_cpu_enable_fast_math=false --xla_cpu_experimental_ynn_fusion_type="
+    assert not fused and applied
 
 
 def test_user_value_and_opt_out_win():
-    flags, _ = run_probe(XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=dot")
-    assert flags == "--xla_cpu_experimental_ynn_fusion_type=dot"
-    flags, _ = run_probe(DIFFMAS_JAX_KEEP_XLA_FLAGS="1")
-    assert flags == ""
+    flags, _, applied = run_probe(XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=dot")
+    assert flags == "--xla_cpu_experimental_ynn_fusion_type=dot" and not applied
+    # the user's own value of the flag, even equal to ours, is theirs (in a child too)
+    _, _, applied = run_probe(XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=")
+    assert not applied
+    _, _, applied = run_probe(via_parent=True, XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=")
+    assert not applied
+    flags, _, applied = run_probe(DIFFMAS_JAX_KEEP_XLA_FLAGS="1")
+    assert flags == "" and not applied
 
 
 # --------------------------------------------------------------------------- per-jit options
