@@ -46,7 +46,6 @@ def ynn_dot_options(rows: Optional[int] = None) -> dict:
     return dict(YNN_DOTS)
 
 
-
 def use_out_in_kernels(rows: int) -> bool:
     """Whether a per-layer decode loop over ``rows`` rows reads its projection kernels laid out
     [out, in] (``transformer.out_in_kernels``): where its dots go to YNNPACK (two rows up).

@@ -128,6 +128,8 @@ def test_matmul_out_in_keeps_the_kernel_as_left_operand():
     from diffmas_jax.model.transformer import matmul_out_in
     x, w = jax.random.normal(jax.random.PRNGKey(0), (8, 64)), jax.random.normal(jax.random.PRNGKey(1), (96, 64))
     np.testing.assert_allclose(matmul_out_in(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    x3 = x.reshape(2, 4, 64)  # leading axes of any rank
+    np.testing.assert_allclose(matmul_out_in(x3, w), x3 @ w.T, rtol=1e-5, atol=1e-5)
     hlo = jax.jit(matmul_out_in).lower(x, w).compile().as_text()
     assert re.findall(r"f32\[(\d+),(\d+)\][^ ]* dot\(", hlo) == [("96", "8")]
 

@@ -169,15 +169,15 @@ def dense(x, p, lora=None, lora_scale=1.0, dropout: Optional[LoraDropout] = None
 
 
 def matmul_out_in(x, kernel_t):
-    """``x [M, in] @ kernel_t.T`` for a kernel laid out [out, in], computed as the [out, M]
+    """``x [..., in] @ kernel_t.T`` for a kernel laid out [out, in], computed as the [out, ...]
     product and then transposed.
 
     With few rows XLA:CPU streams an [out, in] weight faster as the product's left operand
     (embedded model's layer shapes, 30 products each: at 8 rows 10-35% less time with
     YNNPACK, at one row 0-27% with XLA's emitter; docs/performance.md). The barrier keeps
     XLA's simplifier from folding the transpose back into the slow ``x @ kernel_t.T``."""
-    y_t = jax.lax.dot_general(kernel_t, x, (((1,), (1,)), ((), ())))
-    return jax.lax.optimization_barrier(y_t).T
+    y_t = jax.lax.dot_general(kernel_t, x, (((1,), (x.ndim - 1,)), ((), ())))
+    return jnp.moveaxis(jax.lax.optimization_barrier(y_t), 0, -1)
 
 
 # Projections that read the same input, and the name of their concatenated kernel in a
