@@ -9,7 +9,8 @@ Runs, each in its own process and in this order, writing into one folder:
   bench_kernels.py   the floors: the decode step's matmul chain in XLA and in torch, and the
                      cost of writing fresh memory (what each XLA:CPU run and first run pays)
 (glibc's malloc asking for huge pages, ``diffmas_jax.host_malloc``, unless the caller
-set ``glibc.malloc.hugetlb`` in GLIBC_TUNABLES), then reads their JSON and writes
+set ``glibc.malloc.hugetlb`` in GLIBC_TUNABLES; each once other work has left the CPUs,
+``machine_load.wait_until_quiet``, up to ``--max-wait`` s), then reads their JSON and writes
 ``summary.json`` and ``summary.md``: each target, the
 measured figure, and whether it is met; ``targets.png`` draws each figure against its target
 and ``memory.png`` the pipeline's peak RSS against trace length.
@@ -30,6 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+PACING = "pacing.json"  # bench_all's own record of the wait before each script
 SCRIPTS = ("bench_model", "bench_pipeline", "bench_train", "bench_kernels")
 # issue 8's CPU targets
 TARGETS = {"pipeline": 3.0, "generate_b8": 2.0, "train": 1.3, "train_peak_share": 0.5, "first_call_s": 60.0}
@@ -41,6 +43,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch threads for every script")
     ap.add_argument("--only", default=",".join(SCRIPTS), help="comma list of scripts to run (default: all)")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/all_<date>)")
+    ap.add_argument("--max-wait", type=float, default=90.0,
+                    help="seconds to wait before each script for other work to leave the CPUs (0: do not wait)")
     ap.add_argument("--from-dir", default=None, help="summarise an earlier run's folder without running anything")
     return ap.parse_args(argv)
 
@@ -103,9 +107,10 @@ def summarise(folder: Path) -> dict:
              for k, v in (("pipeline", pipe), ("model", model), ("train", train), ("kernels", kernels)) if v}
     hugetlb = {k: v["machine"].get("glibc_malloc_hugetlb")  # runs before 2026-12-03 22:40 lack it
                for k, v in (("pipeline", pipe), ("model", model), ("train", train), ("kernels", kernels)) if v}
+    pacing = json.loads((folder / PACING).read_text()) if (folder / PACING).exists() else {}
     return dict(rows=rows, memory=memory, memory_runs=(pipe or {}).get("subprocesses", {}),
                 kernels=kernels["rows"] if kernels else None, memory_touch=(kernels or {}).get("memory_touch") or [],
-                load_avg_start=loads, malloc_hugetlb=hugetlb)
+                load_avg_start=loads, malloc_hugetlb=hugetlb, pacing=pacing)
 
 
 def _first_call_rows(add, what: str, res: dict):
@@ -149,6 +154,10 @@ def to_markdown(summary: dict, title: str) -> str:
         md += [f"| {t['hugetlb']} | {t['gb']:.1f} | {t['first_wall_s']:.2f} | {t['later_wall_s']:.2f} |"
                for t in summary["memory_touch"]]
     md += ["", f"Load average at each script's start: {summary['load_avg_start']}"]
+    if summary.get("pacing"):
+        md += ["Other work on the CPUs before each script (cores busy, after waiting up to --max-wait): " +
+               ", ".join(f"{k} {'n/a' if v['cpu_busy_before'] is None else format(v['cpu_busy_before'], '.2f')}"
+                         f" ({v['waited_s']:.0f} s waited)" for k, v in summary["pacing"].items())]
     if any(summary.get("malloc_hugetlb", {}).values()):
         md += [f"glibc.malloc.hugetlb in each script: {summary['malloc_hugetlb']}"]
     return "\n".join(md) + "\n"
@@ -156,6 +165,7 @@ def to_markdown(summary: dict, title: str) -> str:
 
 def main(argv=None):
     from diffmas_jax.host_malloc import with_hugetlb
+    from machine_load import wait_until_quiet
     args = parse_args(argv)
     if args.from_dir:
         folder = Path(args.from_dir)
@@ -163,12 +173,17 @@ def main(argv=None):
         stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
         folder = Path(args.out or HERE / "results" / f"all_{stamp}")
         folder.mkdir(parents=True, exist_ok=True)
+        pacing = {}
         for name in args.only.split(","):
             if name not in SCRIPTS:
                 sys.exit(f"error: unknown script {name!r}; known: {', '.join(SCRIPTS)}")
             cmd = [sys.executable, str(HERE / f"{name}.py"), "--out", str(folder)]
             cmd += ["--quick"] if args.quick else []
             cmd += ["--threads", str(args.threads)] if args.threads else []
+            if args.max_wait > 0:  # the previous script's processes may still be winding down
+                busy, waited = wait_until_quiet(args.max_wait, log=lambda m: print(m, file=sys.stderr, flush=True))
+                pacing[name] = {"cpu_busy_before": busy, "waited_s": waited}
+                (folder / PACING).write_text(json.dumps(pacing, indent=2) + "\n")
             print(f"== {' '.join(cmd)}", file=sys.stderr, flush=True)
             rc = subprocess.run(cmd, cwd=HERE.parent, env=with_hugetlb(os.environ)).returncode
             if rc:

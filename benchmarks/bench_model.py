@@ -127,6 +127,8 @@ def make_prompts(tokenizer, batch: int, length: int):
 def machine_info(args):
     import jax
     from diffmas_jax.host_malloc import hugetlb_setting
+    from machine_load import busy_cores
+    busy = busy_cores(1.0)  # before this process starts any work of its own
     info = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "platform": platform.platform(),
@@ -134,6 +136,7 @@ def machine_info(args):
         "cpu_count": os.cpu_count(),
         "cpu_model": None,
         "load_avg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_busy_start": busy,
         "glibc_malloc_hugetlb": hugetlb_setting(),
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),
@@ -388,8 +391,11 @@ def main(argv=None):
           f"{info['platform']} · jax {info['jax']} ({info['jax_backend']}) · torch {info.get('torch')} "
           f"({threads} threads) · transformers {info.get('transformers')} · "
           f"load avg start/end {fmt(info['load_avg_start'][0]) if info['load_avg_start'] else 'n/a'}"
-          f"/{fmt(info['load_avg_end'][0]) if info['load_avg_end'] else 'n/a'}", "",
-          f"Model: `{Path(m.path).name}`. Medians of {reps} run(s) after a warm-up call. "
+          f"/{fmt(info['load_avg_end'][0]) if info['load_avg_end'] else 'n/a'}", ""]
+    from machine_load import busy_note
+    if busy_note(info):
+        md += [busy_note(info), ""]
+    md += [f"Model: `{Path(m.path).name}`. Medians of {reps} run(s) after a warm-up call. "
           "Ratio = diffmas_jax / transformers throughput (>1: diffmas_jax faster).", "",
           "| measurement | diffmas_jax | transformers (PyTorch) | ratio |",
           "|---|---:|---:|---:|"]

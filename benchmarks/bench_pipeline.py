@@ -371,10 +371,12 @@ def main(argv=None):
     task = get_task("arith", size=64)
     items = task.load("test", limit=max(batches))
     instruction = task.answer_instruction
+    from machine_load import busy_cores
+    busy = busy_cores(1.0)  # before this process starts any work of its own
     info = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
         "python": platform.python_version(), "cpu_count": os.cpu_count(), "cpu_model": None,
-        "load_avg_start": list(os.getloadavg()), "glibc_malloc_hugetlb": hugetlb_setting(), "quick": q,
+        "load_avg_start": list(os.getloadavg()), "cpu_busy_start": busy, "glibc_malloc_hugetlb": hugetlb_setting(), "quick": q,
         "torch_threads": threads, "model": str(model_dir),
         "dtype": "float32"}
     try:
@@ -449,9 +451,9 @@ def main(argv=None):
           f"{info['platform']} · jax {info.get('jax')} ({info.get('jax_backend')}) · torch {info.get('torch')} "
           f"({threads} threads) · transformers {info.get('transformers')} · load avg start/end "
           f"{fmt(la0[0])}/{fmt(la1[0])}", ""]
-    if la0[0] > 0.8 * (os.cpu_count() or 1):
-        md += [f"**Busy machine** (load {la0[0]:.1f} on {os.cpu_count()} CPUs): figures are noisy; PyTorch's "
-               "OpenMP threads in particular slow down badly when cores are oversubscribed.", ""]
+    from machine_load import busy_note
+    if busy_note(info):
+        md += [busy_note(info), ""]
     md += [f"Model: `{Path(model_dir).name}`. Agents {', '.join(ROLES)}; m={m_steps} latent steps per upstream "
            f"agent; `arith` test questions; greedy. Latency = wall time from questions to token ids "
            f"(tokenization included), median of {reps} run(s) after a first call (EOS rows: {eos_reps} run(s), "

@@ -334,9 +334,9 @@ def main(argv=None):
           f"{info['platform']} · jax {info['jax']} ({info['jax_backend']}) · torch {info.get('torch')} "
           f"({threads} threads) · transformers {info.get('transformers')} · "
           f"load avg start/end {fmt(la0[0]) if la0 else 'n/a'}/{fmt(la1[0]) if la1 else 'n/a'}", ""]
-    if la0 and la0[0] > 0.8 * (os.cpu_count() or 1):
-        md += [f"**Busy machine** (load {la0[0]:.1f} on {os.cpu_count()} CPUs): figures are noisy; PyTorch's "
-               "OpenMP threads in particular slow down badly when cores are oversubscribed.", ""]
+    from machine_load import busy_note
+    if busy_note(info):
+        md += [busy_note(info), ""]
     md += [f"Model: `{Path(mdl.path).name}`. K={k} upstream agents x ({t_up}-token prompt + m={m_steps} latent "
           f"steps), solver {t_sol} tokens of which {n_tgt} target; LoRA r={args.rank}, alpha={2 * args.rank}, "
           f"q,k,v,o,gate,up,down; AdamW + clip 1.0. Tokens/step = B x (K x (prompt + m) + solver). "

@@ -77,6 +77,9 @@ def test_pipeline_memory_sweep_and_summary_plots(tmp_path, embedded):
     assert "| B=2, N=12 |" in md and "N = 12 ran once" in md
     assert next(out.glob("pipeline_*_memory.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    busy = report["machine"]["cpu_busy_start"]  # other work at the start, sampled from /proc/stat
+    assert busy is None if not Path("/proc/stat").exists() else 0.0 <= busy <= report["machine"]["cpu_count"]
+    (out / "pacing.json").write_text(json.dumps({"bench_pipeline": {"cpu_busy_before": 0.12, "waited_s": 4.0}}))
     r = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_all.py"), "--from-dir", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -93,6 +96,8 @@ def test_pipeline_memory_sweep_and_summary_plots(tmp_path, embedded):
     assert mem["torch_B2_N12"]["slots_per_row"] == mem["jax_B2_N12"]["slots_per_row"] > mem["jax_B2_N4"]["slots_per_row"]
     for png in ("targets.png", "memory.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["pacing"]["bench_pipeline"]["waited_s"] == 4.0
+    assert "bench_pipeline 0.12 (4 s waited)" in (out / "summary.md").read_text()
 
 
 def test_memory_series_places_torch_runs_at_the_jax_trace_length():

@@ -91,7 +91,7 @@ def test_bench_all_starts_every_script_with_the_tunable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench_all.subprocess, "run", fake_run)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    bench_all.main(["--out", str(tmp_path / "a"), "--only", "bench_model,bench_kernels"])
+    bench_all.main(["--out", str(tmp_path / "a"), "--only", "bench_model,bench_kernels", "--max-wait", "0"])
     assert started == [("bench_model", HUGETLB), ("bench_kernels", HUGETLB)]
     started.clear()
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")

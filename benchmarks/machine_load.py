@@ -1,0 +1,79 @@
+"""How busy the CPUs are right now, for labelling and pacing benchmark runs.
+
+The 1-minute load average lags: right after one benchmark script ends it still reads about
+2 on this 2-core machine, and the next script used to flag itself "busy" while nothing else
+ran (2026-12-06: the train script started at load 2.06 a second after the pipeline script's
+last child exited). ``busy_cores`` instead samples ``/proc/stat`` over a short window while the
+caller sleeps: the cores that *other* work keeps busy now. ``bench_all.py`` waits for that to
+drop before starting each script, and the scripts flag a busy machine by it (by the load
+average only where ``/proc/stat`` is missing).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+PROC_STAT = Path("/proc/stat")
+BUSY_CORES = 0.5      # others using half a core or more: the run's figures are flagged
+QUIET_CORES = 0.25    # bench_all starts the next script once others use less than this
+
+
+def cpu_jiffies(stat: Path = PROC_STAT) -> Optional[tuple]:
+    """(busy, total) jiffies summed over all CPUs, or None where /proc/stat is unreadable."""
+    try:
+        fields = stat.read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    values = [int(v) for v in fields[1:9]]      # user nice system idle iowait irq softirq steal
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+def busy_cores(seconds: float = 1.0, stat: Path = PROC_STAT, cpus: Optional[int] = None) -> Optional[float]:
+    """Cores kept busy over the next ``seconds`` (this process sleeps meanwhile), or None."""
+    first = cpu_jiffies(stat)
+    if first is None:
+        return None
+    time.sleep(seconds)
+    second = cpu_jiffies(stat)
+    if second is None or second[1] <= first[1]:
+        return None
+    share = (second[0] - first[0]) / (second[1] - first[1])
+    return round(share * (cpus or os.cpu_count() or 1), 3)
+
+
+def wait_until_quiet(max_wait_s: float = 90.0, threshold: float = QUIET_CORES, window: float = 2.0,
+                     log: Callable[[str], None] = print, sample: Callable[[float], Optional[float]] = busy_cores):
+    """Sleep until other work uses under ``threshold`` cores (or ``max_wait_s`` passed).
+
+    Returns (the last busy-cores sample or None, seconds waited)."""
+    start = time.monotonic()
+    busy = sample(window)
+    while busy is not None and busy >= threshold and time.monotonic() - start < max_wait_s:
+        log(f"waiting for a quiet machine: {busy:.2f} cores busy")
+        busy = sample(window)
+    return busy, round(time.monotonic() - start, 1)
+
+
+def busy_note(info: dict) -> Optional[str]:
+    """The report's "busy machine" line for a script's ``machine`` info, or None when quiet.
+
+    Judged by ``cpu_busy_start`` (``busy_cores`` at the script's start); runs recorded
+    without it, or where it could not be read, fall back to the 1-minute load average."""
+    cpus = info.get("cpu_count") or os.cpu_count() or 1
+    busy = info.get("cpu_busy_start")
+    if busy is not None:
+        if busy < BUSY_CORES:
+            return None
+        what = f"{busy:.2f} of {cpus} cores busy with other work at the start"
+    else:
+        load = (info.get("load_avg_start") or [None])[0]
+        if load is None or load <= 0.8 * cpus:
+            return None
+        what = f"load {load:.1f} on {cpus} CPUs"
+    return (f"**Busy machine** ({what}): figures are noisy; PyTorch's OpenMP threads in particular "
+            "slow down badly when cores are oversubscribed.")
