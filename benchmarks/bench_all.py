@@ -32,6 +32,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 PACING = "pacing.json"  # bench_all's own record of the wait before each script
+from machine_load import wait_until_quiet  # noqa: E402
+
 SCRIPTS = ("bench_model", "bench_pipeline", "bench_train", "bench_kernels")
 # issue 8's CPU targets
 TARGETS = {"pipeline": 3.0, "generate_b8": 2.0, "train": 1.3, "train_peak_share": 0.5, "first_call_s": 60.0}
@@ -165,7 +167,6 @@ def to_markdown(summary: dict, title: str) -> str:
 
 def main(argv=None):
     from diffmas_jax.host_malloc import with_hugetlb
-    from machine_load import wait_until_quiet
     args = parse_args(argv)
     if args.from_dir:
         folder = Path(args.from_dir)

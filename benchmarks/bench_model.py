@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from machine_load import busy_cores, busy_note  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -127,8 +129,7 @@ def make_prompts(tokenizer, batch: int, length: int):
 def machine_info(args):
     import jax
     from diffmas_jax.host_malloc import hugetlb_setting
-    from machine_load import busy_cores
-    busy = busy_cores(1.0)  # before this process starts any work of its own
+    busy = busy_cores(1.0)  # other work only: this process sleeps while it samples
     info = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "platform": platform.platform(),
@@ -392,9 +393,8 @@ def main(argv=None):
           f"({threads} threads) · transformers {info.get('transformers')} · "
           f"load avg start/end {fmt(info['load_avg_start'][0]) if info['load_avg_start'] else 'n/a'}"
           f"/{fmt(info['load_avg_end'][0]) if info['load_avg_end'] else 'n/a'}", ""]
-    from machine_load import busy_note
-    if busy_note(info):
-        md += [busy_note(info), ""]
+    note = busy_note(info)
+    md += [note, ""] if note else []
     md += [f"Model: `{Path(m.path).name}`. Medians of {reps} run(s) after a warm-up call. "
           "Ratio = diffmas_jax / transformers throughput (>1: diffmas_jax faster).", "",
           "| measurement | diffmas_jax | transformers (PyTorch) | ratio |",

@@ -49,6 +49,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_model import fmt, log, median_time, ratio, timed_first, timed_first_split  # noqa: E402
+from machine_load import busy_cores, busy_note  # noqa: E402
 
 ROLES = ("planner", "critic", "refiner", "solver")
 
@@ -371,8 +372,7 @@ def main(argv=None):
     task = get_task("arith", size=64)
     items = task.load("test", limit=max(batches))
     instruction = task.answer_instruction
-    from machine_load import busy_cores
-    busy = busy_cores(1.0)  # before this process starts any work of its own
+    busy = busy_cores(1.0)  # other work only: this process sleeps while it samples
     info = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
         "python": platform.python_version(), "cpu_count": os.cpu_count(), "cpu_model": None,
@@ -451,9 +451,8 @@ def main(argv=None):
           f"{info['platform']} · jax {info.get('jax')} ({info.get('jax_backend')}) · torch {info.get('torch')} "
           f"({threads} threads) · transformers {info.get('transformers')} · load avg start/end "
           f"{fmt(la0[0])}/{fmt(la1[0])}", ""]
-    from machine_load import busy_note
-    if busy_note(info):
-        md += [busy_note(info), ""]
+    note = busy_note(info)
+    md += [note, ""] if note else []
     md += [f"Model: `{Path(model_dir).name}`. Agents {', '.join(ROLES)}; m={m_steps} latent steps per upstream "
            f"agent; `arith` test questions; greedy. Latency = wall time from questions to token ids "
            f"(tokenization included), median of {reps} run(s) after a first call (EOS rows: {eos_reps} run(s), "

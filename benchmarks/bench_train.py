@@ -38,6 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_model import fmt, log, machine_info, median_time, ratio, timed_first, timed_first_split  # noqa: E402
+from machine_load import busy_note  # noqa: E402
 from flops import FORMULA, IMPLEMENTATION, conventional_6n, dot_flops, linear_params, step_flops  # noqa: E402
 
 ROLES = ("planner", "critic", "refiner", "math", "science", "code")
@@ -334,9 +335,8 @@ def main(argv=None):
           f"{info['platform']} · jax {info['jax']} ({info['jax_backend']}) · torch {info.get('torch')} "
           f"({threads} threads) · transformers {info.get('transformers')} · "
           f"load avg start/end {fmt(la0[0]) if la0 else 'n/a'}/{fmt(la1[0]) if la1 else 'n/a'}", ""]
-    from machine_load import busy_note
-    if busy_note(info):
-        md += [busy_note(info), ""]
+    note = busy_note(info)
+    md += [note, ""] if note else []
     md += [f"Model: `{Path(mdl.path).name}`. K={k} upstream agents x ({t_up}-token prompt + m={m_steps} latent "
           f"steps), solver {t_sol} tokens of which {n_tgt} target; LoRA r={args.rank}, alpha={2 * args.rank}, "
           f"q,k,v,o,gate,up,down; AdamW + clip 1.0. Tokens/step = B x (K x (prompt + m) + solver). "
