@@ -108,10 +108,9 @@ def summarize(trace_dir: str, top: int = 30, steps: int = 1) -> dict:
     total = sum(by_kernel.values())
     span_ms = (last - first) / 1e6 / steps if last > first else 0.0
     pool_ms = pool_ns / 1e6 / steps
-    busy_ms = pool_ms if pool_ms > total else total
     return {"planes": [p.name for p in planes], "lines_ms": dict(by_line.most_common(12)), "total_ms": total,
             "span_ms": span_ms, "pool_ms": pool_ms, "unattributed_ms": max(pool_ms - total, 0.0),
-            "busy_threads": busy_ms / span_ms if span_ms else 0.0,
+            "busy_threads": max(pool_ms, total) / span_ms if span_ms else 0.0,
             "kernels_ms": [(k, round(v, 3), count[k] // steps) for k, v in by_kernel.most_common(top)],
             "ops_ms": [(k, round(v, 3)) for k, v in by_op.most_common(top)],
             "families_ms": [(k, round(v, 3), family_calls[k]) for k, v in by_family.most_common(top)],
