@@ -3,7 +3,8 @@
 A reasoning model: it always thinks (the template opens <think>), so answers are
 long. About 61 GiB of bfloat16 weights: it needs a slice, e.g.
 --config.mesh_preset=v5e-16, v5p-8 or gpu-8 (the estimate printed at startup says
-whether batch_size and max_new_tokens fit; on v5e-8 lower batch_size to 2).
+whether batch_size and max_new_tokens fit; batch_size 2 at 32768 new tokens is
+about 10 GiB of v5e-8's 16 GiB per chip).
 """
 from diffmas_jax.config_utils import eval_config
 

@@ -45,7 +45,7 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
     c.receiver = config_dict.placeholder(str)  # method c2c: the answering model; None: model
     c.sharer = config_dict.placeholder(str)  # method c2c: None = the receiver (identical setting)
     # method
-    c.method = "latent_mas"                  # single | text_mas | latent_mas | stitch_mas | diffmas
+    c.method = "latent_mas"                  # single | text_mas | latent_mas | stitch_mas | diffmas | c2c
     c.layout = "sequential"                  # sequential | hierarchical
     c.roles = config_dict.placeholder(str)   # "planner,critic,solver": overrides the layout
     c.latent_steps = "10"                    # one value, or one per upstream agent: "10,10,10"
@@ -195,7 +195,11 @@ def resolve(config) -> dict:
         if not Path(cfg["lora"]).expanduser().exists():
             raise UserError(f"lora adapter {cfg['lora']} not found")
         cfg["lora"] = _abs_if_local(cfg["lora"])
-    if cfg["data_dir"] is not None:
+    from diffmas_jax.tasks import is_generated
+    if isinstance(cfg["data_dir"], str) and cfg["data_dir"].strip().lower() in ("", "none"):
+        cfg["data_dir"] = None  # --config.data_dir=None: a config's local copies off, the Hub instead
+    # A generated task (arith, comm) reads no files: a config's default data_dir need not exist.
+    if cfg["data_dir"] is not None and not is_generated(cfg["task"]):
         d = Path(cfg["data_dir"]).expanduser()
         if not d.is_dir():
             raise UserError(f"data_dir {cfg['data_dir']} does not exist or is not a directory")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from diffmas_jax.cli import UserError, run_cli
+from diffmas_jax.cli import UserError, enable_compilation_cache, run_cli
 
 
 def parse_args(argv=None):
@@ -41,6 +41,7 @@ def main(argv=None) -> int:
         resolve_dtype(args.dtype)
     except ValueError as e:
         raise UserError(str(e)) from None
+    enable_compilation_cache()  # a repeated command then skips most of its compile
     model = load_model(args.model, dtype=args.dtype)
     chats = [([{"role": "system", "content": args.system}] if args.system else [])
              + [{"role": "user", "content": p}] for p in args.prompt]

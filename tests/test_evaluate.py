@@ -178,6 +178,15 @@ def test_config_resolution():
     mc = ev.method_config(cfg)
     assert [a.latent_steps for a in mc.agents()] == [4, 8, 16, 0]
     assert config_utils.resolve(config_utils.eval_config(latent_steps=0))["latent_steps"] == 0
+    # generated tasks read no files, so a default data_dir that is absent here (a clone
+    # without ../shared) does not stop them; a task that reads files still refuses it
+    absent = str(DATA_DIR.parent / "no_such_data_dir")
+    for task in ("arith", "comm"):
+        assert config_utils.resolve(config_utils.eval_config(task=task, data_dir=absent))["task"] == task
+    with pytest.raises(UserError, match="data_dir .* does not exist"):
+        config_utils.resolve(config_utils.eval_config(task="gsm8k", data_dir=absent))
+    for off in ("None", ""):  # what --config.data_dir=None / = give: the Hub instead of local copies
+        assert config_utils.resolve(config_utils.eval_config(task="gsm8k", data_dir=off))["data_dir"] is None
     for bad, msg in ((dict(limit=0), "limit"), (dict(batch_size=-1), "batch_size"), (dict(top_p=0.0), "top_p"),
                      (dict(latent_steps="a,b"), "latent_steps"), (dict(realign="x"), "realign"),
                      (dict(lora="/nonexistent/adapter"), "lora is set with method 'latent_mas'")):

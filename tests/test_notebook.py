@@ -79,6 +79,10 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
         assert s["complete"] and s["n"] == 4 and s["config"]["method"] == method
         assert s["config"]["model"] == overrides["MODEL"] and s["config"]["roles"] == ["planner", "solver"]
     assert ns["results"]["diffmas"]["config"]["lora"] == str(runs / "train" / "adapter")
+    # the adapter is trained on the prompts it is evaluated on: same thinking switch
+    trained = json.loads((runs / "train" / "config.json").read_text())
+    assert trained["enable_thinking"] is False
+    assert all(s["config"]["enable_thinking"] is False for s in ns["results"].values())
     assert (runs / "train" / "adapter" / "adapter.json").exists()
     rows = ns["table"].splitlines()
     assert len(rows) == 4 and rows[2].startswith("| latent_mas |") and rows[3].startswith("| diffmas |")

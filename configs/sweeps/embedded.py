@@ -19,6 +19,7 @@ Grids (cells shared between grids run once):
   trace_grad    DiffMAS with trace_grad = full, m = 10 (arc_easy)
   stitch        StitchMAS, m = 10, planner -> critic -> solver (arc_easy)
   overwrite     LatentMAS and DiffMAS (full), concat and overwrite, planner -> critic -> solver (arc_easy)
+  c2c           C2C between planner and solver: a trained cache fuser (arc_easy)
 
 Rough cost on a 2-core CPU (from the baseline and demo runs, other jobs sharing it):
 evaluation 4-9 s per question (arc_easy, 100 questions; gsm8k, 40 with 160 new

@@ -3,10 +3,12 @@
 Covers llama, qwen2, qwen3 and mistral: RMSNorm, rope (HF split-half layout,
 so no q/k permutation), grouped-query attention, optional qkv bias and q/k
 norm, SwiGLU MLP. Layers are stacked on a leading axis and run under
-``lax.scan`` so compile time does not grow with depth. Keys and values are
-written into the KV trace (carried through the scan so XLA updates it in
-place) and attention reads the trace with a mask built from slot validity,
-causality, visibility and the sliding window.
+``lax.scan`` so compile time does not grow with depth. Inside the scan the KV
+trace is only read: attention sees it with a mask built from slot validity,
+causality, visibility and the sliding window, and each layer emits the chunk's
+keys and values, written into the trace once after the scan with one
+``dynamic_update_slice`` (in place under jit). Per-layer params (``per_layer``)
+run the layers in a Python loop instead (decode loops on a CPU).
 
 LoRA is a separate pytree: ``forward(..., lora=tree, lora_scale=alpha/r)``
 adds ``scale * (x A) B`` to the targeted projections without touching params.

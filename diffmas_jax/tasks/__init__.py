@@ -38,7 +38,8 @@ TASK_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
 def get_task(name: str, **options) -> Task:
     """A task by name. Options: jsonl takes path= and kind=; code tasks take
-    timeout_s= and memory_mb=; the others take none."""
+    timeout_s= and memory_mb=; arith takes size= and seed=; comm takes size=, seed=,
+    n_facts= and op=; the others take none."""
     key = str(name).strip().lower().replace("-", "_")
     if key not in _FACTORIES:
         raise TaskError(f"unknown task {name!r}; known: {', '.join(TASK_NAMES)}")
@@ -53,4 +54,9 @@ def get_task(name: str, **options) -> Task:
     return factory(**options)
 
 
-__all__ = ["Item", "Task", "TaskError", "TASK_NAMES", "get_task"]
+def is_generated(name: str) -> bool:
+    """Whether the task makes its items in code (reads no data_dir); False for unknown names."""
+    return bool(getattr(_FACTORIES.get(str(name).strip().lower().replace("-", "_")), "generated", False))
+
+
+__all__ = ["Item", "Task", "TaskError", "TASK_NAMES", "get_task", "is_generated"]

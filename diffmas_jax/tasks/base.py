@@ -181,6 +181,7 @@ class Task:
     splits: tuple[str, ...] = ("test",)
     hub: tuple[str, str | None] | None = None     # (dataset id, config)
     hub_splits: dict[str, str] = {}               # our split -> Hub split name
+    generated: bool = False                       # items made by code: no data_dir, no Hub
     unique_source_ids: bool = True                # False: ids are positions
 
     def __init__(self, **options):

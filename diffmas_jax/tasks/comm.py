@@ -48,6 +48,7 @@ def make_problem(rng: random.Random, n_facts: int, op: str) -> tuple[str, str, s
 
 class Communication(Task):
     name = "comm"
+    generated = True
     numeric = True
     splits = ("train", "test")
 

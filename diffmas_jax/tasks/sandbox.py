@@ -6,7 +6,11 @@ Layers, strongest first:
    (and world-writable dirs, which are swept afterwards), cannot signal other
    users' processes, and RLIMIT_NPROC (not enforced for root) caps fork bombs.
    If the interpreter lives somewhere that uid cannot read (e.g. under /root), the
-   child keeps only CAP_DAC_READ_SEARCH (read-only access) so imports still work.
+   child first tries a private mount namespace: an empty tmpfs over each closed
+   directory with the interpreter's own tree bound back read-only, private /tmp,
+   /var/tmp and /dev/shm, and a tmpfs working directory capped at ``disk_mb``. Only
+   where mounts are not permitted does it keep CAP_DAC_READ_SEARCH (read-only
+   access past permissions) so imports still work.
 2. A fresh network namespace (no interfaces) when unshare is permitted.
 3. rlimits: address space, CPU, processes, file size, open files, no core files.
 4. A prelude that disables process control, subprocesses, sockets and file

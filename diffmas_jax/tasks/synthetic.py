@@ -42,6 +42,7 @@ def make_problem(rng: random.Random) -> tuple[str, str, str]:
 
 class Arithmetic(Task):
     name = "arith"
+    generated = True
     numeric = True
     splits = ("train", "test")
 
