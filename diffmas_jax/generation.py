@@ -178,12 +178,23 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, length: Optional[int] 
 
 
 def chat_ids(tokenizer, messages: list[dict], enable_thinking: Optional[bool] = None) -> list[int]:
-    """Token ids of a chat, ending with the assistant turn's opening."""
+    """Token ids of a chat, ending with the assistant turn's opening.
+
+    A tokenizer without a chat template (a base model) gets a plain transcript instead:
+    "System: ...", "User: ...", "Assistant: ..." paragraphs ending with "Assistant:"."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return plain_chat_ids(tokenizer, messages)
     kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
     if hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(ids)
+
+
+def plain_chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """A chat as a plain-text transcript, for base models whose tokenizer has no chat template."""
+    text = "".join(f"{m['role'].capitalize()}: {m['content'].strip()}\n\n" for m in messages) + "Assistant:"
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
 def eos_ids_of(tokenizer, cfg: ModelConfig) -> tuple:

@@ -91,7 +91,7 @@ def solver_visibility(mc: MethodConfig, k: int, total_latent: int) -> Optional[V
     own = make_visibility(segments=[k])
     if total_latent == 0 and not mc.solver_reads_trace:
         return own
-    upstream = list(range(k)) if mc.communication == "concat" else [k - 1]
+    upstream = list(range(k)) if mc.communication == "concat" else [k - 1][:k]  # k = 0: no upstream agent
     kinds = [LATENT] if mc.visibility == "latent_only" else None
     if not upstream:
         return own
@@ -207,7 +207,9 @@ def speak_upstream(model, questions, mc: MethodConfig, lora=None, lora_scale: fl
 def _text_mas(model, questions, answer_instruction, mc, lora, lora_scale, seed) -> BatchResult:
     """Upstream agents speak; the solver reads all of their text."""
     solver = mc.agents()[-1]
-    notes, prompt_tokens, written = speak_upstream(model, questions, mc, lora, lora_scale, seed)
+    # An adapter with text_mas is a TextMAS+SFT adapter: trained on the solver reading notes the
+    # base model wrote (train.upstream_notes), so the upstream agents speak without it here too.
+    notes, prompt_tokens, written = speak_upstream(model, questions, mc, None, lora_scale, seed)
     chats = [agent_messages(solver, q, answer_instruction=answer_instruction, is_solver=True, notes=notes[i])
              for i, q in enumerate(questions)]
     prompt_tokens = prompt_tokens + [len(render_chat(model.tokenizer, c, mc.enable_thinking)) for c in chats]

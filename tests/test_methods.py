@@ -108,6 +108,45 @@ def test_visibility_rules():
     assert blind[3].all() and not blind[:3].any()
 
 
+def test_overwrite_without_upstream_agents(tiny_chat):
+    # no upstream agent: the solver sees its own segment, as with concat
+    for method, roles in (("single", None), ("latent_mas", ("solver",))):
+        kw = {} if roles is None else dict(roles=roles)
+        over = run(tiny_chat, method, qs=QS[:1], communication="overwrite", **kw)
+        concat = run(tiny_chat, method, qs=QS[:1], **kw)
+        assert over.records[0]["generated_ids"] == concat.records[0]["generated_ids"]
+
+
+def test_text_mas_adapter_reads_base_model_notes(tiny_chat):
+    """A TextMAS+SFT adapter is trained on notes the base model wrote (train.upstream_notes), so
+    in evaluation only the solver uses it: the upstream notes are the base model's."""
+    import jax
+    from diffmas_jax.lora import LoraConfig, init_lora
+    from diffmas_jax.methods import speak_upstream
+    lcfg = LoraConfig(rank=4, alpha=8.0)
+    lora = init_lora(tiny_chat.cfg, lcfg, jax.random.PRNGKey(0))
+    lora = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(1), x.shape), lora)
+    mc = MethodConfig(method="text_mas", roles=("planner", "solver"), text_max_new_tokens=6, max_new_tokens=4)
+    base_notes, _, _ = speak_upstream(tiny_chat, QS[:1], mc)
+    adapted_notes, _, _ = speak_upstream(tiny_chat, QS[:1], mc, lora, lcfg.scale)
+    assert base_notes != adapted_notes  # the adapter does change what an agent writes
+    with_adapter = run_batch(tiny_chat, QS[:1], INSTR, mc, lora=lora, lora_scale=lcfg.scale)
+    without = run_batch(tiny_chat, QS[:1], INSTR, mc)
+    assert with_adapter.records[0]["notes"] == [t for _, t in base_notes[0]] == without.records[0]["notes"]
+    assert with_adapter.records[0]["generated_ids"] != without.records[0]["generated_ids"]  # the solver uses it
+
+
+def test_chat_without_template_is_a_plain_transcript(tiny_chat):
+    from transformers import AutoTokenizer
+    from diffmas_jax.agents import agent_messages, render_chat
+    tok = AutoTokenizer.from_pretrained(tiny_chat.tokenizer.name_or_path)
+    tok.chat_template = None  # a base model
+    msgs = agent_messages(build_agents()[0], "What is 2+2?")
+    text = tok.decode(render_chat(tok, msgs))
+    assert text.startswith("System: ") and "\n\nUser: " in text and "What is 2+2?" in text
+    assert text.endswith("Assistant:")
+
+
 def test_bad_method_config():
     with pytest.raises(ValueError, match="unknown method 'latentmas'"):
         MethodConfig(method="latentmas").validate()

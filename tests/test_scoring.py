@@ -94,6 +94,14 @@ def test_extract_last_number(text, expected):
     ("\\boxed{18", "18", True),        # truncated box: falls back to the last number
     ("**Final answer:** 18", "18", True),
     ("So the answer is \\(\\frac{3}{4}\\).", "0.75", True),
+    ("\\boxed{\\text{1,000}}", "1000", True),   # a text / bold wrapper around the whole answer
+    ("\\boxed{\\textbf{1,000}}", "1000", True),
+    ("\\boxed{\\mathbf{18}}", "18", True),
+    ("\\boxed{\\text{18 dollars}}", "18", True),
+    ("\\boxed{\\text{19}}", "18", False),
+    ("The answer is \u22125.", "5", False),        # U+2212 minus keeps its sign
+    ("It drops to \u22123 degrees", "-3", True),
+    ("\\boxed{\u22125}", "-5", True),
 ])
 def test_numeric_tasks(text, gold, ok):
     pred = S.extract_math(text, numeric=True)
@@ -222,6 +230,20 @@ def test_extract_code():
     assert S.extract_code("def g(): pass") == "def g(): pass"
     assert S.extract_code("sure\n```python\ndef h():\n    return 3") == "def h():\n    return 3"
     assert S.extract_code("") == ""
+
+
+def test_extract_code_prefers_the_block_defining_the_entry_point():
+    solution = "import math\n\ndef area(r):\n    return helper(r) * math.pi"
+    helper = "def helper(r):\n    return r * r"
+    usage = "print(area(2))\nassert area(1) == 4"  # a wrong usage example after the solution
+    text = f"```python\n{helper}\n```\nThen:\n```python\n{solution}\n```\nUsage:\n```python\n{usage}\n```"
+    assert S.extract_code(text) == usage  # without the entry point: the last block
+    assert S.extract_code(text, "area") == f"{helper}\n\n{solution}"  # helpers kept, usage dropped
+    # an earlier block with statements besides definitions is not run first
+    text = f"```python\nx = area(3)\n```\n```python\n{solution}\n```\n```python\n{usage}\n```"
+    assert S.extract_code(text, "area") == solution
+    # no block defines it (a body-only completion): the last block, as before
+    assert S.extract_code(text, "volume") == usage
 
 
 def test_costly_inputs_are_fast_off_main_thread():

@@ -131,6 +131,10 @@ def test_code_reference_solutions_pass(name):
     for it in items:
         res = task.score(it, "Here you go:\n" + it.target)
         assert res["correct"], (it.id, res["status"], res["stderr"])
+        # a usage example after the solution (one that would fail if run alone) is not what is scored
+        usage = f"Example:\n```python\nprint({it.meta['entry_point']}())\n```"
+        res = task.score(it, "Here you go:\n" + it.target + "\n" + usage)
+        assert res["correct"], (it.id, res["status"], res["stderr"])
     wrong = f"```python\ndef {items[0].meta['entry_point']}(*args, **kwargs):\n    return None\n```"
     res = task.score(items[0], wrong)
     assert not res["correct"] and res["status"] == "failed"

@@ -25,7 +25,7 @@ class CodeTask(Task):
         raise NotImplementedError
 
     def score(self, item: Item, text: str) -> dict:
-        code = extract_code(text or "")
+        code = extract_code(text or "", item.meta.get("entry_point"))
         if not code.strip():
             return {"prediction": code, "correct": False, "status": "empty"}
         res = run_code(self.program(item, code), timeout_s=self.timeout_s,

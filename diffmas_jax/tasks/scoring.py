@@ -76,6 +76,7 @@ def extract_boxed(text: str) -> str | None:
 
 # ------------------------------------------------------------------------ numbers
 
+UNICODE_MINUS = "\u2212"  # what many tokenizers and LaTeX-to-text outputs write for "-"
 _NUM_TOKEN = re.compile(
     r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|(?<![\w.])-?\.\d+")
 _FRAC_RE = re.compile(r"^(-?)\\[dt]?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}$")
@@ -88,6 +89,9 @@ def _strip_decoration(s: str) -> str:
     """Remove money/percent/unit decoration around a number: "$1,000.00 dollars" -> "1,000.00"."""
     s = s.strip().strip("$").strip()
     s = re.sub(r"^\\\(|\\\)$", "", s).strip()
+    # a wrapper around the whole answer: \text{1,000}, \textbf{18 dollars}, \mathbf{5}
+    while (m := re.fullmatch(r"\\(?:text|textbf|mathbf|mathrm|mbox)\s*\{([^{}]*)\}", s)):
+        s = m.group(1).strip()
     s = s.replace("\\$", "").replace("\\%", "").replace("%", "").replace("\\!", "")
     s = re.sub(r"\^\{?\\circ\}?", "", s)
     s = s.replace("\\,", "").replace("{,}", ",")
@@ -107,7 +111,7 @@ def parse_number(s: str | None) -> Fraction | None:
     """
     if s is None:
         return None
-    s = _strip_decoration(str(s))
+    s = _strip_decoration(str(s).replace(UNICODE_MINUS, "-"))
     if not s or len(s) > 64:
         return None
     m = _FRAC_RE.match(s.replace(" ", ""))
@@ -188,6 +192,7 @@ def extract_answer_phrase(text: str) -> str | None:
 def extract_math(text: str, numeric: bool = False) -> str:
     """Prediction for a math answer: last box, else "answer is X", else (numeric
     tasks only) the last number in the text. "" when nothing is found."""
+    text = text.replace(UNICODE_MINUS, "-")  # "−5" must not be read as 5
     boxed = extract_boxed(text)
     if boxed is not None:
         return boxed
@@ -450,16 +455,38 @@ def extract_choice(text: str, choices: Sequence[str] = (), n_options: int | None
 
 # --------------------------------------------------------------------------- code
 
+def _only_definitions(code: str) -> bool:
+    """Whether a block is nothing but imports, functions and classes (safe to run first)."""
+    import ast
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return False
+    kinds = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    return bool(tree.body) and all(isinstance(node, kinds) for node in tree.body)
+
+
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 
 
-def extract_code(text: str) -> str:
+def extract_code(text: str, entry_point: str | None = None) -> str:
     """The last ```python block (else the last fenced block; else an unclosed
-    trailing ```python block; else the whole text)."""
+    trailing ```python block; else the whole text).
+
+    With ``entry_point``, the last block that defines that function wins, so a usage
+    example after the solution is not what gets scored; earlier blocks holding only
+    imports, functions and classes (helpers) are kept before it."""
     if not text:
         return ""
     blocks = _FENCE.findall(text)
     py = [body for lang, body in blocks if lang.lower() in ("python", "py", "python3")]
+    if entry_point and (py or blocks):
+        bodies = py or [body for _, body in blocks]
+        defines = re.compile(rf"^\s*(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", re.MULTILINE)
+        hits = [i for i, body in enumerate(bodies) if defines.search(body)]
+        if hits:
+            helpers = [b.strip("\n") for b in bodies[:hits[-1]] if _only_definitions(b)]
+            return "\n\n".join(helpers + [bodies[hits[-1]].strip("\n")])
     if py:
         return py[-1].strip("\n")
     if blocks:
