@@ -21,6 +21,10 @@ coincide across grids run once. Each cell gets
 <agents> is the roles joined by '-' ("planner-solver"), 'layout' (the configs' layout)
 or 'solo' (Single and Single+SFT, where the roles do not matter).
 
+Before anything runs (also with --dry-run) the plan checks the methods and tasks, the
+eval fields (config_utils.eval_config's) and the train fields (those of the train config
+file the sweep names): a typo is one error line, never a failure after training.
+
 A cell whose eval/summary.json is complete (for the same config) is skipped; one that is
 missing or incomplete runs again (training and evaluation both resume where they
 stopped). ``--shard i/n`` takes every n-th cell starting at i (a fixed split of the whole
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib.util
 import itertools
 import json
@@ -150,8 +155,83 @@ def _dict(cfg, name) -> dict:
     return v.to_dict() if hasattr(v, "to_dict") else dict(v)
 
 
+def _close(word, choices) -> str:
+    """' (did you mean 'x'?)' for a near miss, else ''."""
+    m = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f" (did you mean {m[0]!r}?)" if m else ""
+
+
+def _unknown(what: str, value, known, where: str = "", of: str = "") -> UserError:
+    """One line: where the bad value came from, the value, the close match (or the known values)."""
+    known = list(known)
+    hint = _close(value, known)
+    return UserError(f"{where}unknown {what} {value!r}{of}{hint}" + ("" if hint else f"; known: {', '.join(known)}"))
+
+
+def config_file(config, field: str) -> str:
+    """The absolute path of a config file the sweep config names (relative to the cwd, else the repo)."""
+    value = config.get(field) if hasattr(config, "get") else None
+    if not value:
+        raise UserError(f"the sweep config has no {field}")
+    p = Path(value).expanduser()
+    if not p.is_file() and (REPO / value).is_file():
+        p = REPO / value
+    if not p.is_file():
+        raise UserError(f"{field} {value} not found")
+    return str(p.resolve())
+
+
+def _load_py_config(path, what: str):
+    """``get_config()`` of a config file (a sweep, train or eval config), any failure one UserError line."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{what} {path} not found")
+    spec = importlib.util.spec_from_file_location(f"_sweep_config_{p.stem}", p)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+        return mod.get_config()
+    except Exception as e:
+        raise UserError(f"cannot load {what} {path}: {type(e).__name__}: {e}") from None
+
+
+def _fields(cfg) -> dict:
+    """{field: value} of a loaded config (ConfigDict or dict); nested blocks as dicts."""
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def _check_fields(blocks, known: dict, what: str, of: str = "") -> None:
+    """Every key of every (where, block) is a field of ``known`` (a nested block's keys: of its block)."""
+    for where, block in blocks:
+        for key, value in (block or {}).items():
+            if key not in known:
+                raise _unknown(f"{what} field", key, sorted(known), f"sweep config {where}: ", of)
+            if isinstance(value, dict) and isinstance(known[key], dict):
+                _check_fields([(f"{where}.{key}", value)], known[key], what, of)
+
+
+def _task_known(task: str) -> bool:
+    from diffmas_jax.tasks import TASK_NAMES
+    return str(task).strip().lower().replace("-", "_") in TASK_NAMES
+
+
 def plan(config, grids: Optional[Sequence[str]] = None) -> list[Cell]:
-    """Every cell of the chosen grids (all by default), deduplicated, sorted by id."""
+    """Every cell of the chosen grids (all by default), deduplicated, sorted by id.
+
+    Everything a cell's commands would fail on for a typo is checked here, before any
+    cell runs (also for --dry-run): methods, tasks (the evaluated and the train task),
+    the eval fields (those of config_utils.eval_config) and the train fields (those of
+    the train config file the sweep names for the method)."""
+    from diffmas_jax.config_utils import DEFAULTS as EVAL_FIELDS
+    from diffmas_jax.tasks import TASK_NAMES
+    train_fields: dict[str, dict] = {}  # sweep field naming a train config -> that config's fields
+
+    def known_train_fields(spec: MethodSpec) -> dict:
+        if spec.train_config not in train_fields:
+            path = config_file(config, spec.train_config)
+            train_fields[spec.train_config] = _fields(_load_py_config(path, spec.train_config))
+        return train_fields[spec.train_config]
+
     all_grids = _dict(config, "grids")
     if not all_grids:
         raise UserError("the sweep config has no grids")
@@ -161,6 +241,10 @@ def plan(config, grids: Optional[Sequence[str]] = None) -> list[Cell]:
         raise UserError(f"unknown grid(s) {unknown}; this sweep has: {', '.join(all_grids)}")
     base_eval = _dict(config, "eval")
     task_eval, task_train = _dict(config, "task_eval"), _dict(config, "task_train")
+    for block, per_task in (("task_eval", task_eval), ("task_train", task_train)):
+        for t in per_task:
+            if not _task_known(t):
+                raise _unknown("task", t, TASK_NAMES, f"sweep config {block}: ")
     cells: dict[str, Cell] = {}
     trainings: dict[str, Cell] = {}
     for gname in names:
@@ -175,8 +259,19 @@ def plan(config, grids: Optional[Sequence[str]] = None) -> list[Cell]:
         methods = _list(ax["methods"], "methods")
         for m in methods:
             if m not in METHODS:
-                raise UserError(f"grid {gname!r}: unknown method {m!r}; known: {', '.join(METHODS)}")
-        for model, task, method, seed in itertools.product(_list(ax["models"], "models"), _list(ax["tasks"], "tasks"),
+                raise _unknown("method", m, METHODS, f"grid {gname!r}: ")
+        tasks = _list(ax["tasks"], "tasks")
+        for t in tasks:
+            if not _task_known(t):
+                raise _unknown("task", t, TASK_NAMES, f"grid {gname!r}: ")
+        _check_fields([("eval", base_eval), *[(f"task_eval.{t}", task_eval.get(t)) for t in tasks],
+                       (f"grids.{gname}.eval", dict(g.get("eval") or {}))], EVAL_FIELDS, "eval")
+        for spec in {METHODS[m].train_settings: METHODS[m] for m in methods if METHODS[m].train}.values():
+            settings = spec.train_settings
+            _check_fields([(settings, _dict(config, settings)), *[(f"task_train.{t}", task_train.get(t)) for t in tasks],
+                           (f"grids.{gname}.{settings}", dict(g.get(settings) or {}))],
+                          known_train_fields(spec), "train", f" of {config.get(spec.train_config)}")
+        for model, task, method, seed in itertools.product(_list(ax["models"], "models"), tasks,
                                                            methods, _list(ax["seeds"], "seeds", int)):
             spec = METHODS[method]
             steps = _list(ax["latent_steps"], "latent_steps", int) if spec.latent else [None]
@@ -188,6 +283,8 @@ def plan(config, grids: Optional[Sequence[str]] = None) -> list[Cell]:
                 settings = spec.train_settings  # the C2C trainer has its own config and fields
                 tr = {**_dict(config, settings), **task_train.get(task, {}), **dict(g.get(settings) or {})}
                 train_task = str(tr.pop("task", task))
+                if spec.train and not _task_known(train_task):
+                    raise _unknown("train task", train_task, TASK_NAMES, f"grid {gname!r}, task {task!r}: ")
                 cell = Cell(gname, str(model), str(task), method, m, tg, comm, vis, int(seed),
                             None if method in SOLO else roles, train_task if spec.train else None,
                             tuple(sorted(ev.items())), tuple(sorted(tr.items())) if spec.train else ())
@@ -269,15 +366,7 @@ class Sweep:
         self.runner = runner or run_logged
 
     def config_file(self, field: str) -> str:
-        value = self.config.get(field)
-        if not value:
-            raise UserError(f"the sweep config has no {field}")
-        p = Path(value).expanduser()
-        if not p.is_file() and (REPO / value).is_file():
-            p = REPO / value
-        if not p.is_file():
-            raise UserError(f"{field} {value} not found")
-        return str(p.resolve())
+        return config_file(self.config, field)
 
     def cell_dir(self, cell: Cell) -> Path:
         return self.root / cell.id
@@ -386,16 +475,9 @@ def run_logged(cmd: list, log: Path) -> int:
 
 # --------------------------------------------------------------------------- main
 def load_config(path: str, overrides: Sequence[str] = ()):
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"sweep config {path} not found")
-    spec = importlib.util.spec_from_file_location(f"_sweep_config_{p.stem}", p)
-    mod = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(mod)
-        config = mod.get_config()
-    except Exception as e:
-        raise UserError(f"cannot load sweep config {path}: {type(e).__name__}: {e}") from None
+    """The sweep config with --set overrides; the fields of its eval / train blocks, its
+    methods and tasks are checked by :func:`plan` (before anything runs)."""
+    config = _load_py_config(path, "sweep config")
     for o in overrides:
         key, sep, value = o.partition("=")
         if not sep:

@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 from collections import Counter, defaultdict
 from importlib import resources
@@ -43,6 +44,9 @@ LABELS = {"single": "Single", "single_sft": "Single+SFT", "text_mas": "TextMAS",
           "latent_mas": "LatentMAS", "stitch_mas": "StitchMAS", "diffmas": "DiffMAS", "c2c": "C2C"}
 COMM_TASKS = ("comm",)
 RESAMPLES = 2000
+# Every table tables can build; ``--out`` holds <name>.png for those it draws (and no other PNG it made).
+TABLE_NAMES = ("main", "latent_steps", "sft", "stitch", "trace_grad", "communication", "comm_benchmark", "cost")
+OUTPUT_FILES = ("tables.md", "tables.tex", "tables.json")
 BOOT_SEED = 0
 
 
@@ -148,12 +152,65 @@ def _adapter_meta(summary: dict, lora: Optional[str]) -> dict:
     return meta
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# summary.json fields the tables read: (check, what it must be); absent or null is allowed
+_SUMMARY_TYPES = {
+    "n": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "n_total": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "correct": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "accuracy": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "accuracy_ci95": (lambda v: isinstance(v, list) and len(v) == 2 and all(x is None or _is_num(x) for x in v),
+                      "a list [low, high] of numbers"),
+    "complete": (lambda v: isinstance(v, bool), "true or false"),
+    "tokens_per_question": (lambda v: isinstance(v, dict), "a JSON object"),
+    "adapter": (lambda v: isinstance(v, dict) and isinstance(v.get("meta") or {}, dict),
+                "a JSON object (with an object 'meta')"),
+}
+# the run's config (config.json or the summary's config)
+_CONFIG_TYPES = {
+    "seed": (lambda v: _is_int(v) or (isinstance(v, str) and re.fullmatch(r"\s*-?\d+\s*", v) is not None),
+             "an integer"),
+    "latent_steps": (lambda v: (_is_int(v) or isinstance(v, str)) or
+                     (isinstance(v, list) and bool(v) and all(_is_int(x) for x in v)),
+                     "an integer, a comma list or a list of integers"),
+    "roles": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+              "a string or a list of strings"),
+    "lora": (lambda v: isinstance(v, str), "a path (string)"),
+    "communication": (lambda v: isinstance(v, str), "a string"),
+    "visibility": (lambda v: isinstance(v, str), "a string"),
+    "layout": (lambda v: isinstance(v, str), "a string"),
+    "method": (lambda v: isinstance(v, str), "a string"),
+    "task": (lambda v: isinstance(v, str), "a string"),
+    "model": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _check_types(data: dict, types: dict, where, prefix: str = "") -> None:
+    """One line naming the file and the field whose value has the wrong type."""
+    for field, (ok, what) in types.items():
+        v = data.get(field)
+        if v is not None and not ok(v):
+            raise UserError(f"{where}: field {prefix + field!r} must be {what}, got {json.dumps(v)[:80]}")
+
+
 def make_run(summary_path: Path) -> Run:
     summary = _read_json(summary_path, "summary.json")
     cfg_path = summary_path.parent / "config.json"
     cfg = _read_json(cfg_path, "config.json") if cfg_path.exists() else summary.get("config")
     if not isinstance(cfg, dict) or "method" not in cfg or "task" not in cfg:
         raise UserError(f"{summary_path}: not an evaluation summary (no config with method and task)")
+    _check_types(summary, _SUMMARY_TYPES, summary_path)
+    if cfg_path.exists():
+        _check_types(cfg, _CONFIG_TYPES, cfg_path)
+    else:
+        _check_types(cfg, _CONFIG_TYPES, summary_path, prefix="config.")
     method, lora = str(cfg["method"]), cfg.get("lora")
     meta = _adapter_meta(summary, lora) if lora else {}
     if lora and method in ("single", "text_mas"):
@@ -369,6 +426,10 @@ class Table:
     n_labels: int
     notes: list = dataclasses.field(default_factory=list)
     plot: str = "bars"            # bars | lines (columns are latent steps)
+
+    def __post_init__(self):
+        # the plot file is <name>.png: a name outside TABLE_NAMES would escape remove_stale_plots
+        assert self.name in TABLE_NAMES, f"table {self.name!r} is not in TABLE_NAMES"
 
 
 class Builder:
@@ -831,10 +892,55 @@ def write_plots(tables: list[Table], out: Path) -> list[Path]:
     written = []
     for t in tables:
         path = out / f"{t.name}.png"
-        ok = _plot_bars(t, path, plt) if t.plot == "bars" else _plot_lines(t, path, plt) if t.plot == "lines" else False
-        if ok:
-            written.append(path)
+        tmp = out / f".{t.name}.tmp.png"   # drawn aside, then moved over the old plot: never half-written
+        try:
+            ok = _plot_bars(t, tmp, plt) if t.plot == "bars" else _plot_lines(t, tmp, plt) if t.plot == "lines" \
+                else False
+            if ok:
+                os.replace(tmp, path)
+                written.append(path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return written
+
+
+def remove_stale_plots(out: Path, keep) -> list[Path]:
+    """Remove the plots an earlier run drew into ``out`` that this run did not draw (only
+    <table name>.png files tables itself makes; any other file stays)."""
+    keep = {Path(p).name for p in keep}
+    removed = []
+    for name in TABLE_NAMES:
+        p = out / f"{name}.png"
+        if p.name not in keep and p.is_file() and not p.is_symlink():
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a whole file or leave the old one: the text goes to a temporary file moved over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_out_dir(out: Path) -> None:
+    """--out is a directory, or can be made one: checked before any work (one error line)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    for name in OUTPUT_FILES:
+        if (out / name).is_dir():
+            raise UserError(f"--out {out}: {out / name} is a directory; tables writes a file there")
+    anc = out
+    while not anc.exists() and anc != anc.parent:   # the nearest part of the path that exists
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UserError(f"--out {out}: {anc} is not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {anc} is not writable")
 
 
 # -------------------------------------------------------------------------- main
@@ -842,7 +948,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m diffmas_jax.tables", description=__doc__.splitlines()[0])
     ap.add_argument("--workdirs", nargs="+", required=True,
                     help="directories searched recursively for evaluation summary.json files")
-    ap.add_argument("--out", default=None, help="write tables.md, tables.tex, tables.json and PNG plots here")
+    ap.add_argument("--out", default=None, help="write tables.md, tables.tex, tables.json and PNG plots here (an earlier "
+                    "run's <table>.png that this run does not draw is removed; other files stay)")
     ap.add_argument("--main-latent-steps", type=int, default=10,
                     help="m of LatentMAS/DiffMAS in the main, SFT and stitch tables (a (model, task) without "
                          "runs at this m uses its most common m)")
@@ -862,6 +969,9 @@ def main(argv=None) -> int:
     unknown = [m for m in methods or [] if m not in LABELS]
     if unknown:
         raise UserError(f"unknown method(s) {unknown} in --methods; known: {', '.join(LABELS)}")
+    out = Path(args.out).expanduser() if args.out else None
+    if out is not None:
+        check_out_dir(out)
     runs, notes = load_runs(args.workdirs)
     incomplete = [r for r in runs if not r.complete]
     if incomplete:
@@ -872,15 +982,16 @@ def main(argv=None) -> int:
                           main_methods=methods)
     md = to_markdown(tables, notes, paper)
     print(md)
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
+        texts = {"tables.md": md, "tables.tex": to_latex(tables, paper), "tables.json": to_json(tables, notes)}
         out.mkdir(parents=True, exist_ok=True)
-        (out / "tables.md").write_text(md)
-        (out / "tables.tex").write_text(to_latex(tables, paper))
-        (out / "tables.json").write_text(to_json(tables, notes))
+        for name, text in texts.items():   # each file whole (old or new), all rendered before the first write
+            _write_text(out / name, text)
         pngs = [] if args.no_plots else write_plots(tables, out)
+        stale = remove_stale_plots(out, pngs)   # an earlier run's plots would not match these tables
         print(f"wrote {out / 'tables.md'}, tables.tex, tables.json" +
-              (f" and {', '.join(p.name for p in pngs)}" if pngs else ""))
+              (f" and {', '.join(p.name for p in pngs)}" if pngs else "") +
+              (f"; removed the earlier run's {', '.join(p.name for p in stale)}" if stale else ""))
     return 0
 
 

@@ -259,3 +259,81 @@ def test_status_matches_a_real_resolved_eval_config(tmp_path):
     assert s.status(cell)[0] == "done"
     assert sweep.differences({"latent_steps": "4,4", "roles": "planner,solver"},
                              {"latent_steps": [4, 4], "roles": ["planner", "solver"]}) == []
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: setattr(c.eval, "limti", 5), r"sweep config eval: unknown eval field 'limti' \(did you mean 'limit'\?\)"),
+    (lambda c: c.task_eval.comm.update({"max_new_tokns": 9}),
+     r"sweep config task_eval.comm: unknown eval field 'max_new_tokns' \(did you mean 'max_new_tokens'\?\)"),
+    (lambda c: c.grids.tg.update({"eval": {"temprature": 0.5}}),
+     r"sweep config grids.tg.eval: unknown eval field 'temprature' \(did you mean 'temperature'\?\)"),
+    (lambda c: setattr(c.train, "stpes", 3),
+     r"sweep config train: unknown train field 'stpes' of configs/embedded_train.py \(did you mean 'steps'\?\)"),
+    # the LoRA trainer has no gate temperature: a field of the C2C trainer's config is not one of its fields
+    (lambda c: setattr(c.train, "gate_t0", 1.0), r"unknown train field 'gate_t0' of configs/embedded_train.py"),
+    (lambda c: c.task_train.update({"arith": {"max_target_tokns": 9}}),
+     r"sweep config task_train.arith: unknown train field 'max_target_tokns'"),
+    (lambda c: setattr(c, "tasks", "arith,com"), r"grid 'main': unknown task 'com' \(did you mean 'comm'\?\)"),
+    (lambda c: c.task_train.update({"comm": {"task": "arth"}}),
+     r"unknown train task 'arth' \(did you mean 'arith'\?\)"),
+    (lambda c: c.task_eval.update({"cmm": {"limit": 3}}),
+     r"sweep config task_eval: unknown task 'cmm' \(did you mean 'comm'\?\)"),
+    (lambda c: setattr(c, "methods", "single,difmas"), r"grid 'main': unknown method 'difmas' \(did you mean 'diffmas'\?\)"),
+    (lambda c: setattr(c, "methods", "single,zzz"), r"unknown method 'zzz'; known: single, text_mas, latent_mas"),
+], ids=["eval", "task_eval", "grid_eval", "train", "c2c_field_in_train", "task_train", "task", "train_task",
+        "task_eval_key", "method", "method_far"])
+def test_typos_are_refused_by_the_plan(tmp_path, change, message):
+    """A wrong eval / train field, task or method is one error naming it, from the plan: before any
+    cell trains (a typo in the eval block used to surface only after the adapter was trained)."""
+    c = small_config(tmp_path)
+    change(c)
+    with pytest.raises(UserError, match=message):
+        plan(c)
+
+
+def test_each_trainer_takes_its_own_fields(tmp_path):
+    """train is checked against the LoRA trainer's config file, c2c_train against the C2C trainer's."""
+    c = small_config(tmp_path)
+    c.c2c_train = ml_collections.ConfigDict({"gate_t0": 1.0, "warmup_frac": 0.1, "steps": 6})
+    c.grids.c2c = {"tasks": "arith", "methods": "c2c"}
+    assert len(plan(c)) == 11
+    c.c2c_train.warmup_steps = 5                # the LoRA trainer's field, not the C2C trainer's
+    with pytest.raises(UserError, match=r"sweep config c2c_train: unknown train field 'warmup_steps' "
+                                        r"of configs/embedded_c2c_train.py"):
+        plan(c)
+    assert len(plan(c, ["main"])) == 6          # a grid without C2C cells does not use c2c_train
+    # a nested block's keys are fields of that block
+    c = small_config(tmp_path)
+    c.eval.task_options = {"timeout_s": 5.0}
+    assert len(plan(c)) == 10
+    c.eval.task_options = {"timeot_s": 5.0}
+    with pytest.raises(UserError, match=r"sweep config eval.task_options: unknown eval field 'timeot_s' "
+                                        r"\(did you mean 'timeout_s'\?\)"):
+        plan(c)
+    # the train config file must load
+    c = small_config(tmp_path)
+    c.train_config = str(tmp_path / "missing_train.py")
+    with pytest.raises(UserError, match="train_config .*missing_train.py not found"):
+        plan(c)
+
+
+@pytest.mark.parametrize("flag", ["eval.limti=5", "tasks=arc_esy", "methods=difmas", "train.stpes=1"])
+def test_typos_fail_before_anything_runs(tmp_path, monkeypatch, capsys, flag):
+    """--dry-run lists no typo'd cell as todo, and a real run trains nothing: one error line, rc 2."""
+    from diffmas_jax.cli import run_cli
+    cfg = tmp_path / "sweep_cfg.py"
+    cfg.write_text("import sys\nsys.path.insert(0, %r)\nfrom test_sweep import small_config\n"
+                   "def get_config():\n    return small_config(%r)\n" % (str(Path(__file__).parent), str(tmp_path / "r")))
+    fake = FakeRunner()
+    monkeypatch.setattr(sweep, "run_logged", fake)
+    for extra in (["--dry-run"], []):
+        with pytest.raises(SystemExit) as e:
+            run_cli(sweep.main, ["--config", str(cfg), "--set", "methods=diffmas", "--set", flag, *extra])
+        assert e.value.code == 2
+        cap = capsys.readouterr()
+        assert "todo" not in cap.out
+        err = cap.err.strip()
+        key, value = flag.split("=")
+        bad = key.split(".")[-1] if "." in key else value          # the field, or the task / method
+        assert err.startswith("error: ") and "\n" not in err and repr(bad) in err, err
+    assert fake.calls == [] and not (tmp_path / "r").exists()

@@ -287,3 +287,91 @@ def test_methods_option_and_stray_files(grid, tmp_path, capsys):
     assert not list(out.glob("*.png"))
     with pytest.raises(UserError, match="unknown method"):
         tables.main(["--workdirs", str(grid), "--methods", "single,bogus"])
+
+
+def test_plots_of_an_earlier_run_are_removed(grid, tmp_path, capsys):
+    """A second run into the same --out leaves no plot of the first beside its tables (the
+    latent-steps plot of an m sweep it no longer has); files tables does not make stay."""
+    out = tmp_path / "out"
+    assert tables.main(["--workdirs", str(grid), "--out", str(out)]) == 0
+    assert (out / "latent_steps.png").is_file() and (out / "comm_benchmark.png").is_file()
+    (out / "my_figure.png").write_bytes(b"mine")            # the user's own files
+    (out / "notes.txt").write_text("mine")
+    other = tmp_path / "other"
+    write_run(other, "single", "gsm8k", "single", ones(2))
+    write_run(other, "text", "gsm8k", "text_mas", ones(3))
+    capsys.readouterr()
+    assert tables.main(["--workdirs", str(other), "--out", str(out)]) == 0
+    assert "removed the earlier run's" in capsys.readouterr().out
+    md = (out / "tables.md").read_text()
+    assert "Latent-steps sweep" not in md and "## Main results" in md
+    assert sorted(p.name for p in out.glob("*.png")) == ["main.png", "my_figure.png"]
+    assert (out / "my_figure.png").read_bytes() == b"mine" and (out / "notes.txt").read_text() == "mine"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]    # no temporary files left
+    # --no-plots: no plot at all beside these tables, the user's files untouched
+    assert tables.main(["--workdirs", str(other), "--out", str(out), "--no-plots"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["my_figure.png"]
+
+
+@pytest.mark.parametrize("where, field, value, message", [
+    ("summary", "n", "three", r"summary.json: field 'n' must be a non-negative integer, got \"three\""),
+    ("summary", "accuracy", "0.5", r"summary.json: field 'accuracy' must be a number in \[0, 1\]"),
+    ("summary", "n_total", 2.5, r"summary.json: field 'n_total' must be a non-negative integer"),
+    ("summary", "accuracy_ci95", "wide", r"summary.json: field 'accuracy_ci95' must be a list"),
+    ("summary", "tokens_per_question", [1], r"summary.json: field 'tokens_per_question' must be a JSON object"),
+    ("config", "seed", "x", r"/config.json: field 'seed' must be an integer, got \"x\""),
+    ("config", "latent_steps", ["a"], r"/config.json: field 'latent_steps' must be"),
+    ("config", "roles", {"a": 1}, r"/config.json: field 'roles' must be a string or a list of strings"),
+    ("summary_config", "seed", "x", r"summary.json: field 'config.seed' must be an integer"),
+], ids=["n", "accuracy", "n_total", "ci", "tokens", "seed", "latent_steps", "roles", "seed_in_summary"])
+def test_bad_field_types_are_one_line(tmp_path, capsys, where, field, value, message):
+    """A wrong-typed field is one error line naming the file and the field (was a ValueError traceback)."""
+    from diffmas_jax.cli import run_cli
+    d = write_run(tmp_path / "r", "a", "gsm8k", "latent_mas", ones(2))
+    s = json.loads((d / "summary.json").read_text())
+    if where == "summary":
+        s[field] = value
+    elif where == "config":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg[field] = value
+        (d / "config.json").write_text(json.dumps(cfg))
+    else:                                    # no config.json: the summary's own config is read
+        (d / "config.json").unlink()
+        s["config"][field] = value
+    (d / "summary.json").write_text(json.dumps(s))
+    with pytest.raises(UserError, match=message):
+        load_runs([tmp_path / "r"])
+    with pytest.raises(SystemExit) as e:
+        run_cli(tables.main, ["--workdirs", str(tmp_path / "r")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and str(d) in err
+
+
+def test_integer_strings_still_read(tmp_path):
+    d = write_run(tmp_path / "r", "a", "gsm8k", "single", ones(2))
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["seed"] = "3"
+    (d / "config.json").write_text(json.dumps(cfg))
+    runs, _ = load_runs([tmp_path / "r"])
+    assert runs[0].seed == 3 and runs[0].n == 10
+
+
+def test_out_checked_before_any_work(grid, tmp_path, capsys):
+    """--out naming a file (or a path through one) is one error line before any table is printed;
+    the file is left as it was, and no directory is made for a run that fails on its input."""
+    from diffmas_jax.cli import run_cli
+    f = tmp_path / "results.txt"
+    f.write_text("keep me")
+    for out in (f, f / "sub"):
+        with pytest.raises(SystemExit) as e:
+            run_cli(tables.main, ["--workdirs", str(grid), "--out", str(out)])
+        assert e.value.code == 2
+        cap = capsys.readouterr()
+        assert cap.out == ""                                  # no table printed, then refused
+        assert cap.err.startswith("error: --out ") and "not a directory" in cap.err and cap.err.count("\n") == 1
+    assert f.read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no summary.json found"):
+        tables.main(["--workdirs", str(tmp_path / "empty"), "--out", str(tmp_path / "new" / "out")])
+    assert not (tmp_path / "new").exists()
