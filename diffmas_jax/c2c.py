@@ -382,13 +382,38 @@ def pair_problem(n_agents: int, identical: bool) -> Optional[str]:
 
 
 def load_system(receiver, receiver_name: str, sharer_name: Optional[str], fuser_path, dtype="float32") -> C2CSystem:
-    """Receiver already loaded; loads the sharer (unless it is the receiver) and the fuser."""
-    from diffmas_jax.model.loading import load_model
-    fuser, fc, meta = load_fuser(fuser_path)
+    """Receiver already loaded; loads the sharer (unless it is the receiver) and the fuser.
+    A damaged fuser or sharer, or a fuser built for other models, is one UserError line."""
+    from diffmas_jax.cli import UserError, load_model_checked
+    fuser, fc, meta = load_fuser_checked(fuser_path)
     same = sharer_name in (None, "", receiver_name)
-    sharer = receiver if same else load_model(sharer_name, dtype=dtype)
-    fc.check_models(sharer.cfg, receiver.cfg)
+    sharer = receiver if same else load_model_checked(sharer_name, dtype=dtype)  # damaged files: one line
+    try:
+        fc.check_models(sharer.cfg, receiver.cfg)
+    except FuserConfigError as e:
+        raise UserError(f"fuser {fuser_path}: {e}") from None
     return C2CSystem(receiver=receiver, sharer=sharer, fuser=fuser, fc=fc, meta=meta)
+
+
+def load_fuser_checked(path) -> tuple[dict, FuserConfig, dict]:
+    """``load_fuser`` where a damaged fuser.json / fuser.safetensors is one UserError line naming
+    the file (DIFFMAS_TRACEBACK=1 shows the original exception)."""
+    import os
+    from diffmas_jax.cli import UserError
+    try:
+        return load_fuser(path)
+    except (UserError, FileNotFoundError):
+        raise
+    except FuserConfigError as e:
+        if os.environ.get("DIFFMAS_TRACEBACK"):
+            raise
+        raise UserError(str(e) if str(path) in str(e) else f"fuser {path}: {e}") from None
+    except Exception as e:
+        if os.environ.get("DIFFMAS_TRACEBACK"):
+            raise
+        what = "fuser.safetensors" if "safetensors" in repr(type(e)) else "fuser.json"
+        raise UserError(f"cannot read fuser {path} ({what}): {type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]}") from None
 
 
 def run_batch(system: C2CSystem, questions: Sequence[str], answer_instruction: str, mc, *, seed: int = 0):

@@ -249,10 +249,34 @@ def make_c2c_eval_loss(r_cfg, s_cfg, sc: C2CStepConfig, mesh=None):
 
 
 # --------------------------------------------------------------------------- CLI
-IDENTITY_FIELDS = ("model", "receiver", "sharer", "dtype", "method", "task", "task_path", "split", "limit", "layout",
-                   "roles", "fuser_hidden", "fuser_depth", "fuser_dropout", "layer_map", "gate_t0", "gate_t1",
-                   "batch_size", "steps", "grad_accum", "lr", "warmup_frac", "weight_decay", "clip", "seed",
-                   "max_target_tokens")
+# Fields whose change makes an existing workdir a different experiment (data, prompts, targets,
+# model math, optimizer and schedule); cadence, exports, remat and the mesh may change on resume.
+IDENTITY_FIELDS = ("model", "receiver", "sharer", "dtype", "method", "task", "task_path", "split", "data_dir", "limit",
+                   "eval_items", "layout", "roles", "enable_thinking", "fuser_hidden", "fuser_depth", "fuser_dropout",
+                   "layer_map", "gate_t0", "gate_t1", "batch_size", "steps", "grad_accum", "lr", "warmup_frac",
+                   "weight_decay", "clip", "seed", "max_target_tokens")
+
+# The fields train_c2c reads: a config file without them is not a C2C training config.
+TRAIN_FIELDS = ("method", "model", "receiver", "sharer", "dtype", "task", "task_path", "split", "data_dir", "limit",
+                "layout", "roles", "enable_thinking", "fuser_hidden", "fuser_depth", "fuser_dropout", "layer_map",
+                "gate_t0", "gate_t1", "batch_size", "steps", "grad_accum", "lr", "warmup_frac", "weight_decay", "clip",
+                "max_target_tokens", "remat", "seed", "checkpoint_every", "keep_checkpoints", "eval_every",
+                "eval_items", "on_nan")
+
+
+def validate(c) -> None:
+    """The C2C config values checkable without the models; UserError naming the first bad one."""
+    from diffmas_jax import train_loop
+    from diffmas_jax.cli import UserError, remat_setting
+    train_loop.validate_loop_fields(c)
+    if not 0 <= train_loop.finite_number(c, "warmup_frac") < 1:
+        raise UserError(f"warmup_frac must be in [0, 1), got {c.warmup_frac}")
+    t0, t1 = train_loop.finite_number(c, "gate_t0"), train_loop.finite_number(c, "gate_t1")
+    if not 0 < t1 <= t0:
+        raise UserError(f"gate temperatures need 0 < gate_t1 <= gate_t0, got {c.gate_t0} -> {c.gate_t1}")
+    if not 0 <= train_loop.finite_number(c, "fuser_dropout") < 1:
+        raise UserError(f"fuser_dropout must be in [0, 1), got {c.fuser_dropout}")
+    remat_setting(c)  # remat_policy
 
 
 def train_c2c(c, workdir: Path) -> int:
@@ -267,11 +291,7 @@ def train_c2c(c, workdir: Path) -> int:
     from diffmas_jax.config_utils import resolve_model
     from diffmas_jax.methods import MethodConfig
 
-    train_loop.validate_loop_fields(c)
-    if not 0 <= c.warmup_frac < 1:
-        raise UserError(f"warmup_frac must be in [0, 1), got {c.warmup_frac}")
-    if not 0 < c.gate_t1 <= c.gate_t0:
-        raise UserError(f"gate temperatures need 0 < gate_t1 <= gate_t0, got {c.gate_t0} -> {c.gate_t1}")
+    validate(c)
     receiver_name = resolve_model(c.receiver or c.model)
     sharer_name = resolve_model(c.sharer or receiver_name)
     identical = sharer_name == receiver_name

@@ -148,16 +148,28 @@ def parse_config_flags(flag_values, config_flag, argv):
         if flag_values is not None:
             rest = flag_values(list(argv))
         config = config_flag.value
+        if path is not None:
+            _check_config_type(config, path)
         if config is not None:
             config.to_dict()  # config_flags defers some load errors to first use
+    except UserError:
+        raise
     except flags.Error as e:
         root, msg = _root(e), str(e).strip().splitlines()[0]
         if root is not e and not isinstance(root, flags.Error) and "--config." not in msg:
-            raise _config_error(root, path) from None  # the config file itself failed to load
+            raise _config_error(root, path, e, argv) from None  # the config file itself failed to load
         raise UserError(msg) from None
     except Exception as e:  # the config file's own code failed, or an unknown field
-        raise _config_error(_root(e), path) from None
+        raise _config_error(_root(e), path, e, argv) from None
     return rest, config
+
+
+def _check_config_type(config, path) -> None:
+    """get_config() must give a ConfigDict (a plain dict has no field checks, no overrides)."""
+    import ml_collections
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UserError(f"get_config() in {path} must return an ml_collections ConfigDict, "
+                        f"got {type(config).__name__}")
 
 
 def _root(e: BaseException) -> BaseException:
@@ -166,13 +178,49 @@ def _root(e: BaseException) -> BaseException:
     return e
 
 
-def _config_error(e: BaseException, path) -> UserError:
+def _config_error(e: BaseException, path, outer: Optional[BaseException] = None, argv=()) -> UserError:
+    """The one line for a config file that failed to load. ``e`` is the root of the exception
+    chain, ``outer`` the exception caught (ml_collections' suggestions live in between)."""
     if isinstance(e, (AttributeError, KeyError)):
         name = _short(e).strip("\"'")
         if "get_config" in name:
             return UserError(f"config file {path} has no get_config()")
-        return UserError(f"unknown config field {name!r} in a --config.FIELD=VALUE override (or in {path})")
+        if "object has no attribute 'to_dict'" in str(e):
+            return UserError(f"get_config() in {path} must return an ml_collections ConfigDict")
+        if isinstance(e, AttributeError) and "object has no attribute" in str(e):
+            # the config file's own code failed (not ConfigDict's unknown-field error)
+            return UserError(f"cannot load config file {path}: AttributeError: {_short(e)}")
+        name, suggestion = _field_and_suggestion(name, outer)
+        prefix = _override_prefix(name, argv)
+        hint = f" (did you mean {prefix + suggestion!r}?)" if suggestion else ""
+        return UserError(f"unknown config field {prefix + name!r}{hint} in a --config.FIELD=VALUE override "
+                         f"(or in {path})")
     return UserError(f"cannot load config file {path}: {type(e).__name__}: {_short(e)}")
+
+
+def _field_and_suggestion(name: str, outer: Optional[BaseException]) -> tuple:
+    """(field, suggested field or None): ml_collections adds 'Did you mean "x" instead of "y"?'
+    to a KeyError along the chain; the line shows it without the repr quoting."""
+    import re
+    e = outer
+    while e is not None:
+        for arg in getattr(e, "args", ()):
+            m = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"\?', str(arg))
+            if m:
+                return m.group(2), m.group(1)
+        e = e.__cause__ or e.__context__
+    return name, None
+
+
+def _override_prefix(name: str, argv) -> str:
+    """'task_options.' when the unknown field came from --config.task_options.NAME=..."""
+    for a in list(argv)[1:]:
+        if a.startswith("--config.") and "=" in a:
+            dotted = a[len("--config."):].split("=", 1)[0]
+            parent, _, last = dotted.rpartition(".")
+            if last == name and parent:
+                return parent + "."
+    return ""
 
 
 def config_flag_value(config_flag, argv):

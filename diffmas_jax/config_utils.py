@@ -14,6 +14,7 @@ strings so one flag can give one value or a comma list (``--config.latent_steps=
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,11 @@ DEFAULTS = eval_config().to_dict()
 
 
 # ----------------------------------------------------------------------- resolving
+def is_finite_number(value) -> bool:
+    """An int or float (not a bool) that is neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _int_list(name: str, value) -> Any:
     """'10' -> 10; '4,8,16' -> [4, 8, 16]; ints and lists pass through."""
     if isinstance(value, bool):
@@ -166,13 +172,21 @@ def resolve(config) -> dict:
     if not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool):
         raise UserError(f"seed must be an integer, got {cfg['seed']!r}")
     t, p, k = cfg["temperature"], cfg["top_p"], cfg["top_k"]
-    if not isinstance(t, (int, float)) or t < 0:
-        raise UserError(f"temperature must be >= 0 (0 = greedy), got {t!r}")
-    if not isinstance(p, (int, float)) or not 0 < p <= 1:
+    if not is_finite_number(t) or t < 0:
+        raise UserError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+    if not is_finite_number(p) or not 0 < p <= 1:
         raise UserError(f"top_p must be in (0, 1], got {p!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise UserError(f"top_k must be an integer >= 0 (0 disables), got {k!r}")
     cfg["temperature"], cfg["top_p"] = float(t), float(p)
+    if not is_finite_number(cfg["lora_scale"]):
+        raise UserError(f"lora_scale must be a finite number, got {cfg['lora_scale']!r}")
+    if not is_finite_number(cfg["realign_lambda"]) or cfg["realign_lambda"] < 0:
+        raise UserError(f"realign_lambda must be a finite number >= 0, got {cfg['realign_lambda']!r}")
+    cfg["lora_scale"], cfg["realign_lambda"] = float(cfg["lora_scale"]), float(cfg["realign_lambda"])
+    gib = cfg["device_memory_gib"]
+    if gib is not None and (not is_finite_number(gib) or gib <= 0):
+        raise UserError(f"device_memory_gib must be a finite positive number of GiB, got {gib!r}")
     if cfg["num_samples"] > 1 and cfg["temperature"] <= 0:
         raise UserError(f"num_samples={cfg['num_samples']} needs temperature > 0: "
                         "greedy samples are all the same")

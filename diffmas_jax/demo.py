@@ -48,6 +48,24 @@ def plot_loss(metrics_csv: Path, out_png: Path) -> None:
     fig.savefig(out_png, dpi=120)
 
 
+def check_args(args) -> None:
+    """Bad arguments are one UserError line before the demo trains or writes anything."""
+    from diffmas_jax.cli import UserError
+    for flag, value, least in (("--train-steps", args.train_steps, 1), ("--eval-items", args.eval_items, 1),
+                               ("--latent-steps", args.latent_steps, 0), ("--max-new-tokens", args.max_new_tokens, 1)):
+        if value < least:
+            kind = "a positive integer" if least == 1 else "an integer >= 0"
+            raise UserError(f"{flag} must be {kind}, got {value}")
+    wd = Path(args.workdir).expanduser()
+    if not str(args.workdir).strip():
+        raise UserError("--workdir is empty")
+    for p in (wd, *wd.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"workdir {args.workdir}: {p} exists and is not a directory")
+            break
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m diffmas_jax.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="runs/demo")
@@ -59,7 +77,8 @@ def main(argv=None) -> int:
                     help="also train and evaluate Single+SFT (same targets, no trace): separates learning "
                          "the task from learning to communicate")
     args = ap.parse_args(argv)
-    wd = Path(args.workdir)
+    check_args(args)  # before anything runs or is written
+    wd = Path(args.workdir).expanduser()
     wd.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     t0 = time.time()
@@ -99,4 +118,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from diffmas_jax.cli import run_cli
+    run_cli(main)

@@ -79,12 +79,46 @@ def _jsonable(x):
     raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
-def read_items(path: Path) -> tuple[dict, bool]:
+def _is_count(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+def _is_number_list(x) -> bool:
+    return isinstance(x, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x)
+
+
+def record_ok(rec) -> bool:
+    """Whether an items.jsonl record holds every field the summary reads, with usable types
+    (a line with an id but without them is damage, not a finished item)."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("id"), (str, int)) or isinstance(rec.get("id"), bool):
+        return False
+    if not isinstance(rec.get("correct"), bool):
+        return False
+    if not all(_is_count(rec.get(k)) for k in ("prompt_tokens", "generated_tokens")):
+        return False
+    if not all(_is_count(rec[k]) for k in ("latency_s", "latent_slots", "answer_tokens") if k in rec):
+        return False
+    if not all(_is_number_list(rec[k]) for k in ("generated_logprobs", "generated_entropy") if k in rec):
+        return False
+    if "samples" in rec:
+        samples = rec["samples"]
+        if not isinstance(samples, list) or not samples or not all(
+                isinstance(x, dict) and isinstance(x.get("correct"), bool) and _is_count(x.get("generated_tokens"))
+                and _is_number_list(x.get("generated_logprobs")) for x in samples):
+            return False
+        if not isinstance(rec.get("majority_correct"), bool) or not _is_count(rec.get("agreement")):
+            return False
+    return True
+
+
+def read_items(path: Path, check=None) -> tuple[dict, bool]:
     """Finished records by id (file order) and whether the file needs repairing.
 
-    A last line that does not parse is the torn tail of an interrupted append: it is
-    dropped (its item is run again). A bad line anywhere else is real damage and is
-    refused. Repeated ids keep their first record.
+    A last line that does not parse (or lacks the fields of a finished item, see
+    record_ok) is the torn tail of an interrupted append: it is dropped (its item is
+    run again). A bad line anywhere else is real damage and is refused. Repeated ids
+    keep their first record. ``check(rec)``: whether a parsed line is a usable record
+    (default: a JSON object with an id; evaluate passes record_ok).
     """
     path = Path(path)
     if not path.exists():
@@ -103,7 +137,7 @@ def read_items(path: Path) -> tuple[dict, bool]:
             continue
         try:
             rec = json.loads(line)
-            ok = isinstance(rec, dict) and "id" in rec
+            ok = isinstance(rec, dict) and isinstance(rec.get("id"), (str, int)) and (check is None or check(rec))
         except ValueError:  # JSONDecodeError and UnicodeDecodeError
             ok = False
         if not ok:
@@ -133,9 +167,15 @@ def append_items(path: Path, records: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def check_previous_config(workdir: Path, cfg: dict) -> Optional[dict]:
-    """Refuse a workdir that holds results of a run with different behaviour."""
+def check_previous_config(workdir: Path, cfg: dict, has_results: bool = True) -> Optional[dict]:
+    """Refuse a workdir that holds results of a run with different behaviour.
+
+    ``has_results=False`` (items.jsonl holds no finished item, e.g. a first run that
+    failed before its first batch): nothing could be mixed, so any config may start over.
+    """
     cfg_path = workdir / CONFIG
+    if not has_results:
+        return None
     if not cfg_path.exists():
         if (workdir / ITEMS).exists() and (workdir / ITEMS).stat().st_size > 0:
             raise UserError(f"{workdir} has {ITEMS} but no {CONFIG}; cannot tell which config made "
@@ -190,6 +230,8 @@ def load_adapter(path: str):
         return lora_mod.load_adapter(path)
     except (UserError, FileNotFoundError):
         raise
+    except getattr(lora_mod, "LoraConfigError", UserError) as e:  # a field or tensor layout that is wrong
+        raise UserError(f"adapter {path}: {e}" if str(path) not in str(e) else str(e)) from None
     except Exception as e:  # damaged adapter.json / adapter.safetensors: one line naming the file
         if os.environ.get("DIFFMAS_TRACEBACK"):
             raise
@@ -200,6 +242,15 @@ def load_adapter(path: str):
             what = "adapter.json"
         raise UserError(f"cannot read adapter {path} ({what}): {type(e).__name__}: "
                         f"{' '.join(str(e).split())[:200]}") from None
+
+
+def check_adapter_fits(tree, model_cfg, path: str) -> None:
+    """An adapter whose tensors do not fit the model's layers and sizes is one UserError line."""
+    from diffmas_jax.lora import LoraConfigError, check_adapter_fits as fits
+    try:
+        fits(tree, model_cfg, f"adapter {path}")
+    except LoraConfigError as e:
+        raise UserError(str(e)) from None
 
 
 def adapter_parts(adapter, cfg: dict) -> tuple:
@@ -386,9 +437,9 @@ def evaluate(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     workdir = Path(workdir).expanduser()
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"workdir {workdir} exists and is not a directory")
-    check_previous_config(workdir, cfg)
     items_path = workdir / ITEMS
-    done, repair = read_items(items_path)
+    done, repair = read_items(items_path, check=record_ok)  # a line the summary cannot use is damage
+    check_previous_config(workdir, cfg, has_results=bool(done))
     done = distributed.broadcast_from_main(done)  # on a pod every host runs the items process 0 has not done
     todo_n = sum(1 for it in items if it.id not in done)
 
@@ -407,6 +458,8 @@ def evaluate(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
         if cfg["method"] == "c2c":  # the receiver, plus the sharer and the trained fuser
             from diffmas_jax import c2c
             model = c2c.load_system(model, cfg["model"], cfg["sharer"], cfg["fuser"], dtype=cfg["dtype"])
+        if adapter is not None and getattr(model, "cfg", None) is not None:
+            check_adapter_fits(adapter, model.cfg, cfg["lora"])  # before anything is written
         load_s = round(time.perf_counter() - t0, 3)
         memory.preflight_eval(model, cfg, mc, items, adapter)  # per-device estimate; error if it cannot fit
 
@@ -470,20 +523,6 @@ def _usage() -> str:
             f"  --workdir DIR        output directory (resumes)\n")
 
 
-def _config_path_arg(argv: list) -> Optional[str]:
-    for i, a in enumerate(argv[1:], 1):
-        if a == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def define_flags(argv: list):
     """Flags in a private FlagValues, built for this argv (config_flags finds the
     --config.FIELD overrides in the argv it is given at definition time)."""
@@ -497,28 +536,11 @@ def define_flags(argv: list):
 
 
 def parse_flags(argv: list):
-    """(config, workdir) from an argv (argv[0] is the program); problems become one UserError line."""
-    path = _config_path_arg(argv)
-    if path is not None and not Path(path.split(":", 1)[0]).expanduser().is_file():
-        raise UserError(f"config file {path.split(':', 1)[0]} not found")
+    """(config, workdir) from an argv (argv[0] is the program); problems become one UserError line
+    (the config-flag handling is the one train uses: cli.parse_config_flags)."""
+    from diffmas_jax.cli import parse_config_flags
     fv, config_flag, workdir_flag = define_flags(argv)
-    from diffmas_jax.cli import forget_loaded_config
-    forget_loaded_config()
-    try:
-        rest = fv(list(argv))
-        config = config_flag.value
-        if config is not None:
-            config.to_dict()  # config_flags defers some load errors to first use
-    except flags.Error as e:
-        raise UserError(_first_line(e)) from None
-    except (AttributeError, KeyError) as e:
-        name = _first_line(e).strip("\"'")
-        if "get_config" in name:
-            raise UserError(f"config file {path} has no get_config()") from None
-        raise UserError(f"unknown config field {name!r} in a --config.FIELD=VALUE override "
-                        f"(or in {path})") from None
-    except Exception as e:  # the config file's own code failed
-        raise UserError(f"cannot load config file {path}: {type(e).__name__}: {_first_line(e)}") from None
+    rest, config = parse_config_flags(fv, config_flag, argv)
     if len(rest) > 1:
         raise UserError(f"unexpected arguments {rest[1:]}; fields are set with --config.FIELD=VALUE")
     if config is None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 from diffmas_jax.cli import UserError, enable_compilation_cache, run_cli
@@ -31,10 +32,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if not math.isfinite(args.top_p) or not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be an integer >= 0 (0 disables), got {args.top_k}")
+    from diffmas_jax.cli import load_model_checked
     from diffmas_jax.generation import SamplingConfig, generate
-    from diffmas_jax.model.loading import load_model
     from diffmas_jax.model.transformer import resolve_dtype
 
     try:
@@ -42,7 +47,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     enable_compilation_cache()  # a repeated command then skips most of its compile
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model_checked(args.model, dtype=args.dtype)  # a damaged model dir: one error line
     chats = [([{"role": "system", "content": args.system}] if args.system else [])
              + [{"role": "user", "content": p}] for p in args.prompt]
     thinking = None if args.thinking is None else args.thinking == "on"

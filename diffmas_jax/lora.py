@@ -122,22 +122,96 @@ class Adapter:
         return self.config.scale
 
 
+def _adapter_config(meta, where: str) -> LoraConfig:
+    """LoraConfig from adapter.json's fields, each checked for its type (one line naming the field)."""
+    import math
+    if not isinstance(meta, dict):
+        raise LoraConfigError(f"{where}: expected a JSON object, got {type(meta).__name__}")
+    missing = [k for k in ("rank", "alpha", "targets") if k not in meta]
+    if missing:
+        raise LoraConfigError(f"{where}: missing field(s) {missing}")
+    rank, alpha, targets = meta["rank"], meta["alpha"], meta["targets"]
+    dropout, per_role = meta.get("dropout", 0.0), meta.get("per_role", False)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise LoraConfigError(f"{where}: 'rank' must be a positive integer, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise LoraConfigError(f"{where}: 'alpha' must be a finite number, got {alpha!r}")
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise LoraConfigError(f"{where}: 'targets' must be a list of names, got {targets!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise LoraConfigError(f"{where}: 'dropout' must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(per_role, bool):
+        raise LoraConfigError(f"{where}: 'per_role' must be true or false, got {per_role!r}")
+    try:
+        return LoraConfig(rank=rank, alpha=alpha, targets=tuple(targets), dropout=dropout,
+                          per_role=per_role).validate()
+    except LoraConfigError as e:
+        raise LoraConfigError(f"{where}: {e}") from None
+
+
+def _check_tree_layout(tree: dict, lcfg: LoraConfig, where: str) -> None:
+    """The tensors match adapter.json: the listed targets, each an A [L, in, r] and B [L, r, out]."""
+    if lcfg.per_role:
+        if set(tree) != {"roles"} or not isinstance(tree["roles"], dict) or not tree["roles"]:
+            raise LoraConfigError(f"{where}: adapter.json says per_role but the tensors are not "
+                                  "'roles/ROLE/TARGET/a|b'")
+        for role, sub in tree["roles"].items():
+            _check_tree_layout(sub, dataclasses.replace(lcfg, per_role=False), f"{where} (role {role!r})")
+        return
+    if set(tree) != set(lcfg.targets):
+        raise LoraConfigError(f"{where}: the tensors are for target(s) {sorted(tree)} but adapter.json lists "
+                              f"{sorted(lcfg.targets)}")
+    for t, ab in tree.items():
+        if not isinstance(ab, dict) or set(ab) != {"a", "b"}:
+            raise LoraConfigError(f"{where}: target {t!r} needs tensors '{t}/a' and '{t}/b'")
+        a, b = ab["a"], ab["b"]
+        if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or a.shape[2] != lcfg.rank \
+                or b.shape[1] != lcfg.rank:
+            raise LoraConfigError(f"{where}: target {t!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
+                                  f"not [layers, in, {lcfg.rank}] and [layers, {lcfg.rank}, out] (rank "
+                                  f"{lcfg.rank} in adapter.json)")
+
+
 def load_adapter(path) -> Adapter:
+    """adapter.json + adapter.safetensors; fields and tensor layout checked (LoraConfigError)."""
     from safetensors.numpy import load_file
     path = Path(path)
     if not (path / "adapter.json").exists() or not (path / "adapter.safetensors").exists():
         raise FileNotFoundError(f"no adapter (adapter.json + adapter.safetensors) in {path}")
     meta = json.loads((path / "adapter.json").read_text())
-    lcfg = LoraConfig(rank=meta["rank"], alpha=meta["alpha"], targets=tuple(meta["targets"]),
-                      dropout=meta.get("dropout", 0.0), per_role=meta.get("per_role", False))
+    lcfg = _adapter_config(meta, str(path / "adapter.json"))
     tree: dict = {}
     for name, arr in load_file(str(path / "adapter.safetensors")).items():
         node = tree
         *parents, leaf = name.split("/")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise LoraConfigError(f"{path / 'adapter.safetensors'}: tensor names clash at {name!r}")
         node[leaf] = jnp.asarray(arr)
+    _check_tree_layout(tree, lcfg, str(path / "adapter.safetensors"))
     return Adapter(tree=tree, config=lcfg, meta=meta)
+
+
+def check_adapter_fits(tree: dict, cfg: ModelConfig, name: str = "adapter") -> None:
+    """Every A/B of a (shared or per-role) LoRA tree has the shape the model needs, or one
+    LoraConfigError naming the first mismatch (layers, input or output size)."""
+    if "roles" in tree:
+        for role, sub in tree["roles"].items():
+            check_adapter_fits(sub, cfg, f"{name} (role {role!r})")
+        return
+    for t, ab in tree.items():
+        if t not in LORA_TARGETS:
+            raise LoraConfigError(f"{name}: unknown LoRA target {t!r}")
+        din, dout = _dims(cfg, t)
+        a, b = tuple(ab["a"].shape), tuple(ab["b"].shape)
+        r = a[-1] if len(a) == 3 else None
+        want_a, want_b = (cfg.num_layers, din, r), (cfg.num_layers, r, dout)
+        if a != want_a or b != want_b:
+            what = (f"{a[0]} layers, the model has {cfg.num_layers}" if len(a) == 3 and a[0] != cfg.num_layers
+                    else "input/output sizes differ")
+            raise LoraConfigError(f"{name} does not fit the model: target {t!r} has A {a} and B {b}, the model "
+                                  f"needs {want_a} and {want_b} ({what})")
 
 
 def export_peft(path, lora: dict, lcfg: LoraConfig, cfg: ModelConfig, base_model: str = "") -> Path:

@@ -211,8 +211,8 @@ def device_memory_bytes(override_gib=None, preset=None) -> tuple[Optional[int], 
             value = float(override_gib)
         except (TypeError, ValueError):
             raise UserError(f"device_memory_gib must be a number of GiB, got {override_gib!r}") from None
-        if value <= 0:
-            raise UserError(f"device_memory_gib must be positive, got {override_gib!r}")
+        if not (math.isfinite(value) and value > 0):  # int(nan * GiB) would raise, inf would pass anything
+            raise UserError(f"device_memory_gib must be a positive finite number of GiB, got {override_gib!r}")
         return int(value * GiB), "config device_memory_gib"
     try:
         import jax

@@ -8,10 +8,13 @@ SIGTERM saves a checkpoint and exits cleanly.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -22,11 +25,36 @@ from diffmas_jax.cli import (UserError, config_flag_value, enable_compilation_ca
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (resumes if it holds a run)")
 
-# Fields whose change makes an existing workdir a different experiment.
-IDENTITY_FIELDS = ("model", "dtype", "method", "task", "split", "limit", "layout", "roles", "latent_steps",
-                   "realign", "communication", "visibility", "trace_grad", "lora_rank", "lora_alpha",
-                   "lora_targets", "lora_dropout", "lora_per_role", "batch_size", "steps", "grad_accum", "lr", "seed",
-                   "max_target_tokens")
+# Fields whose change makes an existing workdir a different experiment: what the adapter is
+# trained on (data, held-out split, prompts, targets, the TextMAS+SFT upstream text), the
+# model math and the optimizer with its schedule. Steps count too (the cosine schedule spans
+# them). Free to change on resume: checkpoint / eval cadence, exports, remat, trace_capacity
+# (padding only), on_nan, the mesh.
+IDENTITY_FIELDS = ("model", "dtype", "method", "task", "task_path", "split", "data_dir", "limit", "eval_items",
+                   "layout", "roles", "latent_steps", "realign", "realign_lambda", "communication", "visibility",
+                   "trace_grad", "enable_thinking", "text_max_new_tokens", "lora_rank", "lora_alpha",
+                   "lora_targets", "lora_dropout", "lora_per_role", "batch_size", "steps", "grad_accum", "lr",
+                   "warmup_steps", "weight_decay", "clip", "seed", "max_target_tokens")
+
+# The fields main() reads: a config file without them is not a DiffMAS training config.
+TRAIN_FIELDS = ("model", "dtype", "method", "task", "task_path", "split", "data_dir", "limit", "layout", "roles",
+                "latent_steps", "realign", "realign_lambda", "communication", "visibility", "trace_grad",
+                "enable_thinking", "text_max_new_tokens", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout",
+                "lora_per_role", "batch_size", "steps", "grad_accum", "lr", "warmup_steps", "weight_decay", "clip",
+                "max_target_tokens", "trace_capacity", "remat", "seed", "checkpoint_every", "keep_checkpoints",
+                "eval_every", "eval_items", "on_nan", "export_peft")
+
+
+def check_config_kind(c) -> None:
+    """UserError (one line) when the config file is not a training config of the kind its method needs,
+    e.g. an evaluation or sweep config, or the DiffMAS config with method=c2c."""
+    from diffmas_jax import train_loop
+    if c.get("method") == "c2c":
+        from diffmas_jax.c2c_training import TRAIN_FIELDS as C2C_FIELDS
+        train_loop.require_fields(c, C2C_FIELDS, "C2C training", "configs/embedded_c2c_train.py for method=c2c")
+    else:
+        train_loop.require_fields(c, TRAIN_FIELDS, "DiffMAS training" if "method" in c else "training",
+                                  "configs/embedded_train.py (or configs/embedded_c2c_train.py for method=c2c)")
 
 
 def _ints(v):
@@ -45,36 +73,98 @@ def _roles(v):
 
 
 def validate(c) -> None:
-    from diffmas_jax.train_loop import validate_loop_fields
+    """Every config value checkable without the model; UserError naming the first bad one."""
+    from diffmas_jax.config_utils import REALIGNS
+    from diffmas_jax.train_loop import finite_number, validate_loop_fields
     from diffmas_jax.training import TRACE_GRADS, TRAIN_METHODS
     if c.method not in TRAIN_METHODS:
         raise UserError(f"unknown training method {c.method!r}; known: {', '.join(TRAIN_METHODS)}")
     if c.trace_grad not in TRACE_GRADS:
         raise UserError(f"unknown trace_grad {c.trace_grad!r}; known: {', '.join(TRACE_GRADS)}")
+    if c.realign not in REALIGNS:
+        raise UserError(f"unknown realign {c.realign!r}; known: {', '.join(REALIGNS)}")
     validate_loop_fields(c)
+    if int(c.warmup_steps) < 0:
+        raise UserError(f"warmup_steps must be >= 0, got {c.warmup_steps}")
+    if not finite_number(c, "lora_alpha") > 0:
+        raise UserError(f"lora_alpha must be positive, got {c.lora_alpha}")
+    if not 0 <= finite_number(c, "lora_dropout") < 1:
+        raise UserError(f"lora_dropout must be in [0, 1), got {c.lora_dropout}")
+    if finite_number(c, "realign_lambda") < 0:
+        raise UserError(f"realign_lambda must be >= 0, got {c.realign_lambda}")
+    if int(c.text_max_new_tokens) <= 0:
+        raise UserError(f"text_max_new_tokens must be positive, got {c.text_max_new_tokens}")
+    if c.trace_capacity is not None and int(c.trace_capacity) <= 0:
+        raise UserError(f"trace_capacity must be positive (unset: what the longest batch needs), "
+                        f"got {c.trace_capacity}")
+    remat_setting(c)  # remat_policy
 
 
-def upstream_notes(model, mc, train_items, eval_items, workdir: Path, max_new_tokens: int):
-    """TextMAS+SFT: the upstream agents' text for every item, generated once by the base model."""
+def notes_settings(c, mc) -> dict:
+    """What the TextMAS+SFT upstream text depends on besides each question (the cache's key)."""
+    return json.loads(json.dumps({
+        "model": c.model, "dtype": c.dtype, "roles": [a.role for a in mc.agents()], "layout": c.layout,
+        "text_max_new_tokens": int(c.text_max_new_tokens), "enable_thinking": c.enable_thinking}))
+
+
+def _read_notes_cache(cache: Path, settings: dict) -> dict:
+    """The cached notes {item id: {"question", "notes"}} written with ``settings``; {} if none, unreadable
+    or written with other settings (the text is then generated again)."""
+    try:
+        saved = json.loads(cache.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:  # a crash can leave it empty or torn
+        print(f"warning: {cache} is unreadable ({type(e).__name__}); generating the upstream text again",
+              file=sys.stderr)
+        return {}
+    if not isinstance(saved, dict) or saved.get("settings") != settings or not isinstance(saved.get("notes"), dict):
+        print(f"note: {cache} was written with other settings; generating the upstream text again", file=sys.stderr)
+        return {}
+    return saved["notes"]
+
+
+def _cached(entry, question: str):
+    """An entry's notes as [(role, text)] if it is well formed and for this question, else None."""
+    if not (isinstance(entry, dict) and entry.get("question") == question and isinstance(entry.get("notes"), list)):
+        return None
+    notes = entry["notes"]
+    if not all(isinstance(x, list) and len(x) == 2 and all(isinstance(y, str) for y in x) for x in notes):
+        return None
+    return [tuple(x) for x in notes]
+
+
+def upstream_notes(model, mc, train_items, eval_items, workdir: Path, max_new_tokens: int,
+                   settings: Optional[dict] = None):
+    """TextMAS+SFT: the upstream agents' text for every item, generated once by the base model.
+
+    Cached in ``workdir/text_notes.json`` under ``settings`` (see :func:`notes_settings`) and
+    each item's question: other settings, another question under the same id, or an
+    unreadable file mean the text is generated again."""
     import dataclasses as dc
     from tqdm import tqdm
     from diffmas_jax.methods import speak_upstream
-    cache = workdir / "text_notes.json"
-    if cache.exists():
-        saved = json.loads(cache.read_text())
-    else:
-        saved = {}
     mc = dc.replace(mc, method="text_mas", text_max_new_tokens=max_new_tokens)
-    todo = [it for it in train_items + eval_items if it.id not in saved]
+    settings = json.loads(json.dumps(settings if settings is not None else
+                                     {"roles": [a.role for a in mc.agents()], "text_max_new_tokens": max_new_tokens,
+                                      "enable_thinking": mc.enable_thinking, "dtype": mc.compute_dtype}))
+    cache = workdir / "text_notes.json"
+    old = _read_notes_cache(cache, settings)
+    saved = {}
+    for it in train_items + eval_items:
+        notes = _cached(old.get(it.id), it.question)
+        if notes is not None:
+            saved[it.id] = {"question": it.question, "notes": [list(x) for x in notes]}
+    todo = [it for it in dict((it.id, it) for it in train_items + eval_items).values() if it.id not in saved]
     for k in tqdm(range(0, len(todo), 8), desc="upstream text", disable=not todo):
         chunk = todo[k:k + 8]
         notes, _, _ = speak_upstream(model, [it.question for it in chunk], mc)
-        saved.update({it.id: n for it, n in zip(chunk, notes)})
+        saved.update({it.id: {"question": it.question, "notes": [list(x) for x in n]} for it, n in zip(chunk, notes)})
         workdir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(saved))
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # atomic: a kill leaves old or new
+        tmp.write_text(json.dumps({"settings": settings, "notes": saved}))
         os.replace(tmp, cache)
-    get = lambda items: [[tuple(x) for x in saved[it.id]] for it in items]
+    get = lambda items: [[tuple(x) for x in saved[it.id]["notes"]] for it in items]
     return get(train_items), get(eval_items)
 
 
@@ -86,6 +176,7 @@ def main(argv) -> int:
         raise UserError("--config is required (e.g. configs/embedded_train.py)")
     if not _WORKDIR.value:
         raise UserError("--workdir is required")
+    check_config_kind(c)  # an evaluation, sweep or C2C config: one line naming what is missing
     if c.method == "c2c":  # the fuser has its own data, step and state
         from diffmas_jax.c2c_training import train_c2c
         return train_c2c(c, Path(_WORKDIR.value))
@@ -132,26 +223,39 @@ def main(argv) -> int:
     from diffmas_jax.sharding import set_active_mesh
     set_active_mesh(mesh)  # traces inside the step are pinned to this mesh's sharding
     model = load_model_checked(c.model, dtype=c.dtype, place=place)  # weights straight into their shards
-    notes = eval_notes = None
-    if c.method == "text_mas_sft":  # the base model's upstream text, written once (cached in workdir)
-        notes, eval_notes = upstream_notes(model, mc, train_items, eval_items, workdir, int(c.text_max_new_tokens))
-    data, agents = encode_items(model.tokenizer, train_items, task.answer_instruction, mc, c.method,
-                                int(c.max_target_tokens), notes=notes)
-    eval_data, _ = encode_items(model.tokenizer, eval_items, task.answer_instruction, mc, c.method,
-                                int(c.max_target_tokens), notes=eval_notes) if n_eval else (None, None)
-    latent = tuple(a.latent_steps for a in agents[:-1])
-    capacity = step_capacity(data, latent, c.trace_capacity)
-    sc = StepConfig(method=c.method, trace_grad=c.trace_grad, roles=tuple(a.role for a in agents),
-                    latent_steps=latent, up_lengths=tuple(t.shape[1] for t in data.up_tokens),
-                    solver_length=data.tokens.shape[1], capacity=capacity, lora_scale=lcfg.scale,
-                    communication=c.communication, visibility=c.visibility, remat=remat_setting(c),
-                    compute_dtype=c.dtype, lora_dropout=lcfg.dropout,
-                    max_target=int(max([data.n_target.max()] + ([eval_data.n_target.max()] if n_eval else []))))
     optimizer = make_optimizer(float(c.lr), int(c.steps), int(c.warmup_steps), float(c.weight_decay),
                                float(c.clip), int(c.grad_accum))
+    realign = make_realign(model.params, model.cfg, c.realign, float(c.realign_lambda))
+
+    def plan(notes, eval_notes):
+        """Encoded data and the step's static config (trace capacity checked)."""
+        data, agents = encode_items(model.tokenizer, train_items, task.answer_instruction, mc, c.method,
+                                    int(c.max_target_tokens), notes=notes)
+        eval_data, _ = encode_items(model.tokenizer, eval_items, task.answer_instruction, mc, c.method,
+                                    int(c.max_target_tokens), notes=eval_notes) if n_eval else (None, None)
+        latent = tuple(a.latent_steps for a in agents[:-1])
+        sc = StepConfig(method=c.method, trace_grad=c.trace_grad, roles=tuple(a.role for a in agents),
+                        latent_steps=latent, up_lengths=tuple(t.shape[1] for t in data.up_tokens),
+                        solver_length=data.tokens.shape[1], capacity=step_capacity(data, latent, c.trace_capacity),
+                        lora_scale=lcfg.scale, communication=c.communication, visibility=c.visibility,
+                        remat=remat_setting(c), compute_dtype=c.dtype, lora_dropout=lcfg.dropout,
+                        max_target=int(max([data.n_target.max()] + ([eval_data.n_target.max()] if n_eval else []))))
+        return data, eval_data, sc
+
+    notes = eval_notes = None
+    if c.method == "text_mas_sft":  # the base model's upstream text, written once (cached in workdir)
+        # Before generating (and writing text_notes.json): the checks that can fail, on the solver
+        # prompts with empty upstream text, a lower bound of what the notes make them.
+        blank = [(a.role, "") for a in mc.agents()[:-1]]
+        _, _, sc0 = plan([blank] * len(train_items), [blank] * n_eval)
+        with contextlib.redirect_stderr(io.StringIO()):  # the estimate is printed once, for the real prompts
+            memory.preflight_train(model.cfg, c, sc0, lcfg)
+        notes, eval_notes = upstream_notes(model, mc, train_items, eval_items, workdir, int(c.text_max_new_tokens),
+                                           notes_settings(c, mc))
+    data, eval_data, sc = plan(notes, eval_notes)
+    capacity = sc.capacity
     lora = init_lora(model.cfg, lcfg, jax.random.PRNGKey(c.seed), roles=sc.roles)
     opt_state = optimizer.init(lora)
-    realign = make_realign(model.params, model.cfg, c.realign, float(c.realign_lambda))
     memory.preflight_train(model.cfg, c, sc, lcfg)  # per-device estimate before compiling; error if it cannot fit
 
     train_step = make_train_step(model.cfg, sc, optimizer, mesh)

@@ -24,18 +24,47 @@ import numpy as np
 from diffmas_jax.cli import UserError
 
 
+def finite_number(c, name: str) -> float:
+    """``c[name]`` as a float; UserError unless it is a finite number (NaN and inf are refused)."""
+    v = c[name]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise UserError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def require_fields(c, fields: Sequence[str], kind: str, example: str) -> None:
+    """UserError naming the fields a trainer reads that the config file lacks (another kind of config)."""
+    missing = [f for f in fields if f not in c]
+    if not missing:
+        return
+    from diffmas_jax.cli import config_path_arg
+    path = config_path_arg(sys.argv) or "the config"
+    shown = missing if len(missing) <= 12 else missing[:10] + [f"... {len(missing) - 10} more"]
+    raise UserError(f"{path} is not a {kind} config: missing field(s) {shown}; use {example}")
+
+
 def validate_loop_fields(c, positive: Sequence[str] = ()) -> None:
-    """The config fields the loop reads; UserError naming the first bad one."""
+    """The config fields the loop and the optimizer read; UserError naming the first bad one.
+
+    Fields a config lacks are skipped here (``require_fields`` reports them)."""
     for name in ("batch_size", "steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "max_target_tokens",
                  *positive):
         if int(c[name]) <= 0:
             raise UserError(f"{name} must be positive, got {c[name]}")
     if int(c.eval_every) < 0:
         raise UserError(f"eval_every must be >= 0 (0: no held-out loss), got {c.eval_every}")
-    if not c.lr > 0:
+    if "eval_items" in c and int(c.eval_items) < 0:
+        raise UserError(f"eval_items must be >= 0 (0: no held-out items), got {c.eval_items}")
+    if not finite_number(c, "lr") > 0:
         raise UserError(f"lr must be positive, got {c.lr}")
+    if "clip" in c and not finite_number(c, "clip") > 0:
+        raise UserError(f"clip (the global gradient-norm bound) must be positive, got {c.clip}")
+    if "weight_decay" in c and finite_number(c, "weight_decay") < 0:
+        raise UserError(f"weight_decay must be >= 0, got {c.weight_decay}")
     if c.on_nan not in ("stop", "skip"):
         raise UserError(f"on_nan must be 'stop' or 'skip', got {c.on_nan!r}")
+    if c.get("device_memory_gib") is not None and not finite_number(c, "device_memory_gib") > 0:
+        raise UserError(f"device_memory_gib must be positive, got {c.device_memory_gib}")
 
 
 def check_workdir(workdir: Path, resolved: dict, identity_fields: Sequence[str]) -> None:
@@ -57,10 +86,26 @@ def check_workdir(workdir: Path, resolved: dict, identity_fields: Sequence[str])
 
 
 def split_items(c):
-    """(task, train items, held-out items): items with targets; the first ``eval_items`` (at most a fifth) held out."""
-    from diffmas_jax.tasks import get_task
-    task = get_task(c.task, **({"path": c.task_path} if c.task_path else {}))
-    items = [it for it in task.load(c.split, data_dir=c.data_dir, limit=c.limit) if it.target]
+    """(task, train items, held-out items): items with targets; the first ``eval_items`` (at most a fifth) held out.
+
+    Task errors that name the task's own options (``path``) are told in the training
+    config's words (``task_path``)."""
+    from diffmas_jax.tasks import TaskError, get_task
+    try:
+        task = get_task(c.task, **({"path": c.task_path} if c.task_path else {}))
+    except TaskError as e:
+        if c.task_path and "does not take option(s) ['path']" in str(e):
+            raise UserError(f"task {c.task!r} reads no file, but task_path is set ({c.task_path}); "
+                            "unset --config.task_path or use --config.task=jsonl") from None
+        raise
+    try:
+        loaded = task.load(c.split, data_dir=c.data_dir, limit=c.limit)
+    except TaskError as e:
+        if "pass path=" in str(e):
+            raise UserError(f"task {c.task!r} needs a file: set --config.task_path=<file.jsonl> "
+                            f"(or --config.data_dir=<dir> containing {c.split}.jsonl)") from None
+        raise
+    items = [it for it in loaded if it.target]
     if not items:
         raise UserError(f"no training items with targets in task {c.task!r} split {c.split!r}")
     n_eval = min(int(c.eval_items), len(items) // 5)
@@ -68,6 +113,32 @@ def split_items(c):
     if len(train_items) < c.batch_size:
         raise UserError(f"{len(train_items)} training items is fewer than batch_size {c.batch_size}")
     return task, train_items, eval_items
+
+
+def resume_metrics(csv_path: Path, fields: Sequence[str], start: int) -> None:
+    """metrics.csv for a run starting at step ``start``: the header and the rows up to ``start``
+    (later rows will be recomputed identically). An empty, damaged or missing file (a crash can
+    leave one) gets the header; rows that do not parse are dropped. Replaced atomically."""
+    rows = []
+    if start > 0:
+        try:
+            with open(csv_path, newline="") as f:
+                rows = list(csv.reader(f))
+        except (OSError, csv.Error, UnicodeDecodeError, ValueError):
+            rows = []
+    keep = []
+    if rows and rows[0] == list(fields):  # another header: the columns cannot be trusted
+        for r in rows[1:]:
+            try:
+                ok = len(r) == len(fields) and int(r[0]) <= start
+            except ValueError:
+                ok = False
+            if ok:
+                keep.append(r)
+    tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows([list(fields)] + keep)
+    os.replace(tmp, csv_path)
 
 
 @dataclasses.dataclass
@@ -137,13 +208,7 @@ def run(tr: Trainer, c, workdir: Path, resolved: dict, mesh=None) -> int:
     out = distributed.output_dir(workdir)
     tb = SummaryWriter(str(out / "tensorboard"))
     csv_path = out / "metrics.csv"
-    if start == 0 or not csv_path.exists():
-        with open(csv_path, "w", newline="") as f:
-            csv.writer(f).writerow(tr.fields)
-    else:  # drop rows past the checkpoint: they will be recomputed identically
-        rows = list(csv.reader(open(csv_path)))
-        with open(csv_path, "w", newline="") as f:
-            csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= start])
+    resume_metrics(csv_path, tr.fields, start)  # drop rows past the checkpoint
 
     if main_proc:
         print(tr.banner, flush=True)

@@ -741,7 +741,8 @@ def _previous_eval_run(d: Path, model: Path, items_text: Optional[str] = None, c
     config, _ = evaluate.parse_flags(["evaluate", *case_base_argv("evaluate", d, model)])
     cfg = config_utils.resolve(config)
     _w(wd / "config.json", config_text if config_text is not None else json.dumps(cfg, indent=2) + "\n")
-    rec = lambda i: json.dumps({"id": f"arith-test-{i}", "prediction": "1", "correct": False}) + "\n"
+    rec = lambda i: json.dumps({"id": f"arith-test-{i}", "prediction": "1", "correct": False,  # a finished record
+                                "prompt_tokens": 20, "generated_tokens": 1}) + "\n"
     _w(wd / "items.jsonl", items_text if items_text is not None else rec(0) + rec(1))
 
 
@@ -839,7 +840,8 @@ def bad_cases() -> list[BadCase]:
         BadCase("jsonl task without a path (data_dir has no test.jsonl)", "data", V, lambda p: ["--config.task=jsonl"],
                 ["test.jsonl", "not found"]),
         BadCase("unknown task", "data", V, lambda p: ["--config.task=nope"], ["unknown task 'nope'"]),
-        BadCase("data_dir missing", "data", V, lambda p: [f"--config.data_dir={p['d'] / 'nodata'}"], ["data_dir", "does not exist"]),
+        BadCase("data_dir missing (data-backed task; generated tasks ignore data_dir)", "data", V,
+                lambda p: ["--config.task=gsm8k", f"--config.data_dir={p['d'] / 'nodata'}"], ["data_dir", "does not exist"]),
         BadCase("data_dir without the task's file", "data", V,
                 lambda p: ["--config.task=gsm8k", f"--config.data_dir={p['d'] / 'data'}"], ["gsm8k", "not found"],
                 setup=lambda d, m: (d / "data").mkdir()),

@@ -61,3 +61,12 @@ def embedded_hf(embedded):
     import transformers
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(embedded.path), dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def jsonl_eval_config(path: Path, **kw):
+    """An evaluation config over a jsonl file, small enough for a faked model."""
+    from diffmas_jax import config_utils
+    base = dict(task="jsonl", task_options={"path": str(path)}, data_dir=None, limit=5, batch_size=2,
+                method="latent_mas", latent_steps=2, max_new_tokens=8)
+    base.update(kw)
+    return config_utils.eval_config(**base)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA_DIR, REPO
+from conftest import DATA_DIR, REPO, jsonl_eval_config
 from diffmas_jax import config_utils, evaluate as ev
 from diffmas_jax.cli import UserError
 
@@ -64,10 +64,7 @@ def fake_model(monkeypatch):
 
 
 def fake_config(path: Path, **kw):
-    base = dict(task="jsonl", task_options={"path": str(path)}, data_dir=None, limit=5, batch_size=2,
-                method="latent_mas", latent_steps=2, max_new_tokens=8)
-    base.update(kw)
-    return config_utils.eval_config(**base)
+    return jsonl_eval_config(path, **kw)
 
 
 def test_fake_run_outputs_and_summary(tmp_path, fake_model):

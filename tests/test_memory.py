@@ -138,6 +138,9 @@ def test_tight_fit_warns_and_device_memory_sources():
     assert memory.device_memory_bytes(None, PRESETS["v5p-8"]) == (PRESETS["v5p-8"].memory_bytes, "preset v5p-8")
     with pytest.raises(UserError, match="device_memory_gib must be"):
         memory.device_memory_bytes("lots")
+    for bad in (float("nan"), float("inf"), -2):  # NaN used to escape as a ValueError from int()
+        with pytest.raises(UserError, match="positive finite number of GiB"):
+            memory.device_memory_bytes(bad)
     table = est.table(16 * GiB, "Qwen/Qwen3-4B")
     for part in ("params", "lora", "optimizer", "trace", "activations", "total", "of 16.0 GiB"):
         assert part in table

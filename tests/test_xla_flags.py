@@ -126,4 +126,6 @@ def test_few_row_jits_get_ynn_dots_with_equal_results(monkeypatch):
         traced = jax.eval_shape(step, lora, opt.init(lora), params, realign, batch)  # nested (e.g. a FLOP count)
         assert traced[2]["loss"].shape == ()
     np.testing.assert_allclose(results[True][2]["loss"], results[False][2]["loss"], rtol=1e-5)
-    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-5), results[True][0], results[False][0])
+    # Adam's normalised update (lr 1e-2) magnifies summation-order noise in near-zero gradients,
+    # so the updated weights agree to 1% of one step: a wrong step would differ by about lr.
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-4), results[True][0], results[False][0])

@@ -1,6 +1,7 @@
 """Code benchmarks (EvalPlus MBPP+ and HumanEval+): generated code runs in the sandbox."""
 from __future__ import annotations
 
+import math
 import re
 
 from .base import CODE_INSTRUCTION, Item, Row, Task, TaskError, require
@@ -18,6 +19,11 @@ class CodeTask(Task):
 
     def __init__(self, timeout_s: float = 30.0, memory_mb: int = 4096):
         # 4 GiB of address space like EvalPlus: some reference solutions need over 2 GiB
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) \
+                or not math.isfinite(timeout_s) or timeout_s <= 0:
+            raise TaskError(f"task option timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
+        if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb <= 0:
+            raise TaskError(f"task option memory_mb must be a positive integer (MiB), got {memory_mb!r}")
         self.timeout_s, self.memory_mb = float(timeout_s), int(memory_mb)
 
     def program(self, item: Item, code: str) -> str:
