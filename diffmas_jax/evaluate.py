@@ -80,7 +80,7 @@ def _jsonable(x):
 
 
 def _is_count(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+    return config_utils.is_finite_number(x) and x >= 0
 
 
 def _is_number_list(x) -> bool:

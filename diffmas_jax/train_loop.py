@@ -26,8 +26,9 @@ from diffmas_jax.cli import UserError
 
 def finite_number(c, name: str) -> float:
     """``c[name]`` as a float; UserError unless it is a finite number (NaN and inf are refused)."""
+    from diffmas_jax.config_utils import is_finite_number
     v = c[name]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if not is_finite_number(v):
         raise UserError(f"{name} must be a finite number, got {v!r}")
     return float(v)
 
