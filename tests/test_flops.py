@@ -78,6 +78,14 @@ def test_bench_train_quick_reports_both_counts_and_matching_losses(tmp_path, emb
     j = row["diffmas_jax"]
     assert j["first_call_split"]["trace_s"] > 0  # counting the FLOPs run must not pre-trace the timed call
     assert j["implementation_share_of_peak"] == pytest.approx(j["mfu"] * row["implementation_flops"] / row["flops"])
+    # the peak is the fastest matmul measured: XLA's dots, YNNPACK's (where the step uses them), torch.mm
+    from diffmas_jax.xla_cpu import ynn_dot_options
+    machine = report["machine"]
+    emitters = machine["matmul_peak"]["emitters"]
+    assert set(emitters) == ({"xla", "ynnpack"} if ynn_dot_options() else {"xla"})
+    measured = [e["flop_s"] for e in emitters.values()] + [machine["torch_matmul_peak"]["flop_s"]]
+    assert machine["peak_flop_s"] == max(measured)
+    assert j["mfu"] == pytest.approx(row["flops"] / j["median_s"] / max(measured))
     jax_loss, torch_loss = report["checks"]["B2_full_first_loss_jax_vs_torch"]
     assert jax_loss == pytest.approx(torch_loss, rel=1e-4)
     assert "% of peak, FLOPs run" in next(out.glob("train_*.md")).read_text()
