@@ -108,7 +108,7 @@ def matmul_peak(n: int, repeats: int, compiler_options=None):
     import jax.numpy as jnp
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     bm = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    f = jax.jit(jnp.dot, compiler_options=compiler_options or None)
+    f = jax.jit(jnp.dot, compiler_options=compiler_options)
     jax.block_until_ready(f(a, bm))
     med, samples, _ = median_time(lambda: jax.block_until_ready(f(a, bm)), repeats)
     return 2 * n ** 3 / med, med, samples
@@ -120,9 +120,8 @@ def jax_matmul_peaks(n: int, repeats: int) -> dict:
     The train step's GEMMs run on YNNPACK there, and YNNPACK's 2048^3 dot ran 30% faster
     than XLA's here (2026-12-06), so a peak from XLA's alone would overstate "% of peak"."""
     from diffmas_jax.xla_cpu import ynn_dot_options
-    emitters = {"xla": None}
-    if ynn_dot_options():
-        emitters["ynnpack"] = ynn_dot_options()
+    ynn = ynn_dot_options()
+    emitters = {"xla": None, "ynnpack": ynn} if ynn else {"xla": None}
     out = {}
     for name, opts in emitters.items():
         flop_s, med, samples = matmul_peak(n, repeats, opts)
