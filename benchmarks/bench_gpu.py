@@ -74,6 +74,8 @@ def parse_args(argv=None):
     ap.add_argument("--profile", help="trace two steps of each train row into DIR/<row> and print where the time goes")
     ap.add_argument("--decode-batches", default="1,8,32", help="comma list; empty: no decode rows")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--label", default="", help="a name for this run's variant (e.g. the XLA flags it tests): "
+                    "added to the file names and the report")
     return ap.parse_args(argv)
 
 
@@ -267,9 +269,11 @@ def main(argv=None):
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
-    path = out_dir / f"gpu_{stamp}{'_quick' if q else ''}"
+    path = out_dir / f"gpu_{stamp}{'_quick' if q else ''}{'_' + args.label if args.label else ''}"
+    # XLA_FLAGS as in force (diffmas_jax's import may add its defaults): A/B runs differ only here.
     report = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "jax": jax.__version__,
-              "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()], "shapes": {}}
+              "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+              "label": args.label, "xla_flags": os.environ.get("XLA_FLAGS", ""), "shapes": {}}
     device = "cpu"
     if not args.skip_torch:
         import torch
@@ -368,7 +372,9 @@ def main(argv=None):
 
 def render(report, flop_peak, bw_peak):
     p = report["peaks"]
-    lines = [f"## Accelerator benchmark ({p['device']}, {report['date'][:10]})", "",
+    label = f", {report['label']}" if report.get("label") else ""
+    lines = [f"## Accelerator benchmark ({p['device']}, {report['date'][:10]}{label})", "",
+             f"XLA_FLAGS: `{report['xla_flags']}`" if report.get("xla_flags") else "XLA_FLAGS: none", "",
              f"jax {report['jax']} ({report['backend']}); torch {report.get('torch', 'n/a')}, transformers "
              f"{report.get('transformers', 'n/a')}. bf16 both sides, random init. Measured: bf16 matmul "
              f"{p['matmul_flop_s'] / 1e12:.0f} TFLOP/s ({p['matmul_n']}^3), copy {p['copy_bytes_s'] / 1e12:.2f} TB/s. "

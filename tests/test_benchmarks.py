@@ -1,6 +1,7 @@
 """The accelerator benchmark's smoke path on CPU: rows per variant, a failing variant recorded
 as an error row (the others go on), and the profile summary read back from a real trace."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,36 @@ def test_bench_history_spreads_and_met_counts(tmp_path):
     r = subprocess.run(cmd[:-4] + ["--since", "2027-01-01", "--out", str(out)], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: no full bench_all run")
+
+
+def test_gpu_session_script_runs_its_parts_under_one_deadline(tmp_path):
+    """benchmarks/gpu_session.sh, the prepared script for a lent GPU: each part is its own
+    bench_gpu process whose XLA_FLAGS and label reach the report; a part without time left is
+    skipped and says so; bad input is one error line; files already in OUT_DIR survive."""
+    script = str(REPO / "benchmarks/gpu_session.sh")
+    env = dict(os.environ, PYTHON=sys.executable)
+    r = subprocess.run([script], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: no OUT_DIR given"
+    r = subprocess.run([script, str(tmp_path), "--fast"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "unknown option '--fast'" in r.stderr
+    r = subprocess.run([script, str(tmp_path)], capture_output=True, text=True, env=dict(env, PARTS="sft_dsf bogus"))
+    assert r.returncode == 2 and "unknown part 'bogus'" in r.stderr and not list(tmp_path.iterdir())
+
+    (tmp_path / "session.log").write_text("an earlier session\n")
+    r = subprocess.run([script, str(tmp_path), "--quick"], capture_output=True, text=True,
+                       env=dict(env, PARTS="sft_default", DEADLINE_S="0"))
+    assert r.returncode == 0 and "sft_default: skipped, 0s left" in r.stdout
+    assert not list(tmp_path.glob("gpu_*"))
+    r = subprocess.run([script, str(tmp_path), "--quick"], capture_output=True, text=True,
+                       env=dict(env, PARTS="sft_dsf"), timeout=600)
+    assert r.returncode == 0, (r.stdout + (tmp_path / "session.log").read_text())[-3000:]
+    log = (tmp_path / "session.log").read_text()
+    assert log.startswith("an earlier session\n") and "sft_dsf: done" in log
+    report = json.loads(next(tmp_path.glob("gpu_*_quick_sft_dsf.json")).read_text())
+    assert report["label"] == "sft_dsf"
+    assert "--xla_gpu_enable_dynamic_slice_fusion=true" in report["xla_flags"].split()
+    (row,) = report["shapes"]["tiny"]["train"]
+    assert row["remat"] == "dots" and row["jax"]["tok_s"] > 0 and row["jax"]["profile"]["total_ms"] > 0
+    md = next(tmp_path.glob("gpu_*_quick_sft_dsf.md")).read_text()
+    assert md.startswith("## Accelerator benchmark (cpu, ") and ", sft_dsf)" in md.splitlines()[0]
+    assert "--xla_gpu_enable_dynamic_slice_fusion=true" in md.splitlines()[2]
