@@ -27,6 +27,7 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -75,8 +76,11 @@ def parse_args(argv=None):
     ap.add_argument("--decode-batches", default="1,8,32", help="comma list; empty: no decode rows")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--label", default="", help="a name for this run's variant (e.g. the XLA flags it tests): "
-                    "added to the file names and the report")
-    return ap.parse_args(argv)
+                    "added to the file names and the report; letters, digits, '.', '_', '-'")
+    args = ap.parse_args(argv)
+    if args.label and not re.fullmatch(r"[A-Za-z0-9._-]+", args.label):
+        ap.error(f"--label {args.label!r}: use letters, digits, '.', '_' and '-' only (it becomes part of file names)")
+    return args
 
 
 def sync_torch():

@@ -36,7 +36,8 @@ parts=${PARTS:-sft_default sft_dsf diffmas4}
 for p in $parts; do
   case "$p" in sft_default|sft_dsf|diffmas4) ;; *) echo "error: unknown part '$p' in PARTS (sft_default, sft_dsf, diffmas4)" >&2; exit 2;; esac
 done
-if [ ${#quick[@]} -gt 0 ]; then shape=(--shape tiny); else shape=(--shape qwen3-1.7b); fi
+# --quick: the tiny shape and bench_gpu's one repeat; on the GPU three repeats a row.
+if [ ${#quick[@]} -gt 0 ]; then shape=(--shape tiny); reps=(); else shape=(--shape qwen3-1.7b); reps=(--repeats 3); fi
 mkdir -p "$out"
 prof=$(mktemp -d)
 log="$out/session.log"
@@ -53,7 +54,7 @@ part() {
   if [ "$left" -lt "$min_part_s" ]; then note "$name: skipped, ${left}s left of the deadline"; return 0; fi
   note "$name: XLA_FLAGS='$flags', ${left}s left"
   local rc=0
-  XLA_FLAGS=$flags timeout -k 10 "$left" "$py" "$here/bench_gpu.py" "${shape[@]}" "${quick[@]}" --skip-torch \
+  XLA_FLAGS=$flags timeout -k 10 "$left" "$py" "$here/bench_gpu.py" "${shape[@]}" "${quick[@]}" "${reps[@]}" --skip-torch \
     --out "$out" --label "$name" "$@" >> "$log" 2>&1 || rc=$?
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then note "$name: stopped at the deadline (rows finished so far are kept)"
   elif [ "$rc" -ne 0 ]; then note "$name: exit $rc (see above)"; failures=$(( failures + 1 )); else note "$name: done"; fi
@@ -62,10 +63,10 @@ part() {
 for p in $parts; do
   case "$p" in
     sft_default) part sft_default "${XLA_FLAGS:-}" --cases sft8 --remat dots --attention xla --decode-batches 1,8 \
-                   --repeats 3 --profile "$prof/sft_default";;
+                   --profile "$prof/sft_default";;
     sft_dsf) part sft_dsf "${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_dynamic_slice_fusion=true" --cases sft8 \
-               --remat dots --attention xla --decode-batches= --repeats 3 --profile "$prof/sft_dsf";;
-    diffmas4) part diffmas4 "${XLA_FLAGS:-}" --cases diffmas4 --modes stop,full --decode-batches= --repeats 3;;
+               --remat dots --attention xla --decode-batches= --profile "$prof/sft_dsf";;
+    diffmas4) part diffmas4 "${XLA_FLAGS:-}" --cases diffmas4 --modes stop,full --decode-batches=;;
   esac
 done
 rm -rf "$prof"

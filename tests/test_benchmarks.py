@@ -12,10 +12,18 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_gpu_quick_variants_and_profile(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks/bench_gpu.py"), "--quick", "--shape", "tiny", "--skip-torch",
            "--out", str(tmp_path), "--cases", "sft8", "--attention", "xla,cudnn", "--remat", "dots",
-           "--decode-batches", "1", "--profile", str(tmp_path / "prof")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+           "--decode-batches", "1", "--profile", str(tmp_path / "prof"), "--label", "dsf"]
+    flag = "--xla_gpu_enable_dynamic_slice_fusion=true"  # a GPU flag: XLA:CPU accepts and ignores it
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, XLA_FLAGS=flag))
     assert r.returncode == 0, r.stderr[-2000:]
-    report = json.loads(next(tmp_path.glob("gpu_*.json")).read_text())
+    report = json.loads(next(tmp_path.glob("gpu_*_quick_dsf.json")).read_text())
+    assert report["label"] == "dsf" and flag in report["xla_flags"].split()  # A/B runs told apart
+    md_lines = next(tmp_path.glob("gpu_*_quick_dsf.md")).read_text().splitlines()
+    assert md_lines[0].endswith(", dsf)") and flag in md_lines[2]
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_gpu.py"), "--label", "a/b"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "--label 'a/b': use letters, digits, '.', '_' and '-' only (it becomes part of file names)")
     rows = report["shapes"]["tiny"]["train"]
     assert [row["attention"] for row in rows] == ["xla", "cudnn"]
     xla, cudnn = rows
@@ -165,33 +173,43 @@ def test_bench_history_spreads_and_met_counts(tmp_path):
 
 
 def test_gpu_session_script_runs_its_parts_under_one_deadline(tmp_path):
-    """benchmarks/gpu_session.sh, the prepared script for a lent GPU: each part is its own
-    bench_gpu process whose XLA_FLAGS and label reach the report; a part without time left is
-    skipped and says so; bad input is one error line; files already in OUT_DIR survive."""
+    """benchmarks/gpu_session.sh, the prepared script for a lent GPU, with a stand-in for python
+    that records each call: each part gets its own XLA_FLAGS and label; a failing part makes the
+    exit status 1 and the next part still runs; the deadline stops a part that runs on and skips
+    one with no time left; bad input is one error line; an earlier log survives. (bench_gpu's own
+    handling of --label and XLA_FLAGS is checked by test_bench_gpu_quick_variants_and_profile.)"""
     script = str(REPO / "benchmarks/gpu_session.sh")
-    env = dict(os.environ, PYTHON=sys.executable)
+    record, fake = tmp_path / "calls.txt", tmp_path / "fake_python"
+    fake.write_text('#!/usr/bin/env bash\necho "$XLA_FLAGS|$*" >> "$RECORD"\n'
+                    'case "$*" in *"--label sft_dsf"*) exit 1;; *"--label diffmas4"*) exec sleep 60;; esac\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), RECORD=str(record), XLA_FLAGS="--xla_dump_to=/tmp/x")
+    out = tmp_path / "out"
     r = subprocess.run([script], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == "error: no OUT_DIR given"
-    r = subprocess.run([script, str(tmp_path), "--fast"], capture_output=True, text=True, env=env)
+    r = subprocess.run([script, str(out), "--fast"], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "unknown option '--fast'" in r.stderr
-    r = subprocess.run([script, str(tmp_path)], capture_output=True, text=True, env=dict(env, PARTS="sft_dsf bogus"))
-    assert r.returncode == 2 and "unknown part 'bogus'" in r.stderr and not list(tmp_path.iterdir())
+    r = subprocess.run([script, str(out)], capture_output=True, text=True, env=dict(env, PARTS="sft_dsf bogus"))
+    assert r.returncode == 2 and "unknown part 'bogus'" in r.stderr and not out.exists() and not record.exists()
 
-    (tmp_path / "session.log").write_text("an earlier session\n")
-    r = subprocess.run([script, str(tmp_path), "--quick"], capture_output=True, text=True,
+    out.mkdir()
+    (out / "session.log").write_text("an earlier session\n")
+    r = subprocess.run([script, str(out)], capture_output=True, text=True, timeout=60,
+                       env=dict(env, DEADLINE_S="5", MIN_PART_S="1"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    calls = [line.split("|") for line in record.read_text().splitlines()]
+    assert [c[1].split("--label ")[1].split()[0] for c in calls] == ["sft_default", "sft_dsf", "diffmas4"]
+    assert [c[0] for c in calls] == ["--xla_dump_to=/tmp/x", "--xla_dump_to=/tmp/x --xla_gpu_enable_dynamic_slice_fusion=true",
+                                     "--xla_dump_to=/tmp/x"]
+    for c in calls:
+        assert all(a in c[1] for a in ("--shape qwen3-1.7b", "--repeats 3", "--skip-torch", f"--out {out}")), c
+    assert "--cases sft8" in calls[1][1] and "--decode-batches=" in calls[1][1] and "--profile" in calls[1][1]
+    log = (out / "session.log").read_text()
+    assert log.startswith("an earlier session\n")
+    assert "sft_default: done" in log and "sft_dsf: exit 1" in log
+    assert "diffmas4: stopped at the deadline" in log and "1 part(s) failed" in log
+
+    record.unlink()
+    r = subprocess.run([script, str(out), "--quick"], capture_output=True, text=True,
                        env=dict(env, PARTS="sft_default", DEADLINE_S="0"))
-    assert r.returncode == 0 and "sft_default: skipped, 0s left" in r.stdout
-    assert not list(tmp_path.glob("gpu_*"))
-    r = subprocess.run([script, str(tmp_path), "--quick"], capture_output=True, text=True,
-                       env=dict(env, PARTS="sft_dsf"), timeout=600)
-    assert r.returncode == 0, (r.stdout + (tmp_path / "session.log").read_text())[-3000:]
-    log = (tmp_path / "session.log").read_text()
-    assert log.startswith("an earlier session\n") and "sft_dsf: done" in log
-    report = json.loads(next(tmp_path.glob("gpu_*_quick_sft_dsf.json")).read_text())
-    assert report["label"] == "sft_dsf"
-    assert "--xla_gpu_enable_dynamic_slice_fusion=true" in report["xla_flags"].split()
-    (row,) = report["shapes"]["tiny"]["train"]
-    assert row["remat"] == "dots" and row["jax"]["tok_s"] > 0 and row["jax"]["profile"]["total_ms"] > 0
-    md = next(tmp_path.glob("gpu_*_quick_sft_dsf.md")).read_text()
-    assert md.startswith("## Accelerator benchmark (cpu, ") and ", sft_dsf)" in md.splitlines()[0]
-    assert "--xla_gpu_enable_dynamic_slice_fusion=true" in md.splitlines()[2]
+    assert r.returncode == 0 and "sft_default: skipped, 0s left" in r.stdout and not record.exists()
