@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import xla_env
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -14,7 +16,7 @@ def test_bench_gpu_quick_variants_and_profile(tmp_path):
            "--out", str(tmp_path), "--cases", "sft8", "--attention", "xla,cudnn", "--remat", "dots",
            "--decode-batches", "1", "--profile", str(tmp_path / "prof"), "--label", "dsf"]
     flag = "--xla_gpu_enable_dynamic_slice_fusion=true"  # a GPU flag: XLA:CPU accepts and ignores it
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, XLA_FLAGS=flag))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=xla_env(flag))
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(next(tmp_path.glob("gpu_*_quick_dsf.json")).read_text())
     assert report["label"] == "dsf" and flag in report["xla_flags"].split()  # A/B runs told apart

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import xla_env
+
 SCRIPT = textwrap.dedent('''
     import json, sys, time
     t0 = time.time()
@@ -123,9 +125,7 @@ def test_sharded_c2c_step_equals_one_device(tmp_path):
     both models loaded into their shards by their own configs, the batch over data x fsdp,
     the fuser replicated; same loss, gradients and updated fuser as on one device. Then a
     chain of two agents (sharer = receiver): the same updated fuser."""
-    # Less LLVM optimisation: compiles take half as long; both sides compile alike.
-    flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {flags}", JAX_PLATFORMS="cpu")
+    env = xla_env("--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     code = SCRIPT.format(tests=os.path.dirname(__file__), tmp=str(tmp_path), shape=(2, 2, 2))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import xla_env
+
 from diffmas_jax import distributed
 from diffmas_jax.cli import UserError
 
@@ -79,7 +81,7 @@ def run_two_processes(code: str, *args: str, timeout: int = 120) -> list:
         port = s.getsockname()[1]
     procs = []
     for pid in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+        env = xla_env("--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen([sys.executable, "-c", code, *args], env=env, cwd=str(REPO),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

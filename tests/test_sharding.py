@@ -7,6 +7,8 @@ import textwrap
 
 import pytest
 
+from conftest import xla_env
+
 SCRIPT = textwrap.dedent('''
     import os, sys, json
     import jax, jax.numpy as jnp, numpy as np
@@ -116,7 +118,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_sharded_forward_equals_unsharded_and_params_shrink(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = xla_env("--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     code = SCRIPT.format(tests=os.path.dirname(__file__), tmp=str(tmp_path))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,10 +1,11 @@
 """Orbax checkpoints restore onto a different mesh (8 simulated CPU devices in a fresh
 process: XLA_FLAGS must be set before jax is imported)."""
 import json
-import os
 import subprocess
 import sys
 import textwrap
+
+from conftest import xla_env
 
 SCRIPT = textwrap.dedent('''
     import json, shutil, sys
@@ -81,7 +82,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_checkpoint_saved_on_4x2_restores_on_8x1_and_1x1(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = xla_env("--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     code = SCRIPT.format(tmp=str(tmp_path))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
