@@ -8,6 +8,17 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The tests check results, not speed, and most of their time is XLA compiling programs: with
+# LLVM at optimisation level 0 the whole suite ran in 22.0 min against 29.8 min at XLA's default
+# (cold compilation caches, 2026-12-07; the 8-device sharding check alone 116 -> 80 s). GEMMs
+# are library calls either way; only the elementwise fusions run unoptimised, which costs the few
+# tests that run many steps (overfitting one batch: 23 -> 33 s). Child processes inherit it.
+# DIFFMAS_TEST_FULL_OPT=1 runs the suite at XLA's default level, as users run.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if os.environ.get("DIFFMAS_TEST_FULL_OPT") != "1" and "xla_backend_optimization_level" not in os.environ.get(
+        "XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data"
 
@@ -42,18 +53,10 @@ def save_tiny_model(path: Path, family: str, seed: int = 0, **overrides) -> Path
     return path
 
 
-# A child process over tiny models spends its time compiling, and LLVM at optimisation level 0
-# compiles XLA:CPU programs about a third faster (the 8-device sharding check: 116 -> 80 s); the
-# GEMMs are library calls either way. Not for the whole suite: the embedded model's tests run
-# their elementwise fusions long enough that level 0 loses (26.3 against 21.2 min, 2026-12-07).
-TINY_MODEL_XLA_FLAGS = ("--xla_backend_optimization_level=0",)
-
-
 def xla_env(*flags: str, **env) -> dict:
-    """os.environ for a child process that runs tiny models: XLA_FLAGS plus the tiny-model
-    flags and ``flags`` (XLA reads them once per process, so simulated devices need a fresh one)."""
-    joined = " ".join([os.environ.get("XLA_FLAGS", ""), *TINY_MODEL_XLA_FLAGS, *flags]).strip()
-    return dict(os.environ, XLA_FLAGS=joined, **env)
+    """os.environ for a child process with ``flags`` added to the suite's XLA_FLAGS (XLA reads
+    them once per process, so simulated devices need a fresh one)."""
+    return dict(os.environ, XLA_FLAGS=" ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip(), **env)
 
 
 @pytest.fixture
