@@ -9,8 +9,8 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The tests check results, not speed, and most of their time is XLA compiling programs: with
-# LLVM at optimisation level 0 the whole suite ran in 22.0 min against 29.8 min at XLA's default
-# (cold compilation caches, 2026-12-07; the 8-device sharding check alone 116 -> 80 s). GEMMs
+# LLVM at optimisation level 0 the whole suite ran in 22.0 and 26.3 min against 29.8 min at XLA's
+# default (cold compilation caches, 2026-12-07; the 8-device sharding check alone 116 -> 80 s). GEMMs
 # are library calls either way; only the elementwise fusions run unoptimised, which costs the few
 # tests that run many steps (overfitting one batch: 23 -> 33 s). Child processes inherit it.
 # DIFFMAS_TEST_FULL_OPT=1 runs the suite at XLA's default level, as users run.
