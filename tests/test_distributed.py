@@ -82,7 +82,7 @@ def run_two_processes(code: str, *args: str, timeout: int = 120) -> list:
     procs = []
     for pid in range(2):
         env = xla_env("--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+                      JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen([sys.executable, "-c", code, *args], env=env, cwd=str(REPO),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = []
