@@ -129,3 +129,17 @@ def test_few_row_jits_get_ynn_dots_with_equal_results(monkeypatch):
     # Adam's normalised update (lr 1e-2) magnifies summation-order noise in near-zero gradients,
     # so the updated weights agree to 1% of one step: a wrong step would differ by about lr.
     jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-4), results[True][0], results[False][0])
+
+
+def test_suite_and_its_children_compile_at_llvm_level_0():
+    """The suite's time (README, Tests) rests on conftest's level-0 flag: in force here unless
+    DIFFMAS_TEST_FULL_OPT=1, and kept by xla_env under the flags a child adds."""
+    from conftest import TEST_XLA_FLAGS, xla_env
+    if os.environ.get("DIFFMAS_TEST_FULL_OPT") == "1":
+        assert TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", "").split()
+    else:
+        assert TEST_XLA_FLAGS in os.environ["XLA_FLAGS"].split()
+    env = xla_env("--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    assert env["XLA_FLAGS"].split() == [*os.environ.get("XLA_FLAGS", "").split(),
+                                        "--xla_force_host_platform_device_count=8"]
+    assert env["JAX_PLATFORMS"] == "cpu"
