@@ -187,11 +187,9 @@ def load_config(model_dir: Path) -> ModelConfig:
 
 
 def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    """The directory's tokenizer as ``AutoTokenizer`` picks it (see ``tokenizer.py``)."""
+    from diffmas_jax.model import tokenizer
+    return tokenizer.load_tokenizer(model_dir, cache_root())
 
 
 def load_model(name_or_path: Optional[str] = None, dtype="float32", place=None,
