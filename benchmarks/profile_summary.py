@@ -57,15 +57,22 @@ def self_times(events) -> list:
     return [(e, max(ns, 0.0)) for e, ns in out]
 
 
-def pool_region_ns(events) -> float:
-    """Time one line's thread spent inside pool work regions (StartRegion to StopRegion marks)."""
-    total, start = 0.0, None
+def pool_regions(events) -> list:
+    """(start_ns, stop_ns) of each pool work region on one line (StartRegion to StopRegion marks);
+    a region still open at the end of the trace is left out."""
+    regions, start = [], None
     for e in sorted(events, key=lambda e: e.start_ns):
         if e.name == POOL_MARKERS + "StartRegion":
             start = e.start_ns
         elif e.name == POOL_MARKERS + "StopRegion" and start is not None:
-            total, start = total + e.start_ns - start, None
-    return total
+            regions.append((start, e.start_ns))
+            start = None
+    return regions
+
+
+def pool_region_ns(events) -> float:
+    """Time one line's thread spent inside pool work regions."""
+    return float(sum(stop - start for start, stop in pool_regions(events)))
 
 
 def op_family(name: str) -> str:
@@ -83,17 +90,22 @@ def summarize(trace_dir: str, top: int = 30, steps: int = 1) -> dict:
              [p for p in data.planes if p.name.startswith("/host:CPU")]
     by_kernel, by_op, by_line = collections.Counter(), collections.Counter(), collections.Counter()
     count = collections.Counter()
-    first, last, pool_ns = float("inf"), 0.0, 0.0
+    first, last, pool_ns, working = float("inf"), 0.0, 0.0, set()
     for plane in planes:
         for line in plane.lines:
             if line.name in AGGREGATE_LINES:
                 continue
-            pool_ns += pool_region_ns(line.events)
+            regions = pool_regions(line.events)
+            if regions:  # a thread that only helped (no events of its own) still worked
+                working.add(f"{plane.name} {line.name}")
+                pool_ns += sum(stop - start for start, stop in regions)
+                first, last = min(first, regions[0][0]), max(last, regions[-1][1])
             for ev, ns in self_times(line.events):
                 if ev.name.endswith(WAITS) or ev.name.startswith(POOL_MARKERS):
                     continue
                 first, last = min(first, ev.start_ns), max(last, ev.start_ns + ev.duration_ns)
                 ms = ns / 1e6 / steps
+                working.add(f"{plane.name} {line.name}")
                 by_line[f"{plane.name} {line.name}"] += ms
                 by_kernel[ev.name] += ms
                 count[ev.name] += 1
@@ -110,7 +122,7 @@ def summarize(trace_dir: str, top: int = 30, steps: int = 1) -> dict:
     pool_ms = pool_ns / 1e6 / steps
     return {"planes": [p.name for p in planes], "lines_ms": dict(by_line.most_common(12)), "total_ms": total,
             "span_ms": span_ms, "pool_ms": pool_ms, "unattributed_ms": max(pool_ms - total, 0.0),
-            "busy_threads": max(pool_ms, total) / span_ms if span_ms else 0.0,
+            "threads": len(working), "busy_threads": max(pool_ms, total) / span_ms if span_ms else 0.0,
             "kernels_ms": [(k, round(v, 3), count[k] // steps) for k, v in by_kernel.most_common(top)],
             "ops_ms": [(k, round(v, 3)) for k, v in by_op.most_common(top)],
             "families_ms": [(k, round(v, 3), family_calls[k]) for k, v in by_family.most_common(top)],
@@ -119,7 +131,8 @@ def summarize(trace_dir: str, top: int = 30, steps: int = 1) -> dict:
 
 def render(summary: dict) -> str:
     lines = [f"planes {summary['planes']}; self time {summary['total_ms']:.2f} ms per step over a "
-             f"{summary.get('span_ms', 0):.2f} ms span; {summary.get('busy_threads', 0):.2f} threads busy on average"
+             f"{summary.get('span_ms', 0):.2f} ms span; {summary.get('busy_threads', 0):.2f} "
+             + (f"of {summary['threads']} " if "threads" in summary else "") + "threads busy on average"
              + (f", {summary['unattributed_ms']:.2f} ms of pool work named by no event (library helpers)"
                 if summary.get("unattributed_ms") else ""),
              "lines: " + ", ".join(f"{k}: {v:.2f}" for k, v in summary["lines_ms"].items()), "kernels (ms/step, calls):"]

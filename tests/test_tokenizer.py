@@ -71,6 +71,16 @@ def test_changed_files_or_a_torn_cache_ask_autotokenizer_again(tmp_path, embedde
     assert remembered_class(model_dir, cache) is type(tok)
 
 
+def test_only_the_latest_choices_are_kept(tmp_path, embedded, monkeypatch):
+    from diffmas_jax.model import tokenizer
+    monkeypatch.setattr(tokenizer, "MAX_REMEMBERED", 2)
+    dirs = [tokenizer_dir(tmp_path / f"m{i}", embedded, "llama", None) for i in range(3)]
+    cache = tmp_path / "cache"
+    for d in dirs:
+        tokenizer.load_tokenizer(d, cache)
+    assert [tokenizer.remembered_class(d, cache) is not None for d in dirs] == [False, True, True]
+
+
 def test_a_later_process_loads_the_tokenizer_without_importing_torch(tmp_path, embedded):
     pytest.importorskip("torch")  # without torch installed there is nothing to avoid
     model_dir = tokenizer_dir(tmp_path / "m", embedded, "llama", None)

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 CLASS_CACHE_FILE = "tokenizer_classes.json"
+MAX_REMEMBERED = 256  # the oldest choices go first (temporary model dirs would grow it forever)
 # The files AutoTokenizer's choice depends on (config.json: model_type and tokenizer_class).
 _DECIDING_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "tokenizer.model",
                    "special_tokens_map.json")
@@ -48,7 +49,9 @@ def _remember(path: Path, key: str, cls: type) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         choices = _read_choices(path)
+        choices.pop(key, None)
         choices[key] = {"module": cls.__module__, "name": cls.__qualname__}
+        choices = dict(list(choices.items())[-MAX_REMEMBERED:])
         fd, tmp = tempfile.mkstemp(prefix=path.name, dir=path.parent)
         with os.fdopen(fd, "w") as f:
             json.dump(choices, f, indent=1)
