@@ -59,6 +59,23 @@ def xla_env(*flags: str, **env) -> dict:
     return dict(os.environ, XLA_FLAGS=" ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip(), **env)
 
 
+def tensorboard_scalars(logdir: Path) -> dict:
+    """{tag: [(step, value), ...]} from the TensorBoard event files under ``logdir`` (records are
+    length, length CRC, an ``Event`` proto, data CRC)."""
+    import struct
+    from tensorboardX.proto import event_pb2
+    scalars: dict = {}
+    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return scalars
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     def make(family="llama", seed=0, **overrides):

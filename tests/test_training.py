@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tensorboard_scalars
 from diffmas_jax.lora import (LoraConfig, LoraConfigError, export_merged, export_peft, init_lora, load_adapter,
                               merge_lora, save_adapter)
 from diffmas_jax.methods import MethodConfig
@@ -268,6 +269,7 @@ def test_kill_and_resume_matches_uninterrupted(chat_dir, tmp_path):
     ref = subprocess.run(train_cmd(chat_dir, tmp_path / "ref", *extra), capture_output=True, text=True, env=env,
                          timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]
+    assert [step for step, _ in tensorboard_scalars(tmp_path / "ref" / "tensorboard")["train/loss"]] == list(range(1, 9))
     proc = subprocess.Popen(train_cmd(chat_dir, tmp_path / "run", *extra), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
     ck = tmp_path / "run" / "checkpoints"
