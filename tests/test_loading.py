@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,6 +28,40 @@ def test_sharded_checkpoint_with_index(tmp_path):
         ref = model(torch.tensor(ids)).logits.numpy()
     out = jit_forward(m.params, m.cfg, KVTrace.create(m.cfg, 1, 16), tokens=jnp.asarray(ids))
     np.testing.assert_allclose(out.logits, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("load_dtype", ["float32", "bfloat16"])
+def test_bfloat16_checkpoint_loads_exactly(tmp_path, load_dtype):
+    """Most Hub checkpoints store bfloat16, which numpy has no type for: those tensors are read
+    through JAX, the others straight into numpy; every value arrives exact, in either dtype."""
+    import torch
+    import transformers
+    from conftest import make_hf_config
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(make_hf_config("qwen2", tie_word_embeddings=False))
+    model = model.to(torch.bfloat16)
+    model.model.norm.weight.data = model.model.norm.weight.data.float()  # a float32 tensor beside them
+    model.save_pretrained(tmp_path / "bf16")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), framework="numpy") as f:
+        stored = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert stored == {"BF16", "F32"}
+    m = load_model(str(tmp_path / "bf16"), dtype=load_dtype, with_tokenizer=False)
+    want = jnp.dtype(load_dtype)
+    assert {a.dtype for a in jax.tree.leaves(m.params)} == {want}
+    sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    np.testing.assert_array_equal(np.asarray(m.params["layers"]["q"]["kernel"][1], np.float32),
+                                  sd["model.layers.1.self_attn.q_proj.weight"].T)
+    np.testing.assert_array_equal(np.asarray(m.params["layers"]["q"]["bias"][0], np.float32),
+                                  sd["model.layers.0.self_attn.q_proj.bias"])
+    np.testing.assert_array_equal(np.asarray(m.params["embed"], np.float32), sd["model.embed_tokens.weight"])
+    if load_dtype == "float32":
+        np.testing.assert_array_equal(np.asarray(m.params["final_norm"]), sd["model.norm.weight"])
+        ids = np.arange(3, 19)[None]
+        with torch.no_grad():
+            ref = model.float()(torch.tensor(ids)).logits.numpy()
+        out = jit_forward(m.params, m.cfg, KVTrace.create(m.cfg, 1, 16), tokens=jnp.asarray(ids))
+        np.testing.assert_allclose(out.logits, ref, atol=1e-4)
 
 
 def test_missing_path():
