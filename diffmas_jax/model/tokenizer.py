@@ -71,7 +71,11 @@ def _uses_remote_code(model_dir: Path) -> bool:
 def remembered_class(model_dir: Path, cache_dir: Path):
     """The tokenizer class AutoTokenizer picked for ``model_dir`` before, or None."""
     import transformers
-    entry = _read_choices(cache_dir / CLASS_CACHE_FILE).get(_choice_key(model_dir, transformers.__version__))
+    return _class_for(_choice_key(model_dir, transformers.__version__), cache_dir)
+
+
+def _class_for(key: str, cache_dir: Path):
+    entry = _read_choices(cache_dir / CLASS_CACHE_FILE).get(key)
     if not entry or not str(entry.get("module", "")).startswith("transformers."):
         return None
     try:
@@ -86,13 +90,14 @@ def load_tokenizer(model_dir, cache_dir: Path):
     A tokenizer without a pad token pads with its EOS token."""
     import transformers
     model_dir = Path(model_dir)
-    cls = remembered_class(model_dir, cache_dir)
+    key = _choice_key(model_dir, transformers.__version__)
+    cls = _class_for(key, cache_dir)
     if cls is not None:
         tok = cls.from_pretrained(str(model_dir))
     else:
         tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
         if type(tok).__module__.startswith("transformers.") and not _uses_remote_code(model_dir):
-            _remember(cache_dir / CLASS_CACHE_FILE, _choice_key(model_dir, transformers.__version__), type(tok))
+            _remember(cache_dir / CLASS_CACHE_FILE, key, type(tok))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

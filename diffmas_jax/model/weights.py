@@ -7,6 +7,7 @@ fails naming what is missing or left over.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -77,7 +78,6 @@ _NOT_NUMPY = frozenset({"BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4"})
 def iter_safetensors(files):
     """(name, host array) for every tensor, read straight into numpy (513 MB of float32 in
     0.5 s against 1.2 s through JAX); bfloat16 and float8 go through ``framework="flax"``."""
-    import contextlib
     from safetensors import safe_open
     for fn in files:
         with contextlib.ExitStack() as stack:
