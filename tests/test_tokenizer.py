@@ -71,6 +71,30 @@ def test_changed_files_or_a_torn_cache_ask_autotokenizer_again(tmp_path, embedde
     assert remembered_class(model_dir, cache) is type(tok)
 
 
+def test_a_remembered_class_that_fails_to_load_asks_autotokenizer_and_is_replaced(tmp_path, embedded, monkeypatch):
+    """E.g. a dependency of the remembered class removed since: the load still succeeds."""
+    import transformers.models.llama as llama_pkg
+    from diffmas_jax.model.tokenizer import CLASS_CACHE_FILE, load_tokenizer, remembered_class
+    model_dir = tokenizer_dir(tmp_path / "m", embedded, "llama", None)
+    cache = tmp_path / "cache"
+    good = load_tokenizer(model_dir, cache)
+
+    class BrokenTokenizer:
+        @classmethod
+        def from_pretrained(cls, path):
+            raise ImportError("this tokenizer needs a package that is not installed")
+    BrokenTokenizer.__module__ = llama_pkg.__name__
+    monkeypatch.setattr(llama_pkg, "BrokenTokenizer", BrokenTokenizer, raising=False)
+    choices = json.loads((cache / CLASS_CACHE_FILE).read_text())
+    (key,) = choices
+    choices[key] = {"module": llama_pkg.__name__, "name": "BrokenTokenizer"}
+    (cache / CLASS_CACHE_FILE).write_text(json.dumps(choices))
+    assert remembered_class(model_dir, cache) is BrokenTokenizer
+    tok = load_tokenizer(model_dir, cache)
+    assert behaviour(tok) == behaviour(good)
+    assert remembered_class(model_dir, cache) is type(good)
+
+
 def test_only_the_latest_choices_are_kept(tmp_path, embedded, monkeypatch):
     from diffmas_jax.model import tokenizer
     monkeypatch.setattr(tokenizer, "MAX_REMEMBERED", 2)

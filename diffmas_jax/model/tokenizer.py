@@ -8,7 +8,8 @@ import without torch. So the class ``AutoTokenizer`` picked for a directory is r
 the cache (``tokenizer_classes.json``), keyed by the directory, the files that decide the
 choice (name, size, mtime) and the transformers version; later processes load that class
 directly. A change to any of those files or an upgrade of transformers asks ``AutoTokenizer``
-again. Remote-code tokenizers are never remembered.
+again, and so does a remembered class that fails to load (its choice is then replaced).
+Remote-code tokenizers are never remembered.
 """
 from __future__ import annotations
 
@@ -92,9 +93,13 @@ def load_tokenizer(model_dir, cache_dir: Path):
     model_dir = Path(model_dir)
     key = _choice_key(model_dir, transformers.__version__)
     cls = _class_for(key, cache_dir)
+    tok = None
     if cls is not None:
-        tok = cls.from_pretrained(str(model_dir))
-    else:
+        try:
+            tok = cls.from_pretrained(str(model_dir))
+        except Exception:  # noqa: BLE001 - e.g. a dependency gone since; AutoTokenizer decides (and raises) again
+            tok = None
+    if tok is None:
         tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
         if type(tok).__module__.startswith("transformers.") and not _uses_remote_code(model_dir):
             _remember(cache_dir / CLASS_CACHE_FILE, key, type(tok))
