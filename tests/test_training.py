@@ -43,6 +43,22 @@ def chat(chat_dir):
     return load_model(str(chat_dir))
 
 
+def jit_loss_and_grads(model, realign, batch, sc):
+    """``loss_and_grads`` compiled once (run eagerly, op by op, it takes about 3x a compile)."""
+    return jax.jit(lambda lo: loss_and_grads(lo, model.params, model.cfg, realign, batch, sc))
+
+
+@pytest.fixture(scope="module")
+def full_step(chat):
+    """The three-agent step in trace_grad=full, its loss and gradients for a random LoRA: several
+    tests compare against it, so it is compiled once."""
+    sc, lcfg, batch, realign = setup_step(chat, "full")
+    lora = random_lora(chat.cfg, lcfg)
+    loss, grads, norms = jit_loss_and_grads(chat, realign, batch, sc)(lora)
+    return dict(sc=sc, lcfg=lcfg, batch=batch, realign=realign, lora=lora, loss=float(loss), grads=grads,
+                norms=np.asarray(norms))
+
+
 def random_lora(cfg, lcfg, seed=0):
     lora = init_lora(cfg, lcfg, jax.random.PRNGKey(seed))
     return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape), lora)
@@ -109,10 +125,9 @@ def test_lora_dropout_drops_the_lora_input_only(chat):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b.logits))
 
 
-def test_lora_dropout_masks_follow_the_step_rng(chat):
+def test_lora_dropout_masks_follow_the_step_rng(chat, full_step):
     import dataclasses
-    sc, lcfg, batch, realign = setup_step(chat, "full")
-    lora = random_lora(chat.cfg, lcfg)
+    sc, batch, realign, lora = (full_step[k] for k in ("sc", "batch", "realign", "lora"))
     sc_d = dataclasses.replace(sc, lora_dropout=0.3)
     run = jax.jit(lambda s, rng: loss_and_grads(lora, chat.params, chat.cfg, realign, batch, s, rng)[0],
                   static_argnums=0)
@@ -120,31 +135,27 @@ def test_lora_dropout_masks_follow_the_step_rng(chat):
     k0, k1 = jax.random.PRNGKey(0), jax.random.PRNGKey(1)
     assert loss(sc_d, k0) == loss(sc_d, k0)               # replayable: resume gives the same masks
     assert loss(sc_d, k0) != loss(sc_d, k1)               # and they really change with the key
-    assert loss(sc_d, k0) != loss(sc, None)
+    assert loss(sc_d, k0) != full_step["loss"]  # the same step without dropout
     with pytest.raises(ValueError, match="needs an rng"):
         loss(sc_d, None)
 
 
-def test_gradients_and_optimizer_state_only_for_lora(chat):
-    sc, lcfg, batch, realign = setup_step(chat, "full")
-    lora = random_lora(chat.cfg, lcfg)
+def test_gradients_and_optimizer_state_only_for_lora(full_step):
+    lora = full_step["lora"]
     opt = make_optimizer(1e-3, 10, 1, 0.0, 1.0, 1)
     state = opt.init(lora)
     # Optimizer state mirrors the LoRA tree only: its leaves are LoRA-shaped (plus scalar counts).
     lora_shapes = {x.shape for x in jax.tree.leaves(lora)}
     assert all(x.shape in lora_shapes or x.shape == () for x in jax.tree.leaves(state))
     assert sum(x.size for x in jax.tree.leaves(state)) < 3 * sum(x.size for x in jax.tree.leaves(lora)) + 10
-    _, grads, _ = loss_and_grads(lora, chat.params, chat.cfg, realign, batch, sc)
-    assert jax.tree.structure(grads) == jax.tree.structure(lora)
+    assert jax.tree.structure(full_step["grads"]) == jax.tree.structure(lora)
 
 
-def test_trace_grad_full_reaches_upstream_and_stop_does_not(chat):
-    lora = random_lora(chat.cfg, LoraConfig(rank=4, alpha=8.0))
-    out = {}
-    for mode in ("full", "stop"):
-        sc, _, batch, realign = setup_step(chat, mode)
-        loss, grads, norms = jax.jit(lambda lo: loss_and_grads(lo, chat.params, chat.cfg, realign, batch, sc))(lora)
-        out[mode] = (float(loss), grads, np.asarray(norms))
+def test_trace_grad_full_reaches_upstream_and_stop_does_not(chat, full_step):
+    out = {"full": (full_step["loss"], full_step["grads"], full_step["norms"])}
+    sc, _, batch, realign = setup_step(chat, "stop")
+    loss, grads, norms = jit_loss_and_grads(chat, realign, batch, sc)(full_step["lora"])
+    out["stop"] = (float(loss), grads, np.asarray(norms))
     assert out["full"][0] == pytest.approx(out["stop"][0], rel=1e-5)  # same forward
     assert (out["full"][2] > 0).all() and out["full"][2].shape == (2,)
     assert (out["stop"][2] == 0).all()
@@ -153,16 +164,15 @@ def test_trace_grad_full_reaches_upstream_and_stop_does_not(chat):
     assert max(jax.tree.leaves(diff)) > 1e-6
 
 
-def test_remat_policies_give_the_same_loss_and_gradients(chat):
+def test_remat_policies_give_the_same_loss_and_gradients(chat, full_step):
     """Rematerialising layers (keeping only their inputs, or also the projections' outputs)
     changes what is stored for the backward pass, never the loss or the gradients."""
     import dataclasses
-    lora = random_lora(chat.cfg, LoraConfig(rank=4, alpha=8.0))
-    sc, _, batch, realign = setup_step(chat, "full")
-    out = {}
-    for remat in (False, True, "dots"):
-        s = dataclasses.replace(sc, remat=remat)
-        loss, grads, _ = jax.jit(lambda lo: loss_and_grads(lo, chat.params, chat.cfg, realign, batch, s))(lora)
+    sc, batch, realign = full_step["sc"], full_step["batch"], full_step["realign"]
+    assert sc.remat is False
+    out = {False: (full_step["loss"], full_step["grads"])}
+    for remat in (True, "dots"):
+        loss, grads, _ = jit_loss_and_grads(chat, realign, batch, dataclasses.replace(sc, remat=remat))(full_step["lora"])
         out[remat] = (float(loss), grads)
     for remat in (True, "dots"):
         assert out[remat][0] == pytest.approx(out[False][0], rel=1e-6)
@@ -188,7 +198,7 @@ def test_sft_baselines_train_the_solver_without_a_trace(chat, method):
     assert sc.latent_steps == () and len(sc.roles) == 1 and batch["up_tokens"] == []
     text = chat.tokenizer.decode(np.asarray(batch["tokens"][0]))
     assert ("First add, then subtract." in text) == (method == "text_mas_sft")
-    loss, grads, norms = loss_and_grads(random_lora(chat.cfg, lcfg), chat.params, chat.cfg, realign, batch, sc)
+    loss, grads, norms = jit_loss_and_grads(chat, realign, batch, sc)(random_lora(chat.cfg, lcfg))
     assert np.isfinite(float(loss)) and norms.shape == (0,)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 0
 
@@ -202,7 +212,7 @@ def test_per_role_adapters_get_gradient_only_through_the_trace(chat):
     norm = lambda t: max(float(jnp.abs(x).max()) for x in jax.tree.leaves(t))
     for mode in ("stop", "full"):
         sc_m = StepConfig(**{**sc.__dict__, "trace_grad": mode, "lora_scale": lcfg.scale})
-        _, grads, _ = loss_and_grads(lora, chat.params, chat.cfg, realign, batch, sc_m)
+        _, grads, _ = jit_loss_and_grads(chat, realign, batch, sc_m)(lora)
         assert norm(grads["roles"]["solver"]) > 0
         # The planner's adapter only matters through the trace it writes.
         assert (norm(grads["roles"]["planner"]) > 0) == (mode == "full")
@@ -216,7 +226,7 @@ def test_overfit_one_batch(chat):
     step = make_train_step(chat.cfg, sc, opt)
     state = opt.init(lora)
     first = None
-    for i in range(60):
+    for i in range(35):  # 0.07 of the first loss by then on this machine (0.04 at 60 steps)
         lora, state, m = step(lora, state, chat.params, realign, batch)
         first = first if first is not None else float(m["loss"])
     assert float(m["loss"]) < 0.1 * first, (first, float(m["loss"]))
@@ -266,10 +276,10 @@ def test_kill_and_resume_matches_uninterrupted(chat_dir, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # With LoRA dropout on, resuming must also replay the dropout masks; the merged export is checked too.
     extra = ("--config.lora_dropout=0.1", "--config.export_merged=True")
-    ref = subprocess.run(train_cmd(chat_dir, tmp_path / "ref", *extra), capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    assert [step for step, _ in tensorboard_scalars(tmp_path / "ref" / "tensorboard")["train/loss"]] == list(range(1, 9))
+    # The uninterrupted reference runs beside the run that is killed (compiling is mostly one thread).
+    with open(tmp_path / "ref.err", "w") as ref_err:  # a file, not a pipe nobody reads until the end
+        ref = subprocess.Popen(train_cmd(chat_dir, tmp_path / "ref", *extra), stdout=subprocess.DEVNULL,
+                               stderr=ref_err, env=env)
     proc = subprocess.Popen(train_cmd(chat_dir, tmp_path / "run", *extra), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
     ck = tmp_path / "run" / "checkpoints"
@@ -279,6 +289,8 @@ def test_kill_and_resume_matches_uninterrupted(chat_dir, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "run" / "adapter").exists()  # really interrupted
+    assert ref.wait(timeout=600) == 0, (tmp_path / "ref.err").read_text()[-2000:]
+    assert [step for step, _ in tensorboard_scalars(tmp_path / "ref" / "tensorboard")["train/loss"]] == list(range(1, 9))
     again = subprocess.run(train_cmd(chat_dir, tmp_path / "run", *extra), capture_output=True, text=True, env=env,
                            timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
