@@ -280,16 +280,22 @@ def test_kill_and_resume_matches_uninterrupted(chat_dir, tmp_path):
     with open(tmp_path / "ref.err", "w") as ref_err:  # a file, not a pipe nobody reads until the end
         ref = subprocess.Popen(train_cmd(chat_dir, tmp_path / "ref", *extra), stdout=subprocess.DEVNULL,
                                stderr=ref_err, env=env)
-    proc = subprocess.Popen(train_cmd(chat_dir, tmp_path / "run", *extra), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
-    ck = tmp_path / "run" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (ck.exists() and any(p.name.isdigit() and int(p.name) >= 3 for p in ck.iterdir())):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "run" / "adapter").exists()  # really interrupted
-    assert ref.wait(timeout=600) == 0, (tmp_path / "ref.err").read_text()[-2000:]
+    try:
+        proc = subprocess.Popen(train_cmd(chat_dir, tmp_path / "run", *extra), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env)
+        ck = tmp_path / "run" / "checkpoints"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (ck.exists() and any(p.name.isdigit() and int(p.name) >= 3
+                                                                  for p in ck.iterdir())):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (tmp_path / "run" / "adapter").exists()  # really interrupted
+        assert ref.wait(timeout=600) == 0, (tmp_path / "ref.err").read_text()[-2000:]
+    finally:  # a failure above must not leave the reference run behind
+        if ref.poll() is None:
+            ref.kill()
+            ref.wait()
     assert [step for step, _ in tensorboard_scalars(tmp_path / "ref" / "tensorboard")["train/loss"]] == list(range(1, 9))
     again = subprocess.run(train_cmd(chat_dir, tmp_path / "run", *extra), capture_output=True, text=True, env=env,
                            timeout=600)
