@@ -282,6 +282,19 @@ def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
+def report_header(title: str, info: dict, threads: int) -> list:
+    """A report's first Markdown lines: title, machine and library versions, load at start and
+    end, and the busy-machine warning where it applies (every bench script's report opens so)."""
+    la0, la1 = info.get("load_avg_start"), info.get("load_avg_end")
+    md = [f"## {title}", "",
+          f"{info['date']} · {info['cpu_model'] or platform.processor()} · {info['cpu_count']} CPUs · "
+          f"{info['platform']} · jax {info.get('jax')} ({info.get('jax_backend')}) · torch {info.get('torch')} "
+          f"({threads} threads) · transformers {info.get('transformers')} · "
+          f"load avg start/end {fmt(la0[0]) if la0 else 'n/a'}/{fmt(la1[0]) if la1 else 'n/a'}", ""]
+    note = busy_note(info)
+    return md + ([note, ""] if note else [])
+
+
 def main(argv=None):
     import numpy as np
     args = parse_args(argv)
@@ -387,14 +400,8 @@ def main(argv=None):
     info["total_wall_s"] = time.perf_counter() - t_start
 
     # ---------------------------------------------------------------- report
-    md = [f"## Model throughput: diffmas_jax vs transformers ({args.dtype}{', quick' if q else ''})", "",
-          f"{info['date']} · {info['cpu_model'] or platform.processor()} · {info['cpu_count']} CPUs · "
-          f"{info['platform']} · jax {info['jax']} ({info['jax_backend']}) · torch {info.get('torch')} "
-          f"({threads} threads) · transformers {info.get('transformers')} · "
-          f"load avg start/end {fmt(info['load_avg_start'][0]) if info['load_avg_start'] else 'n/a'}"
-          f"/{fmt(info['load_avg_end'][0]) if info['load_avg_end'] else 'n/a'}", ""]
-    note = busy_note(info)
-    md += [note, ""] if note else []
+    md = report_header(f"Model throughput: diffmas_jax vs transformers ({args.dtype}{', quick' if q else ''})",
+                       info, threads)
     md += [f"Model: `{Path(m.path).name}`. Medians of {reps} run(s) after a warm-up call. "
           "Ratio = diffmas_jax / transformers throughput (>1: diffmas_jax faster).", "",
           "| measurement | diffmas_jax | transformers (PyTorch) | ratio |",

@@ -48,8 +48,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_model import fmt, log, median_time, ratio, timed_first, timed_first_split  # noqa: E402
-from machine_load import busy_cores, busy_note  # noqa: E402
+from bench_model import fmt, log, median_time, ratio, report_header, timed_first, timed_first_split  # noqa: E402
+from machine_load import busy_cores  # noqa: E402
 
 ROLES = ("planner", "critic", "refiner", "solver")
 
@@ -445,14 +445,8 @@ def main(argv=None):
     info["total_wall_s"] = time.perf_counter() - t_start
 
     # ---------------------------------------------------------------- report
-    la0, la1 = info["load_avg_start"], info["load_avg_end"]
-    md = [f"## 4-agent LatentMAS pipeline: diffmas_jax vs transformers forward loop (float32{', quick' if q else ''})",
-          "", f"{info['date']} · {info['cpu_model'] or platform.processor()} · {info['cpu_count']} CPUs · "
-          f"{info['platform']} · jax {info.get('jax')} ({info.get('jax_backend')}) · torch {info.get('torch')} "
-          f"({threads} threads) · transformers {info.get('transformers')} · load avg start/end "
-          f"{fmt(la0[0])}/{fmt(la1[0])}", ""]
-    note = busy_note(info)
-    md += [note, ""] if note else []
+    md = report_header("4-agent LatentMAS pipeline: diffmas_jax vs transformers forward loop "
+                       f"(float32{', quick' if q else ''})", info, threads)
     md += [f"Model: `{Path(model_dir).name}`. Agents {', '.join(ROLES)}; m={m_steps} latent steps per upstream "
            f"agent; `arith` test questions; greedy. Latency = wall time from questions to token ids "
            f"(tokenization included), median of {reps} run(s) after a first call (EOS rows: {eos_reps} run(s), "

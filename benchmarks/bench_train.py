@@ -31,7 +31,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -39,8 +38,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_model import fmt, log, machine_info, median_time, ratio, timed_first, timed_first_split  # noqa: E402
-from machine_load import busy_note  # noqa: E402
+from bench_model import (fmt, log, machine_info, median_time, ratio, report_header, timed_first,
+                         timed_first_split)  # noqa: E402
 from flops import FORMULA, IMPLEMENTATION, conventional_6n, dot_flops, linear_params, step_flops  # noqa: E402
 
 ROLES = ("planner", "critic", "refiner", "math", "science", "code")
@@ -348,14 +347,8 @@ def main(argv=None):
     info["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     # ---------------------------------------------------------------- report
-    la0, la1 = info["load_avg_start"], info["load_avg_end"]
-    md = [f"## DiffMAS LoRA train step: diffmas_jax vs transformers + peft (float32{', quick' if q else ''})", "",
-          f"{info['date']} · {info['cpu_model'] or platform.processor()} · {info['cpu_count']} CPUs · "
-          f"{info['platform']} · jax {info['jax']} ({info['jax_backend']}) · torch {info.get('torch')} "
-          f"({threads} threads) · transformers {info.get('transformers')} · "
-          f"load avg start/end {fmt(la0[0]) if la0 else 'n/a'}/{fmt(la1[0]) if la1 else 'n/a'}", ""]
-    note = busy_note(info)
-    md += [note, ""] if note else []
+    md = report_header(f"DiffMAS LoRA train step: diffmas_jax vs transformers + peft (float32{', quick' if q else ''})",
+                       info, threads)
     md += [f"Model: `{Path(mdl.path).name}`. K={k} upstream agents x ({t_up}-token prompt + m={m_steps} latent "
           f"steps), solver {t_sol} tokens of which {n_tgt} target; LoRA r={args.rank}, alpha={2 * args.rank}, "
           f"q,k,v,o,gate,up,down; AdamW + clip 1.0. Tokens/step = B x (K x (prompt + m) + solver). "

@@ -8,7 +8,6 @@ text, so the host runs the loop in chunks and checks decoded text between them.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import Optional, Sequence
 
 import jax

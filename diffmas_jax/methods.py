@@ -15,7 +15,6 @@ solver see only upstream latent slots.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Optional, Sequence
 
 import jax

@@ -12,7 +12,6 @@ All take (params, cfg, trace, inputs, lora) and return new values; none mutates.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import Optional
 
 import jax
@@ -20,9 +19,9 @@ import jax.numpy as jnp
 
 from diffmas_jax.model.config import ModelConfig
 from diffmas_jax.model.transformer import (LoraDropout, Visibility, forward, last_valid_index, lm_logits,
-                                           resolve_dtype, take_rows)
+                                           take_rows)
 from diffmas_jax.sharding import mesh_jit
-from diffmas_jax.trace import LATENT, PROMPT, TEXT, KVTrace
+from diffmas_jax.trace import LATENT, PROMPT, KVTrace
 
 REALIGN_MODES = ("ridge", "norm", "none")
 

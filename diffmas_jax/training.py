@@ -19,7 +19,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffmas_jax.agents import agent_messages, render_chat
-from diffmas_jax.generation import bucket_length, pad_batch
+from diffmas_jax.generation import pad_batch
 from diffmas_jax.methods import MethodConfig, select_lora, solver_visibility, upstream_visibility
 from diffmas_jax.model.transformer import LoraDropout, resolve_dtype
 from diffmas_jax.sharding import jit_per_options, mesh_jit

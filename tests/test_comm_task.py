@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from diffmas_jax import methods
-from diffmas_jax.agents import Question, agent_messages, build_agents, render_chat
+from diffmas_jax.agents import Question, agent_messages, build_agents
 from diffmas_jax.methods import MethodConfig, run_batch
 from diffmas_jax.tasks import TaskError, get_task
 from diffmas_jax.trace import LATENT, PROMPT

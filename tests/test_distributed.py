@@ -1,7 +1,6 @@
 """Multi-host helpers: when to initialise, which rows each host loads, and a real
 two-process run on CPU (2 processes x 2 simulated devices, gloo collectives)."""
 import json
-import os
 import socket
 import subprocess
 import sys

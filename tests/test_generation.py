@@ -1,7 +1,6 @@
 """Generation: parity with HF greedy generate, batch invariance, sampling controls."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 import torch
 

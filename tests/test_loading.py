@@ -1,5 +1,4 @@
 """Model loading: sources, sharded checkpoints, and clear errors for bad inputs."""
-import json
 import subprocess
 import sys
 

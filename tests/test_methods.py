@@ -52,9 +52,7 @@ def test_latent_mas_slots_per_agent(tiny_chat):
         assert r.records[i]["latent_slots"] == sum(steps)
 
 
-def test_realign_identity_for_tied_and_ridge_for_untied(tiny_chat, tiny_model_dir):
-    ra = make_realign(tiny_chat.params, tiny_chat.cfg, "ridge")
-    assert tiny_chat.cfg.tie_embeddings is False or True
+def test_realign_identity_for_tied_and_ridge_for_untied(tiny_model_dir):
     m = load_model(str(tiny_model_dir("llama", tie_word_embeddings=True)), with_tokenizer=False)
     tied = make_realign(m.params, m.cfg, "ridge")
     np.testing.assert_allclose(tied.matrix, np.eye(m.cfg.hidden_size), atol=1e-3)

@@ -177,7 +177,6 @@ def test_attention_impl_choice():
     """"auto" keeps XLA's attention on CPU and for short or float32 chunks; "cudnn" forces the
     fused kernel; an unknown name is an error naming the choices."""
     import dataclasses
-    import jax.numpy as jnp
     from diffmas_jax.model.config import ModelConfig
     from diffmas_jax.model.transformer import fused_attention_impl
     cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,

@@ -11,15 +11,11 @@ import contextlib
 import errno
 import importlib.util
 import io
-import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,7 +61,7 @@ def test_damaged_latest_checkpoint_falls_back_and_is_set_aside(tmp_path, capsys)
 
 
 def test_leftovers_of_killed_saves_and_deletes_are_swept(tmp_path):
-    from diffmas_jax.checkpoint import Checkpointer, abstract_like
+    from diffmas_jax.checkpoint import Checkpointer
     ck = Checkpointer(tmp_path / "ck", keep=2)
     ck.save(1, small_state(1), {"step": 1})
     (tmp_path / "ck" / "2.orbax-checkpoint-tmp" / "state").mkdir(parents=True)  # killed mid-write

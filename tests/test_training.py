@@ -1,5 +1,4 @@
 """DiffMAS training: LoRA semantics, gradient modes, overfitting, exact resume, exports, bad input."""
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import torch
 
 from conftest import tensorboard_scalars
 from diffmas_jax.lora import (LoraConfig, LoraConfigError, export_merged, export_peft, init_lora, load_adapter,
-                              merge_lora, save_adapter)
+                              save_adapter)
 from diffmas_jax.methods import MethodConfig
 from diffmas_jax.model.loading import load_model
 from diffmas_jax.model.transformer import LoraDropout, dense, jit_forward

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-import jax.numpy as jnp
 import numpy as np
 
 from diffmas_jax.model.config import ModelConfig
