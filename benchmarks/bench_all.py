@@ -60,6 +60,14 @@ def _ratio(row):
     return row.get("ratio_jax_over_torch") if row else None
 
 
+def host_of(train, model, pipe) -> dict:
+    """The run's CPU (``machine_load.cpu_model``: family and model from 2026-12-07 14:40 on, the
+    name alone before) and the f32 matmul peak its train script measured (None where not run)."""
+    cpu = next((r["machine"].get("cpu_model") for r in (train, model, pipe) if r), None)
+    peak = ((train or {}).get("machine", {}).get("matmul_peak") or {}).get("flop_s")
+    return dict(cpu_model=cpu, matmul_peak_gflop_s=None if peak is None else peak / 1e9)
+
+
 def summarise(folder: Path) -> dict:
     """One row per target from the scripts' JSON (None where a script did not run)."""
     rows = []
@@ -110,7 +118,7 @@ def summarise(folder: Path) -> dict:
     hugetlb = {k: v["machine"].get("glibc_malloc_hugetlb")  # runs before 2026-12-03 22:40 lack it
                for k, v in (("pipeline", pipe), ("model", model), ("train", train), ("kernels", kernels)) if v}
     pacing = json.loads((folder / PACING).read_text()) if (folder / PACING).exists() else {}
-    return dict(rows=rows, memory=memory, memory_runs=(pipe or {}).get("subprocesses", {}),
+    return dict(rows=rows, host=host_of(train, model, pipe), memory=memory, memory_runs=(pipe or {}).get("subprocesses", {}),
                 kernels=kernels["rows"] if kernels else None, memory_touch=(kernels or {}).get("memory_touch") or [],
                 load_avg_start=loads, malloc_hugetlb=hugetlb, pacing=pacing)
 
@@ -133,7 +141,11 @@ def _fmt(v, unit):
 
 
 def to_markdown(summary: dict, title: str) -> str:
-    md = [f"# {title}", "", "| measurement | target | measured | met |", "|---|---:|---:|---|"]
+    host = summary.get("host") or {}
+    peak = host.get("matmul_peak_gflop_s")
+    md = [f"# {title}", "", f"Host: {host.get('cpu_model') or 'CPU not recorded'}; f32 matmul peak "
+          f"{'not measured' if peak is None else f'{peak:.1f} GFLOP/s'}.", "",
+          "| measurement | target | measured | met |", "|---|---:|---:|---|"]
     for r in summary["rows"]:
         sign = "≥" if r["unit"] in ("x", "") else "≤"
         tgt = f"{sign} {r['target']:.0%}" if r["unit"] == "" else f"{sign} {r['target']}{r['unit']}"

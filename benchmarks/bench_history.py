@@ -67,8 +67,11 @@ def collect(runs: list) -> dict:
     """{"runs": [stamps], "rows": [{measurement, target, unit, values, n, met, min, median, max}]}."""
     from bench_all import summarise
     rows: dict = {}
+    hosts = []
     for i, folder in enumerate(runs):
-        for r in summarise(folder)["rows"]:
+        summary = summarise(folder)
+        hosts.append(summary["host"])
+        for r in summary["rows"]:
             row = rows.setdefault(r["measurement"], dict(measurement=r["measurement"], target=r["target"],
                                                          unit=r["unit"], values=[None] * len(runs),
                                                          met_in_run=[None] * len(runs),
@@ -83,7 +86,16 @@ def collect(runs: list) -> dict:
                    min=min(got, default=None), median=statistics.median(got) if got else None,
                    max=max(got, default=None))
     ordered = sorted(rows.values(), key=lambda r: r["measurement"][:3])  # (a), (b), (c), (e); stable within
-    return dict(runs=[run_stamp(f) for f in runs], folders=[f.name for f in runs], rows=ordered)
+    return dict(runs=[run_stamp(f) for f in runs], folders=[f.name for f in runs], hosts=hosts, rows=ordered)
+
+
+def cpu_generation(cpu_model) -> str:
+    """'AMD EPYC (Zen 5: family 26, model 2)' -> 'Zen 5'; the family where no generation is
+    named; '—' for runs that recorded the name alone."""
+    if not cpu_model or "(" not in cpu_model:
+        return "—"
+    inner = cpu_model.rsplit("(", 1)[1].rstrip(")")
+    return inner.split(":")[0] if ":" in inner else inner
 
 
 def _fmt(v, unit):
@@ -97,6 +109,14 @@ def to_markdown(history: dict) -> str:
     md = [f"# Issue 8 targets over {len(runs)} bench_all runs ({runs[0]} to {runs[-1]})", "",
           "| measurement | target | " + " | ".join(runs) + " | min | median | max | met |",
           "|---|---:|" + "---:|" * (len(runs) + 3) + "---|"]
+    hosts = history.get("hosts") or [{}] * len(runs)
+    peaks = [h.get("matmul_peak_gflop_s") for h in hosts]
+    known = [p for p in peaks if p is not None]
+    md.append("| host: CPU (recorded from 2026-12-07 14:40 on) | | "
+              + " | ".join(cpu_generation(h.get("cpu_model")) for h in hosts) + " | | | | |")
+    md.append("| host: f32 matmul peak, GFLOP/s | | " + " | ".join("—" if p is None else f"{p:.0f}" for p in peaks)
+              + (f" | {min(known):.0f} | {statistics.median(known):.0f} | {max(known):.0f} | |" if known
+                 else " | | | | |"))
     for r in history["rows"]:
         tgt = ("≤ " if r["unit"] == "s" else "≥ ") + _fmt(r["target"], r["unit"])
         cells = [_fmt(v, r["unit"]) + (" †" if old else "") for v, old in zip(r["values"], r["legacy_6n_count"])]

@@ -34,6 +34,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from machine_load import cpu_model  # noqa: E402
+
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -203,11 +206,12 @@ def main(argv=None):
     from diffmas_jax.host_malloc import hugetlb_setting
     stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H%M%S")
     machine = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), platform=platform.platform(),
-                   cpu_count=os.cpu_count(), load_avg=list(os.getloadavg()), glibc_malloc_hugetlb=hugetlb_setting(),
+                   cpu_model=cpu_model(), cpu_count=os.cpu_count(), load_avg=list(os.getloadavg()), glibc_malloc_hugetlb=hugetlb_setting(),
                    jax=jax.__version__,
                    torch=torch.__version__, torch_threads=torch.get_num_threads(), jax_backend=jax.default_backend())
     result = dict(machine=machine, weights_mib=n_bytes / 2**20, matrices=len(mats), rows=rows, memory_touch=touch)
     md = [f"# Decode-step floors: the model's matmul chain, embedded SmolLM2-135M, float32 ({machine['date']})", "",
+          f"{machine['cpu_model'] or platform.processor()}. "
           f"{len(mats)} matrices ({n_bytes / 2**20:.0f} MiB), each multiplied once by B rows. GB/s: the weights "
           f"streamed per second (at B = 1 the chain is a memory-bandwidth test). Load average at start "
           f"{machine['load_avg'][0]:.2f}; torch threads {machine['torch_threads']}. XLA fused: the same "

@@ -32,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from machine_load import busy_cores, busy_note  # noqa: E402
+from machine_load import busy_cores, busy_note, cpu_model  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -135,7 +135,7 @@ def machine_info(args):
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
-        "cpu_model": None,
+        "cpu_model": cpu_model(),
         "load_avg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "cpu_busy_start": busy,
         "glibc_malloc_hugetlb": hugetlb_setting(),
@@ -145,13 +145,6 @@ def machine_info(args):
         "dtype": args.dtype,
         "quick": args.quick,
     }
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         import torch
         import transformers

@@ -49,7 +49,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_model import fmt, log, median_time, ratio, report_header, timed_first, timed_first_split  # noqa: E402
-from machine_load import busy_cores  # noqa: E402
+from machine_load import busy_cores, cpu_model  # noqa: E402
 
 ROLES = ("planner", "critic", "refiner", "solver")
 
@@ -375,15 +375,10 @@ def main(argv=None):
     busy = busy_cores(1.0)  # other work only: this process sleeps while it samples
     info = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
-        "python": platform.python_version(), "cpu_count": os.cpu_count(), "cpu_model": None,
+        "python": platform.python_version(), "cpu_count": os.cpu_count(), "cpu_model": cpu_model(),
         "load_avg_start": list(os.getloadavg()), "cpu_busy_start": busy, "glibc_malloc_hugetlb": hugetlb_setting(), "quick": q,
         "torch_threads": threads, "model": str(model_dir),
         "dtype": "float32"}
-    try:
-        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                                 if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     vers = subprocess.run([sys.executable, "-c", "import jax, torch, transformers; "
                            "print(jax.__version__, jax.default_backend(), torch.__version__, transformers.__version__)"],
                           capture_output=True, text=True).stdout.split()

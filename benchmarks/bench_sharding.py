@@ -34,6 +34,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from machine_load import cpu_model  # noqa: E402
 MESHES = [(1, (1, 1, 1)), (8, (1, 8, 1)), (8, (2, 4, 1)), (8, (8, 1, 1)), (8, (1, 2, 4))]
 TINY = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024, rms_norm_eps=1e-5,
@@ -205,11 +207,7 @@ def main(argv=None) -> int:
             "quick": args.quick, "batch": args.batch, "prompt_len": args.prompt_len, "solver_len": args.solver_len,
             "target_len": args.target_len, "latent_steps": args.latent_steps, "repeats": args.repeats,
             "modes": modes, "lora": "rank 8, alpha 16, q,k,v,o,gate,up,down", "dtype": "float32"}
-    try:
-        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                                 if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu_model"] = None
+    info["cpu_model"] = cpu_model()
     results = []
     for devices, mesh in args.mesh_list:
         log(f"mesh {mesh} on {devices} simulated device(s) ...")

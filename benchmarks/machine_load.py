@@ -16,8 +16,37 @@ from pathlib import Path
 from typing import Callable, Optional
 
 PROC_STAT = Path("/proc/stat")
+PROC_CPUINFO = Path("/proc/cpuinfo")
 BUSY_CORES = 0.5      # others using half a core or more: the run's figures are flagged
 QUIET_CORES = 0.25    # bench_all starts the next script once others use less than this
+
+
+def cpu_model(cpuinfo: Path = PROC_CPUINFO) -> Optional[str]:
+    """The CPU's name with its family and model numbers: "AMD EPYC (Zen 5: family 26, model 2)".
+
+    The hosts behind this VM change: "model name" alone read "AMD EPYC" both for the Zen 4
+    hosts of 2026-12-03..07 and for the Zen 5 host of 2026-12-07 14:40, whose float32 matmul
+    peak was 340 against 115-217 GFLOP/s. Runs are comparable only on the same hardware."""
+    fields: dict = {}
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if not line.strip():
+                break  # the first processor's block says it all
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return None
+    name = fields.get("model name")
+    if name is None:
+        return None
+    family, model = fields.get("cpu family"), fields.get("model")
+    if not (family and model and family.isdigit() and model.isdigit()):
+        return name
+    fam, mod = int(family), int(model)
+    zen = None
+    if fields.get("vendor_id") == "AuthenticAMD":  # AMD's family numbers name the core generation
+        zen = {23: "Zen/Zen 2", 25: "Zen 3" if mod < 0x10 or 0x20 <= mod < 0x60 else "Zen 4", 26: "Zen 5"}.get(fam)
+    return f"{name} ({zen + ': ' if zen else ''}family {fam}, model {mod})"
 
 
 def cpu_jiffies(stat: Path = PROC_STAT) -> Optional[tuple]:

@@ -122,11 +122,13 @@ def test_memory_series_places_torch_runs_at_the_jax_trace_length():
                                    ("torch", 8): [(670, 1340.0), (1054, 1900.0)]}
 
 
-def _fake_run(results, stamp, *, decode_ratio, stop_ratio, share, legacy=False, quick=False):
+def _fake_run(results, stamp, *, decode_ratio, stop_ratio, share, legacy=False, quick=False, cpu="AMD EPYC",
+              peak=None):
     """An all_<stamp> folder holding a model and a train JSON in the shape the scripts write."""
     folder = results / f"all_{stamp}"
     folder.mkdir(parents=True)
-    machine = dict(quick=quick, load_avg_start=[1.0, 1.0, 1.0])
+    machine = dict(quick=quick, load_avg_start=[1.0, 1.0, 1.0], cpu_model=cpu,
+                   **({} if peak is None else dict(matmul_peak={"flop_s": peak})))
     model = dict(machine=machine, results=[
         {"measurement": "greedy decode tok/s, end to end (B=8, prompt 64, 128 new)", "ratio_jax_over_torch": decode_ratio}])
     train_row = {"measurement": "train step, trace_grad=stop (B=4)", "ratio_jax_over_torch": stop_ratio,
@@ -146,7 +148,8 @@ def test_bench_history_spreads_and_met_counts(tmp_path):
     _fake_run(results, "2026-12-03_084852", decode_ratio=1.6, stop_ratio=1.31, share=0.43, legacy=True)
     _fake_run(results, "2026-12-03_120000", decode_ratio=2.2, stop_ratio=1.2, share=0.48, quick=True)
     _fake_run(results, "2026-12-03_223719", decode_ratio=1.4, stop_ratio=1.64, share=0.51)
-    _fake_run(results, "2026-12-04_152010", decode_ratio=2.1, stop_ratio=1.29, share=0.45)
+    _fake_run(results, "2026-12-04_152010", decode_ratio=2.1, stop_ratio=1.29, share=0.45,
+              cpu="AMD EPYC (Zen 5: family 26, model 2)", peak=340e9)
     out = tmp_path / "hist"
     cmd = [sys.executable, str(REPO / "benchmarks/bench_history.py"), "--results", str(results),
            "--since", "2026-12-03", "--out", str(out)]
@@ -167,6 +170,10 @@ def test_bench_history_spreads_and_met_counts(tmp_path):
     assert [row["measurement"][:3] for row in hist["rows"]] == sorted(row["measurement"][:3] for row in hist["rows"])
     md = (out / "history.md").read_text()
     assert "| in 1 of 3 runs |" in md and "43.0% †" in md and "6N" in md
+    # which host each run had: the CPU generation where recorded, the matmul peak where measured
+    assert [h["cpu_model"] for h in hist["hosts"]][-1] == "AMD EPYC (Zen 5: family 26, model 2)"
+    assert "| host: CPU (recorded from 2026-12-07 14:40 on) | | — | — | Zen 5 |" in md
+    assert "| host: f32 matmul peak, GFLOP/s | | — | — | 340 | 340 | 340 | 340 | |" in md
     assert (out / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     r = subprocess.run(cmd[:-4] + ["--since", "2027-01-01", "--out", str(out)], capture_output=True, text=True,

@@ -8,7 +8,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from machine_load import BUSY_CORES, busy_cores, busy_note, cpu_jiffies, wait_until_quiet  # noqa: E402
+from machine_load import BUSY_CORES, busy_cores, busy_note, cpu_jiffies, cpu_model, wait_until_quiet  # noqa: E402
 
 
 def test_cpu_jiffies_reads_busy_and_total(tmp_path):
@@ -52,3 +52,27 @@ def test_wait_until_quiet_waits_then_gives_up():
                                     sample=lambda s: (time.sleep(0.03), 2.0)[1])
     assert busy == 2.0 and waited >= 0.05  # still busy: it stops waiting after max_wait_s
     assert wait_until_quiet(5, sample=lambda s: None) == (None, 0.0)  # no /proc/stat: no wait
+
+
+def test_cpu_model_names_the_core_generation(tmp_path):
+    """"model name" alone read "AMD EPYC" on both the Zen 4 and the Zen 5 hosts of this VM;
+    the family and model numbers tell them apart (the first processor's block is read)."""
+    info = tmp_path / "cpuinfo"
+
+    def block(vendor, family, model, name="AMD EPYC"):
+        return (f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+                f"model name\t: {name}\nflags\t\t: fpu avx512f\n\n")
+
+    info.write_text(block("AuthenticAMD", 26, 2) + block("AuthenticAMD", 25, 17))
+    assert cpu_model(info) == "AMD EPYC (Zen 5: family 26, model 2)"
+    info.write_text(block("AuthenticAMD", 25, 17))
+    assert cpu_model(info) == "AMD EPYC (Zen 4: family 25, model 17)"
+    info.write_text(block("AuthenticAMD", 25, 1))
+    assert cpu_model(info) == "AMD EPYC (Zen 3: family 25, model 1)"
+    info.write_text(block("GenuineIntel", 6, 143, name="Intel(R) Xeon(R) Platinum 8480+"))
+    assert cpu_model(info) == "Intel(R) Xeon(R) Platinum 8480+ (family 6, model 143)"
+    info.write_text("processor\t: 0\nmodel name\t: some cpu\n")
+    assert cpu_model(info) == "some cpu"
+    info.write_text("processor\t: 0\nvendor_id\t: ARM\n")
+    assert cpu_model(info) is None
+    assert cpu_model(tmp_path / "missing") is None
