@@ -109,6 +109,13 @@ def test_pipeline_memory_sweep_and_summary_plots(tmp_path, embedded):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["pacing"]["bench_pipeline"]["waited_s"] == 4.0
     assert "bench_pipeline 0.12 (4 s waited)" in (out / "summary.md").read_text()
+    # the run's host: the CPU with its family and model as the script recorded it; no train run, no peak
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from machine_load import cpu_model
+    assert report["machine"]["cpu_model"] == cpu_model()
+    assert summary["host"] == {"cpu_model": cpu_model(), "matmul_peak_gflop_s": None}
+    assert (f"Host: {cpu_model() or 'CPU not recorded'}; f32 matmul peak not measured."
+            in (out / "summary.md").read_text())
 
 
 def test_memory_series_places_torch_runs_at_the_jax_trace_length():
