@@ -90,12 +90,17 @@ def collect(runs: list) -> dict:
 
 
 def cpu_generation(cpu_model) -> str:
-    """'AMD EPYC (Zen 5: family 26, model 2)' -> 'Zen 5'; the family where no generation is
-    named; '—' for runs that recorded the name alone."""
+    """'AMD EPYC (Zen 5: family 26, model 2; AVX-512)' -> 'Zen 5'; where no generation is
+    named, the vendor with family and model, and AMX where present ('Intel family 6, model
+    167, AMX'); '—' for runs that recorded the name alone."""
     if not cpu_model or "(" not in cpu_model:
         return "—"
-    inner = cpu_model.rsplit("(", 1)[1].rstrip(")")
-    return inner.split(":")[0] if ":" in inner else inner
+    name, inner = cpu_model.rsplit(" (", 1) if " (" in cpu_model else cpu_model.rsplit("(", 1)
+    head, _, isa = inner.rstrip(")").partition(";")
+    if ":" in head:
+        return head.split(":")[0]
+    vendor = name.split()[0].replace("(R)", "") if name.split() else ""
+    return " ".join(p for p in (vendor, head.strip())) + (", AMX" if "AMX" in isa else "")
 
 
 def _fmt(v, unit):

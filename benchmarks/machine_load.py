@@ -21,12 +21,20 @@ BUSY_CORES = 0.5      # others using half a core or more: the run's figures are 
 QUIET_CORES = 0.25    # bench_all starts the next script once others use less than this
 
 
+# Matmul instruction sets worth naming, widest first: which kernels each library can use.
+# PyTorch's oneDNN runs bfloat16 GEMMs on AMX (2.2 TFLOP/s on 2 cores of the AMX Xeon of
+# 2026-12-07 against 0.37 in float32); jaxlib 0.10.2's CPU dots do not (docs/performance.md).
+MATMUL_ISA = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+
+
 def cpu_model(cpuinfo: Path = PROC_CPUINFO) -> Optional[str]:
-    """The CPU's name with its family and model numbers: "AMD EPYC (Zen 5: family 26, model 2)".
+    """The CPU's name with its family and model numbers and its matmul instruction sets:
+    "AMD EPYC (Zen 5: family 26, model 2; AVX512-BF16, AVX-512)".
 
     The hosts behind this VM change: "model name" alone read "AMD EPYC" both for the Zen 4
     hosts of 2026-12-03..07 and for the Zen 5 host of 2026-12-07 14:40, whose float32 matmul
-    peak was 340 against 115-217 GFLOP/s. Runs are comparable only on the same hardware."""
+    peak was 340 against 115-217 GFLOP/s; a Xeon with AMX followed at 16:30. Runs are
+    comparable only on the same hardware."""
     fields: dict = {}
     try:
         for line in cpuinfo.read_text().splitlines():
@@ -46,7 +54,12 @@ def cpu_model(cpuinfo: Path = PROC_CPUINFO) -> Optional[str]:
     zen = None
     if fields.get("vendor_id") == "AuthenticAMD":  # AMD's family numbers name the core generation
         zen = {23: "Zen/Zen 2", 25: "Zen 3" if mod < 0x10 or 0x20 <= mod < 0x60 else "Zen 4", 26: "Zen 5"}.get(fam)
-    return f"{name} ({zen + ': ' if zen else ''}family {fam}, model {mod})"
+    flags = set(fields.get("flags", "").split())
+    isa = [label for flag, label in MATMUL_ISA if flag in flags]
+    if "AVX-512" in isa:
+        isa = [label for label in isa if label != "AVX2"]  # implied by AVX-512
+    suffix = f"; {', '.join(isa)}" if isa else ""
+    return f"{name} ({zen + ': ' if zen else ''}family {fam}, model {mod}{suffix})"
 
 
 def cpu_jiffies(stat: Path = PROC_STAT) -> Optional[tuple]:

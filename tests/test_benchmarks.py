@@ -146,6 +146,19 @@ def _fake_run(results, stamp, *, decode_ratio, stop_ratio, share, legacy=False, 
     (folder / f"train_{stamp}.json").write_text(json.dumps(dict(machine=machine, results=[train_row])))
 
 
+def test_history_names_each_host_briefly():
+    """history.md's host row: the Zen generation where named, else vendor, family and model
+    (with AMX, whose bfloat16 GEMMs only PyTorch uses); a run that recorded no CPU is '—'."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_history import cpu_generation
+    assert cpu_generation("AMD EPYC (Zen 5: family 26, model 2)") == "Zen 5"
+    assert cpu_generation("AMD EPYC (Zen 4: family 25, model 17; AVX512-BF16, AVX-512)") == "Zen 4"
+    assert (cpu_generation("Intel(R) Xeon(R) Processor (family 6, model 167; AMX-BF16, AVX512-BF16, AVX-512)")
+            == "Intel family 6, model 167, AMX")
+    assert cpu_generation("Intel(R) Xeon(R) Platinum 8280 (family 6, model 85; AVX-512)") == "Intel family 6, model 85"
+    assert cpu_generation("AMD EPYC") == "—" and cpu_generation(None) == "—"
+
+
 def test_bench_history_spreads_and_met_counts(tmp_path):
     """bench_history lines up every full bench_all run: per-target values in run order, the
     spread and "met in k of n" (6N-counted shares shown but not counted), --quick runs and runs

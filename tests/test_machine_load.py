@@ -64,13 +64,21 @@ def test_cpu_model_names_the_core_generation(tmp_path):
                 f"model name\t: {name}\nflags\t\t: fpu avx512f\n\n")
 
     info.write_text(block("AuthenticAMD", 26, 2) + block("AuthenticAMD", 25, 17))
-    assert cpu_model(info) == "AMD EPYC (Zen 5: family 26, model 2)"
+    assert cpu_model(info) == "AMD EPYC (Zen 5: family 26, model 2; AVX-512)"
     info.write_text(block("AuthenticAMD", 25, 17))
-    assert cpu_model(info) == "AMD EPYC (Zen 4: family 25, model 17)"
+    assert cpu_model(info) == "AMD EPYC (Zen 4: family 25, model 17; AVX-512)"
     info.write_text(block("AuthenticAMD", 25, 1))
-    assert cpu_model(info) == "AMD EPYC (Zen 3: family 25, model 1)"
+    assert cpu_model(info) == "AMD EPYC (Zen 3: family 25, model 1; AVX-512)"
     info.write_text(block("GenuineIntel", 6, 143, name="Intel(R) Xeon(R) Platinum 8480+"))
-    assert cpu_model(info) == "Intel(R) Xeon(R) Platinum 8480+ (family 6, model 143)"
+    assert cpu_model(info) == "Intel(R) Xeon(R) Platinum 8480+ (family 6, model 143; AVX-512)"
+    # The matmul instruction sets, widest first; AVX2 only where AVX-512 is absent.
+    amx = "fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16"
+    info.write_text(block("GenuineIntel", 6, 167, name="Intel(R) Xeon(R) Processor").replace("fpu avx512f", amx))
+    assert cpu_model(info) == "Intel(R) Xeon(R) Processor (family 6, model 167; AMX-BF16, AVX512-BF16, AVX-512)"
+    info.write_text(block("AuthenticAMD", 23, 49).replace("fpu avx512f", "fpu avx avx2 fma"))
+    assert cpu_model(info) == "AMD EPYC (Zen/Zen 2: family 23, model 49; AVX2)"
+    info.write_text(block("AuthenticAMD", 23, 49).replace("fpu avx512f", "fpu sse2"))
+    assert cpu_model(info) == "AMD EPYC (Zen/Zen 2: family 23, model 49)"
     info.write_text("processor\t: 0\nmodel name\t: some cpu\n")
     assert cpu_model(info) == "some cpu"
     info.write_text("processor\t: 0\nvendor_id\t: ARM\n")
