@@ -62,10 +62,17 @@ def _ratio(row):
 
 def host_of(train, model, pipe) -> dict:
     """The run's CPU (``machine_load.cpu_model``: family and model from 2026-12-07 14:40 on, the
-    name alone before) and the f32 matmul peak its train script measured (None where not run)."""
+    name alone before) and the f32 matmul peak its train script measured (None where not run):
+    the one the shares of the peak divide by, the faster of JAX's dots and torch.mm (on the AMX
+    Xeon of 2026-12-07, torch.mm's 353.5 against 295.4 GFLOP/s), with each library's own."""
     cpu = next((r["machine"].get("cpu_model") for r in (train, model, pipe) if r), None)
-    peak = ((train or {}).get("machine", {}).get("matmul_peak") or {}).get("flop_s")
-    return dict(cpu_model=cpu, matmul_peak_gflop_s=None if peak is None else peak / 1e9)
+    machine = (train or {}).get("machine", {})
+    jax_peak = (machine.get("matmul_peak") or {}).get("flop_s")
+    torch_peak = (machine.get("torch_matmul_peak") or {}).get("flop_s")
+    peak = machine.get("peak_flop_s", jax_peak)
+    gflop = lambda v: None if v is None else v / 1e9  # noqa: E731
+    return dict(cpu_model=cpu, matmul_peak_gflop_s=gflop(peak), jax_matmul_peak_gflop_s=gflop(jax_peak),
+                torch_matmul_peak_gflop_s=gflop(torch_peak))
 
 
 def summarise(folder: Path) -> dict:
@@ -143,8 +150,12 @@ def _fmt(v, unit):
 def to_markdown(summary: dict, title: str) -> str:
     host = summary.get("host") or {}
     peak = host.get("matmul_peak_gflop_s")
+    each = [f"{lib} {host[key]:.1f}" for lib, key in (("JAX's dots", "jax_matmul_peak_gflop_s"),
+                                                       ("torch.mm", "torch_matmul_peak_gflop_s"))
+            if host.get(key) is not None]
     md = [f"# {title}", "", f"Host: {host.get('cpu_model') or 'CPU not recorded'}; f32 matmul peak "
-          f"{'not measured' if peak is None else f'{peak:.1f} GFLOP/s'}.", "",
+          f"{'not measured' if peak is None else f'{peak:.1f} GFLOP/s'}"
+          + (f" (the faster library's; {', '.join(each)})" if len(each) > 1 else "") + ".", "",
           "| measurement | target | measured | met |", "|---|---:|---:|---|"]
     for r in summary["rows"]:
         sign = "≥" if r["unit"] in ("x", "") else "≤"

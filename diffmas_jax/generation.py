@@ -21,7 +21,7 @@ from diffmas_jax.model.transformer import per_layer as as_per_layer
 from diffmas_jax.distributed import to_host
 from diffmas_jax.sharding import mesh_jit
 from diffmas_jax.trace import PROMPT, TEXT, KVTrace
-from diffmas_jax.xla_cpu import use_out_in_kernels, ynn_dot_options
+from diffmas_jax.xla_cpu import prompt_dot_options, use_out_in_kernels, ynn_dot_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +152,8 @@ def prefill(params, cfg, trace, tokens, valid, *, segment=0, kind=PROMPT, visibl
     return out.trace, lm_logits(params, cfg, hidden), hidden
 
 
-jit_prefill = mesh_jit(prefill, static_argnames=("cfg", "lora_scale", "compute_dtype"))
+jit_prefill = mesh_jit(prefill, static_argnames=("cfg", "lora_scale", "compute_dtype"),
+                       compiler_options=lambda args: prompt_dot_options())  # prompt GEMMs (xla_cpu)
 
 
 # --------------------------------------------------------------------------- host side

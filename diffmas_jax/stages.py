@@ -21,6 +21,7 @@ from diffmas_jax.model.config import ModelConfig
 from diffmas_jax.model.transformer import (LoraDropout, Visibility, forward, last_valid_index, lm_logits,
                                            take_rows)
 from diffmas_jax.sharding import mesh_jit
+from diffmas_jax.xla_cpu import prompt_dot_options
 from diffmas_jax.trace import LATENT, PROMPT, KVTrace
 
 REALIGN_MODES = ("ridge", "norm", "none")
@@ -140,5 +141,7 @@ def teacher_forced_nll(params, cfg: ModelConfig, trace: KVTrace, tokens, valid, 
 
 _STATIC = ("cfg", "steps", "lora_scale", "compute_dtype", "remat")
 # On an active mesh these compile with explicit input shardings (sharding.mesh_jit).
-jit_agent_stage = mesh_jit(agent_stage, static_argnames=_STATIC)
-jit_solver_prefill = mesh_jit(solver_prefill, static_argnames=("cfg", "lora_scale", "compute_dtype"))
+# Prompt-sized GEMMs pick their dot library by host (``xla_cpu.prompt_dot_options``).
+jit_agent_stage = mesh_jit(agent_stage, static_argnames=_STATIC, compiler_options=lambda args: prompt_dot_options())
+jit_solver_prefill = mesh_jit(solver_prefill, static_argnames=("cfg", "lora_scale", "compute_dtype"),
+                              compiler_options=lambda args: prompt_dot_options())

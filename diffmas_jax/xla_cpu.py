@@ -25,6 +25,9 @@ so they key the persistent compilation cache too.
 """
 from __future__ import annotations
 
+import functools
+import os
+from pathlib import Path
 from typing import Optional
 
 import jax
@@ -32,6 +35,7 @@ import jax
 import diffmas_jax
 
 YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+PROMPT_DOTS_VAR = "DIFFMAS_JAX_PROMPT_DOTS"  # auto (the measured rule below) | ynn | xla
 
 
 def ynn_dot_options(rows: Optional[int] = None) -> dict:
@@ -56,3 +60,38 @@ def use_out_in_kernels(rows: int) -> bool:
     XLA's own dots at 8 rows the [out, in] chain was slower too (31.9 against 29.4 ms). The
     transposed per-layer copy takes 113 against 50 ms, once per call."""
     return bool(ynn_dot_options(rows))
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> Optional[str]:
+    """``vendor_id`` of the first CPU ("GenuineIntel", "AuthenticAMD"), or None where unreadable."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "vendor_id":
+                return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def prompt_dot_options() -> dict:
+    """``compiler_options`` for the jits that run prompts (prefill, an agent's stage, the
+    solver's prefill, ``jit_forward``): YNNPACK's dots on Intel CPUs, XLA's own elsewhere.
+
+    Which library is faster at prompt-sized GEMMs depends on the host, embedded model,
+    jaxlib 0.10.2, one process per figure (docs/performance.md):
+    - Xeon with AVX-512 and AMX (2026-12-07): prefill of 256 tokens, B=1 388-397 -> 699
+      tok/s, B=8 535-554 -> 638 tok/s with YNNPACK's dots.
+    - Zen 4 EPYC (2026-12-04): prefill B=8 x 128 tokens over 256 slots 1.50-1.52 s with XLA's
+      against 1.63-1.77 s with YNNPACK's; the pipeline's upstream phase at B=8 6.10 against 7.18 s.
+    ``DIFFMAS_JAX_PROMPT_DOTS=ynn`` or ``=xla`` overrides the rule (``auto``, the default).
+    Empty on other backends and when this project's CPU defaults are not in force."""
+    choice = os.environ.get(PROMPT_DOTS_VAR, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "ynn", "xla"):
+        raise ValueError(f"{PROMPT_DOTS_VAR}={choice!r}: expected auto, ynn or xla")
+    if not diffmas_jax.CPU_DEFAULTS_APPLIED or jax.default_backend() != "cpu":
+        return {}
+    if choice == "auto":
+        choice = "ynn" if cpu_vendor() == "GenuineIntel" else "xla"
+    return dict(YNN_DOTS) if choice == "ynn" else {}

@@ -113,7 +113,8 @@ def test_pipeline_memory_sweep_and_summary_plots(tmp_path, embedded):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from machine_load import cpu_model
     assert report["machine"]["cpu_model"] == cpu_model()
-    assert summary["host"] == {"cpu_model": cpu_model(), "matmul_peak_gflop_s": None}
+    assert summary["host"] == {"cpu_model": cpu_model(), "matmul_peak_gflop_s": None,
+                               "jax_matmul_peak_gflop_s": None, "torch_matmul_peak_gflop_s": None}
     assert (f"Host: {cpu_model() or 'CPU not recorded'}; f32 matmul peak not measured."
             in (out / "summary.md").read_text())
 
@@ -242,3 +243,21 @@ def test_gpu_session_script_runs_its_parts_under_one_deadline(tmp_path):
     r = subprocess.run([script, str(out), "--quick"], capture_output=True, text=True,
                        env=dict(env, PARTS="sft_default", DEADLINE_S="0"))
     assert r.returncode == 0 and "sft_default: skipped, 0s left" in r.stdout and not record.exists()
+
+
+def test_summary_host_peak_is_the_one_the_shares_use():
+    """The host line gives the peak the shares of the peak divide by (the faster of JAX's dots
+    and torch.mm), with each library's own; runs without torch's figure keep JAX's."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_all import host_of, to_markdown
+    train = {"machine": {"cpu_model": "Intel(R) Xeon(R) Processor (family 6, model 167; AMX-BF16)",
+                         "matmul_peak": {"flop_s": 295.4e9}, "torch_matmul_peak": {"flop_s": 353.5e9},
+                         "peak_flop_s": 353.5e9}}
+    host = host_of(train, None, None)
+    assert host["matmul_peak_gflop_s"] == 353.5 and host["jax_matmul_peak_gflop_s"] == 295.4
+    empty = dict(rows=[], memory=[], kernels=None, memory_touch=[], load_avg_start={}, pacing={}, malloc_hugetlb={})
+    md = to_markdown(dict(empty, host=host), "t")
+    assert ("f32 matmul peak 353.5 GFLOP/s (the faster library's; JAX's dots 295.4, torch.mm 353.5)." in md)
+    older = {"machine": {"cpu_model": "AMD EPYC", "matmul_peak": {"flop_s": 200e9}}}
+    assert host_of(older, None, None)["matmul_peak_gflop_s"] == 200.0
+    assert "f32 matmul peak 200.0 GFLOP/s." in to_markdown(dict(empty, host=host_of(older, None, None)), "t")

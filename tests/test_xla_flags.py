@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 PROBE = """
 import os, sys
@@ -143,3 +144,53 @@ def test_suite_and_its_children_compile_at_llvm_level_0():
     assert env["XLA_FLAGS"].split() == [*os.environ.get("XLA_FLAGS", "").split(),
                                         "--xla_force_host_platform_device_count=8"]
     assert env["JAX_PLATFORMS"] == "cpu"
+
+
+def test_prompt_jits_pick_their_dots_by_cpu_vendor(monkeypatch, tmp_path):
+    """Prompt jits (prefill, agent stages, the solver's prefill, jit_forward) take YNNPACK's dots
+    on Intel CPUs and keep XLA's elsewhere (``xla_cpu.prompt_dot_options``, measured on both);
+    DIFFMAS_JAX_PROMPT_DOTS overrides the rule and a bad value is one clear error; results agree."""
+    import diffmas_jax
+    import diffmas_jax.xla_cpu as xc
+    from diffmas_jax.generation import jit_prefill
+    from diffmas_jax.model.config import ModelConfig
+    from diffmas_jax.model.transformer import init_params, jit_forward
+    from diffmas_jax.trace import KVTrace
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n\nprocessor\t: 1\nvendor_id\t: x\n")
+    assert xc.cpu_vendor(info) == "GenuineIntel" and xc.cpu_vendor(tmp_path / "missing") is None
+
+    monkeypatch.setattr(diffmas_jax, "CPU_DEFAULTS_APPLIED", True)
+    monkeypatch.delenv(xc.PROMPT_DOTS_VAR, raising=False)
+    for vendor, expected in (("GenuineIntel", xc.YNN_DOTS), ("AuthenticAMD", {}), (None, {})):
+        monkeypatch.setattr(xc, "cpu_vendor", lambda vendor=vendor: vendor)
+        assert xc.prompt_dot_options() == expected
+    monkeypatch.setenv(xc.PROMPT_DOTS_VAR, "ynn")
+    assert xc.prompt_dot_options() == xc.YNN_DOTS  # vendor None: the override wins
+    monkeypatch.setattr(xc, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setenv(xc.PROMPT_DOTS_VAR, "XLA")
+    assert xc.prompt_dot_options() == {}
+    monkeypatch.setenv(xc.PROMPT_DOTS_VAR, "onednn")
+    with pytest.raises(ValueError, match="DIFFMAS_JAX_PROMPT_DOTS='onednn': expected auto, ynn or xla"):
+        xc.prompt_dot_options()
+    monkeypatch.setenv(xc.PROMPT_DOTS_VAR, "auto")
+    monkeypatch.setattr(diffmas_jax, "CPU_DEFAULTS_APPLIED", False)  # opted out: XLA's defaults everywhere
+    assert xc.prompt_dot_options() == {}
+    monkeypatch.setattr(diffmas_jax, "CPU_DEFAULTS_APPLIED", True)
+
+    cfg = ModelConfig("llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16)
+    params = init_params(cfg, jax.random.PRNGKey(0), std=0.2)
+    toks = jax.random.randint(jax.random.PRNGKey(1), (2, 6), 3, cfg.vocab_size)
+    valid = jnp.ones((2, 6), bool)
+    trace = KVTrace.create(cfg, 2, 8)
+    assert _ynn_in(jit_prefill.lower(params, cfg, trace, toks, valid))
+    assert _ynn_in(jit_forward.lower(params, cfg, trace, tokens=toks))
+    _, ynn_logits, _ = jit_prefill(params, cfg, trace, toks, valid)
+    ynn_full = jit_forward(params, cfg, trace, tokens=toks).logits
+    monkeypatch.setattr(xc, "cpu_vendor", lambda: "AuthenticAMD")
+    assert not _ynn_in(jit_prefill.lower(params, cfg, trace, toks, valid))
+    _, plain_logits, _ = jit_prefill(params, cfg, trace, toks, valid)
+    np.testing.assert_allclose(ynn_logits, plain_logits, atol=1e-5)
+    np.testing.assert_allclose(ynn_full, jit_forward(params, cfg, trace, tokens=toks).logits, atol=1e-5)

@@ -28,6 +28,7 @@ import numpy as np
 from diffmas_jax.model.config import ModelConfig, rope_inv_freq
 from diffmas_jax.sharding import constrain_trace, mesh_jit
 from diffmas_jax.trace import PROMPT, KVTrace
+from diffmas_jax.xla_cpu import prompt_dot_options
 
 Params = dict[str, Any]
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -720,5 +721,7 @@ _STATIC = ("cfg", "return_logits", "remat", "compute_dtype", "lora_scale")
 # The public jitted forward keeps the input trace usable (traces are immutable values);
 # pipelines that own their trace use the donating variant to update it in place.
 # On an active mesh these compile with explicit input shardings (sharding.mesh_jit).
-jit_forward = mesh_jit(forward, static_argnames=_STATIC)
-jit_forward_donating = mesh_jit(forward, static_argnames=_STATIC, donate_argnames=("trace",))
+# Prompt-sized GEMMs pick their dot library by host (``xla_cpu.prompt_dot_options``).
+jit_forward = mesh_jit(forward, static_argnames=_STATIC, compiler_options=lambda args: prompt_dot_options())
+jit_forward_donating = mesh_jit(forward, static_argnames=_STATIC, donate_argnames=("trace",),
+                                compiler_options=lambda args: prompt_dot_options())
