@@ -35,7 +35,9 @@ import numpy as np
 
 from diffmas_jax.model.config import ModelConfig
 from diffmas_jax.model.transformer import default_positions, forward, resolve_dtype, rms_norm
+from diffmas_jax.sharding import jit_per_options
 from diffmas_jax.trace import PROMPT, KVTrace
+from diffmas_jax.xla_cpu import prompt_dot_options
 
 LAYER_MAPS = ("last", "proportional")
 
@@ -312,8 +314,15 @@ def chain_cache(fuser, fc: FuserConfig, r_params, r_cfg: ModelConfig, s_params, 
     return trace
 
 
-jit_chain_cache = jax.jit(chain_cache, static_argnames=("fc", "r_cfg", "s_cfg", "extra", "train",
-                                                        "compute_dtype", "remat"))
+# The receiver's prompts: the same dot library as every prompt jit (``xla_cpu.prompt_dot_options``),
+# so closed gates give back exactly the cache ``jit_forward`` builds.
+_chain_cache_jits = jit_per_options(chain_cache, lambda args, kwargs: prompt_dot_options(),
+                                    static_argnames=("fc", "r_cfg", "s_cfg", "extra", "train", "compute_dtype", "remat"))
+
+
+def jit_chain_cache(*args, **kwargs) -> KVTrace:
+    """``chain_cache`` under ``jax.jit`` (the dot library chosen per call, see above)."""
+    return _chain_cache_jits(args, kwargs)(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- files
