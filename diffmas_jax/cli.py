@@ -10,6 +10,7 @@ from diffmas_jax.model.config import ModelConfigError
 from diffmas_jax.model.loading import ModelNotFoundError
 from diffmas_jax.model.weights import WeightLoadError
 from diffmas_jax.trace import TraceOverflowError
+from diffmas_jax.xla_cpu import XlaOptionsError, prompt_dots_setting
 
 
 class UserError(ValueError):
@@ -22,7 +23,7 @@ class WriteError(UserError):
 
 
 USER_ERRORS = (UserError, ModelConfigError, ModelNotFoundError, WeightLoadError, TraceOverflowError,
-               FileNotFoundError, NotADirectoryError)
+               XlaOptionsError, FileNotFoundError, NotADirectoryError)
 
 
 def user_error_types():
@@ -87,8 +88,10 @@ def error_line(e: BaseException) -> str:
 
 def run_cli(main, argv=None) -> None:
     """Call ``main(argv)``; user errors (and disk-full / permission OSErrors) print
-    'error: ...' on one line and exit 2."""
+    'error: ...' on one line and exit 2. A bad ``DIFFMAS_JAX_PROMPT_DOTS`` is refused before
+    ``main`` runs, so no model loads and nothing is written."""
     try:
+        prompt_dots_setting()  # checked here; the jits read it at their first call
         code = main(argv)
     except user_error_types() as e:
         if os.environ.get("DIFFMAS_TRACEBACK"):

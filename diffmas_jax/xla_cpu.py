@@ -20,7 +20,8 @@ jaxlib 0.10.2, embedded model, one process per figure (docs/performance.md):
   pipeline's upstream phase at B=8 7.18 against 6.10 s.
 
 So the train step (any batch) and decode loops over two or more rows compile with YNNPACK
-dots; every other jit keeps XLA's own code. Options are per compilation (``jax.jit(compiler_options=)``),
+dots; the prompt jits choose by CPU vendor (``prompt_dot_options``); every other jit keeps
+XLA's own code. Options are per compilation (``jax.jit(compiler_options=)``),
 so they key the persistent compilation cache too.
 """
 from __future__ import annotations
@@ -36,6 +37,10 @@ import diffmas_jax
 
 YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 PROMPT_DOTS_VAR = "DIFFMAS_JAX_PROMPT_DOTS"  # auto (the measured rule below) | ynn | xla
+
+
+class XlaOptionsError(ValueError):
+    """A setting of this module's environment variables that it does not know (one CLI line)."""
 
 
 def ynn_dot_options(rows: Optional[int] = None) -> dict:
@@ -75,6 +80,15 @@ def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> Optional[str]:
     return None
 
 
+def prompt_dots_setting() -> str:
+    """``DIFFMAS_JAX_PROMPT_DOTS`` (auto, ynn or xla; default auto), checked. Touches no JAX
+    backend, so a CLI can check it before anything initialises one."""
+    choice = os.environ.get(PROMPT_DOTS_VAR, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "ynn", "xla"):
+        raise XlaOptionsError(f"{PROMPT_DOTS_VAR}={choice!r}: expected auto, ynn or xla")
+    return choice
+
+
 def prompt_dot_options() -> dict:
     """``compiler_options`` for the jits that run prompts (prefill, an agent's stage, the
     solver's prefill, ``jit_forward``): YNNPACK's dots on Intel CPUs, XLA's own elsewhere.
@@ -87,9 +101,7 @@ def prompt_dot_options() -> dict:
       against 1.63-1.77 s with YNNPACK's; the pipeline's upstream phase at B=8 6.10 against 7.18 s.
     ``DIFFMAS_JAX_PROMPT_DOTS=ynn`` or ``=xla`` overrides the rule (``auto``, the default).
     Empty on other backends and when this project's CPU defaults are not in force."""
-    choice = os.environ.get(PROMPT_DOTS_VAR, "auto").strip().lower() or "auto"
-    if choice not in ("auto", "ynn", "xla"):
-        raise ValueError(f"{PROMPT_DOTS_VAR}={choice!r}: expected auto, ynn or xla")
+    choice = prompt_dots_setting()
     if not diffmas_jax.CPU_DEFAULTS_APPLIED or jax.default_backend() != "cpu":
         return {}
     if choice == "auto":

@@ -146,7 +146,7 @@ def test_suite_and_its_children_compile_at_llvm_level_0():
     assert env["JAX_PLATFORMS"] == "cpu"
 
 
-def test_prompt_jits_pick_their_dots_by_cpu_vendor(monkeypatch, tmp_path):
+def test_prompt_jits_pick_their_dots_by_cpu_vendor(monkeypatch, tmp_path, capsys):
     """Prompt jits (prefill, agent stages, the solver's prefill, jit_forward) take YNNPACK's dots
     on Intel CPUs and keep XLA's elsewhere (``xla_cpu.prompt_dot_options``, measured on both);
     DIFFMAS_JAX_PROMPT_DOTS overrides the rule and a bad value is one clear error; results agree."""
@@ -172,8 +172,14 @@ def test_prompt_jits_pick_their_dots_by_cpu_vendor(monkeypatch, tmp_path):
     monkeypatch.setenv(xc.PROMPT_DOTS_VAR, "XLA")
     assert xc.prompt_dot_options() == {}
     monkeypatch.setenv(xc.PROMPT_DOTS_VAR, "onednn")
-    with pytest.raises(ValueError, match="DIFFMAS_JAX_PROMPT_DOTS='onednn': expected auto, ynn or xla"):
+    with pytest.raises(xc.XlaOptionsError, match="DIFFMAS_JAX_PROMPT_DOTS='onednn': expected auto, ynn or xla"):
         xc.prompt_dot_options()
+    # a CLI refuses it in one line, exit 2, before its main runs (no model loads, nothing is written)
+    from diffmas_jax.cli import run_cli
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda argv: pytest.fail("main must not run"))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: DIFFMAS_JAX_PROMPT_DOTS='onednn': expected auto, ynn or xla\n"
     monkeypatch.setenv(xc.PROMPT_DOTS_VAR, "auto")
     monkeypatch.setattr(diffmas_jax, "CPU_DEFAULTS_APPLIED", False)  # opted out: XLA's defaults everywhere
     assert xc.prompt_dot_options() == {}
