@@ -21,8 +21,8 @@ from diffmas_jax.model.config import ModelConfig
 from diffmas_jax.model.transformer import (LoraDropout, Visibility, forward, last_valid_index, lm_logits,
                                            take_rows)
 from diffmas_jax.sharding import mesh_jit
-from diffmas_jax.xla_cpu import prompt_dot_options
 from diffmas_jax.trace import LATENT, PROMPT, KVTrace
+from diffmas_jax.xla_cpu import prompt_dot_options
 
 REALIGN_MODES = ("ridge", "norm", "none")
 

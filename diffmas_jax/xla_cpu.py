@@ -83,9 +83,10 @@ def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> Optional[str]:
 def prompt_dots_setting() -> str:
     """``DIFFMAS_JAX_PROMPT_DOTS`` (auto, ynn or xla; default auto), checked. Touches no JAX
     backend, so a CLI can check it before anything initialises one."""
-    choice = os.environ.get(PROMPT_DOTS_VAR, "auto").strip().lower() or "auto"
+    raw = os.environ.get(PROMPT_DOTS_VAR, "auto")
+    choice = raw.strip().lower() or "auto"
     if choice not in ("auto", "ynn", "xla"):
-        raise XlaOptionsError(f"{PROMPT_DOTS_VAR}={choice!r}: expected auto, ynn or xla")
+        raise XlaOptionsError(f"{PROMPT_DOTS_VAR}={raw!r}: expected auto, ynn or xla")
     return choice
 
 
@@ -95,7 +96,7 @@ def prompt_dot_options() -> dict:
 
     Which library is faster at prompt-sized GEMMs depends on the host, embedded model,
     jaxlib 0.10.2, one process per figure (docs/performance.md):
-    - Xeon with AVX-512 and AMX (2026-12-07): prefill of 256 tokens, B=1 388-397 -> 699
+    - Xeon with AVX-512 and AMX (2026-12-07): a full-logits forward of 256 tokens, B=1 388-397 -> 699
       tok/s, B=8 535-554 -> 638 tok/s with YNNPACK's dots.
     - Zen 4 EPYC (2026-12-04): prefill B=8 x 128 tokens over 256 slots 1.50-1.52 s with XLA's
       against 1.63-1.77 s with YNNPACK's; the pipeline's upstream phase at B=8 6.10 against 7.18 s.

@@ -171,15 +171,15 @@ def test_prompt_jits_pick_their_dots_by_cpu_vendor(monkeypatch, tmp_path, capsys
     monkeypatch.setattr(xc, "cpu_vendor", lambda: "GenuineIntel")
     monkeypatch.setenv(xc.PROMPT_DOTS_VAR, "XLA")
     assert xc.prompt_dot_options() == {}
-    monkeypatch.setenv(xc.PROMPT_DOTS_VAR, "onednn")
-    with pytest.raises(xc.XlaOptionsError, match="DIFFMAS_JAX_PROMPT_DOTS='onednn': expected auto, ynn or xla"):
+    monkeypatch.setenv(xc.PROMPT_DOTS_VAR, "oneDNN")
+    with pytest.raises(xc.XlaOptionsError, match="DIFFMAS_JAX_PROMPT_DOTS='oneDNN': expected auto, ynn or xla"):
         xc.prompt_dot_options()
     # a CLI refuses it in one line, exit 2, before its main runs (no model loads, nothing is written)
     from diffmas_jax.cli import run_cli
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda argv: pytest.fail("main must not run"))
     assert stop.value.code == 2
-    assert capsys.readouterr().err == "error: DIFFMAS_JAX_PROMPT_DOTS='onednn': expected auto, ynn or xla\n"
+    assert capsys.readouterr().err == "error: DIFFMAS_JAX_PROMPT_DOTS='oneDNN': expected auto, ynn or xla\n"
     monkeypatch.setenv(xc.PROMPT_DOTS_VAR, "auto")
     monkeypatch.setattr(diffmas_jax, "CPU_DEFAULTS_APPLIED", False)  # opted out: XLA's defaults everywhere
     assert xc.prompt_dot_options() == {}
