@@ -95,12 +95,12 @@ def cpu_generation(cpu_model) -> str:
     167, AMX'); '—' for runs that recorded the name alone."""
     if not cpu_model or "(" not in cpu_model:
         return "—"
-    name, inner = cpu_model.rsplit(" (", 1) if " (" in cpu_model else cpu_model.rsplit("(", 1)
+    name, _, inner = cpu_model.rpartition("(")
     head, _, isa = inner.rstrip(")").partition(";")
     if ":" in head:
         return head.split(":")[0]
     vendor = name.split()[0].replace("(R)", "") if name.split() else ""
-    return " ".join(p for p in (vendor, head.strip())) + (", AMX" if "AMX" in isa else "")
+    return " ".join(filter(None, (vendor, head.strip()))) + (", AMX" if "AMX" in isa else "")
 
 
 def _fmt(v, unit):
