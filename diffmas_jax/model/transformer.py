@@ -435,7 +435,8 @@ def use_per_layer(params: Params, *, remat=False, dropout: Optional[LoraDropout]
     for inference only (no remat, no dropout) and weights up to ``PER_LAYER_MAX_BYTES``;
     GPUs keep the stacked path (not measured there), meshes too (the trace's sharding rules
     are written for stacks). Latent steps keep the scan: ten steps per agent do not repay
-    the copy, and the unrolled layers tripled the pipeline's compile time."""
+    the copy, and unrolled layers triple the pipeline's first call (Xeon, B=1, 2026-12-07:
+    16.4 -> 43.7-49.8 s for a pipeline 0-8% faster; docs/performance.md)."""
     from diffmas_jax.sharding import current_mesh
     if remat or (dropout is not None and dropout.rate > 0):
         return False
