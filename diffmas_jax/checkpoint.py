@@ -226,6 +226,12 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.close()
 
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def abstract_like(tree: Any) -> Any:
     """Restore targets shaped like ``tree``. A jax array's sharding comes along, so a

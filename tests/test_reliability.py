@@ -42,9 +42,9 @@ def small_state(k: float = 0.0):
 # ------------------------------------------------------------------ checkpoints
 def test_damaged_latest_checkpoint_falls_back_and_is_set_aside(tmp_path, capsys):
     from diffmas_jax.checkpoint import Checkpointer, abstract_like
-    ck = Checkpointer(tmp_path / "ck", keep=3)
-    for s in (1, 2, 3):
-        ck.save(s, small_state(s), {"step": s})
+    with Checkpointer(tmp_path / "ck", keep=3) as ck:
+        for s in (1, 2, 3):
+            ck.save(s, small_state(s), {"step": s})
     suite.CORRUPTIONS["garbage data file"](tmp_path / "ck" / "3")
     suite._tamper_checksum(tmp_path / "ck" / "2")  # reads fine, but not what was saved
     ck = Checkpointer(tmp_path / "ck", keep=3)
@@ -57,7 +57,9 @@ def test_damaged_latest_checkpoint_falls_back_and_is_set_aside(tmp_path, capsys)
     assert sorted(p.name for p in (tmp_path / "ck" / "unreadable").iterdir()) == ["2", "3"]
     assert not (tmp_path / "ck" / "3").exists()
     ck.save(3, small_state(3), {"step": 3})  # the step that was set aside can be written again
-    assert Checkpointer(tmp_path / "ck").restore_latest(abstract_like(small_state()))[0] == 3
+    ck.close()
+    with Checkpointer(tmp_path / "ck") as again:
+        assert again.restore_latest(abstract_like(small_state()))[0] == 3
 
 
 def test_leftovers_of_killed_saves_and_deletes_are_swept(tmp_path):
@@ -67,10 +69,10 @@ def test_leftovers_of_killed_saves_and_deletes_are_swept(tmp_path):
     (tmp_path / "ck" / "2.orbax-checkpoint-tmp" / "state").mkdir(parents=True)  # killed mid-write
     (tmp_path / "ck" / "trash" / "0" / "state").mkdir(parents=True)             # killed mid-delete
     ck.close()
-    ck = Checkpointer(tmp_path / "ck", keep=2)
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["1"] and ck.steps() == [1]
-    for s in (2, 3):  # keep-N deletes through trash/, which is emptied again
-        ck.save(s, small_state(s), {"step": s})
+    with Checkpointer(tmp_path / "ck", keep=2) as ck:
+        assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["1"] and ck.steps() == [1]
+        for s in (2, 3):  # keep-N deletes through trash/, which is emptied again
+            ck.save(s, small_state(s), {"step": s})
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["2", "3"]
 
 
@@ -112,7 +114,8 @@ def test_kill_during_checkpoint_write_leaves_every_step_readable(tmp_path):
     finally:
         suite.kill(proc)
     assert any(".orbax-checkpoint-tmp" in p.name for p in d.iterdir())
-    restored = Checkpointer(d).restore_latest(abstract_like({"a": np.zeros(5000, np.float32)}))
+    with Checkpointer(d) as ck:
+        restored = ck.restore_latest(abstract_like({"a": np.zeros(5000, np.float32)}))
     assert restored[0] == 2
     np.testing.assert_array_equal(restored[1]["a"], np.random.default_rng(2).random(5000).astype(np.float32))
     assert sorted(p.name for p in d.iterdir()) == ["1", "2"]  # the torn save is swept
@@ -129,7 +132,8 @@ def test_full_disk_during_checkpoint_write_is_one_clear_error(tmp_path):
     assert "last checkpoint: step 2, intact" in line
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in d.iterdir()) == ["1", "2"]  # no torn tmp dir left
-    step, state, _ = Checkpointer(d).restore_latest(abstract_like({"a": np.zeros(5000, np.float32)}))
+    with Checkpointer(d) as ck:
+        step, state, _ = ck.restore_latest(abstract_like({"a": np.zeros(5000, np.float32)}))
     assert step == 2
     np.testing.assert_array_equal(state["a"], np.random.default_rng(2).random(5000).astype(np.float32))
 
