@@ -40,13 +40,16 @@ def test_extract_boxed_none(text):
     ("18 dollars", 18), ("18%", 18), ("18\\%", 18), ("-3", -3), ("0.50", 0.5), (".5", 0.5),
     ("025", 25), ("3/4", 0.75), ("\\frac{3}{4}", 0.75), ("-\\frac{1}{2}", -0.5),
     ("\\dfrac{3}{4}", 0.75), ("5 \\text{ cm}", 5), ("1e3", 1000), ("1,234,567.5", 1234567.5),
+    ("1 1/2", 1.5), ("2 3/4 cups", 2.75), ("-1 1/2", -1.5),      # mixed numbers
+    ("-$5", -5), ("-\\$5", -5), ("1 000", 1000), ("12 345.5", 12345.5),
 ])
 def test_parse_number(s, value):
     from fractions import Fraction
     assert S.parse_number(s) == Fraction(value).limit_denominator(10**6)
 
 
-@pytest.mark.parametrize("s", ["1,2", "5x", "x", "", "\\frac{a}{b}", "3/0", "1,00", "(1, 2)"])
+@pytest.mark.parametrize("s", ["1,2", "5x", "x", "", "\\frac{a}{b}", "3/0", "1,00", "(1, 2)",
+                               "12 34", "1 1/0"])
 def test_parse_number_rejects(s):
     assert S.parse_number(s) is None
 
@@ -67,6 +70,7 @@ def test_format_number():
     ("it drops to -3 degrees", "-3"),
     ("no digits", None),
     ("half is 1/2", "0.5"),
+    ("so she lost -$5 in all", "-5"),
 ])
 def test_extract_last_number(text, expected):
     assert S.extract_last_number(text) == expected
@@ -102,6 +106,15 @@ def test_extract_last_number(text, expected):
     ("The answer is \u22125.", "5", False),        # U+2212 minus keeps its sign
     ("It drops to \u22123 degrees", "-3", True),
     ("\\boxed{\u22125}", "-5", True),
+    ("So the answer is 6 * 3 = 18.", "18", True),         # the result after "=", not an operand
+    ("The final answer is 5 + 13 = 18 apples.", "18", True),
+    ("Final answer: 0.5 hours = 30 minutes", "30", True),
+    ("\\boxed{1 1/2}", "1.5", True),                      # a mixed number, not 11/2
+    ("\\boxed{1 1/2}", "5.5", False),
+    ("The answer is 2 3/4 cups.", "2.75", True),
+    ("The answer is -$5.", "-5", True),
+    ("\\boxed{-$5}", "-5", True),
+    ("\\boxed{-\\$5}", "5", False),
 ])
 def test_numeric_tasks(text, gold, ok):
     pred = S.extract_math(text, numeric=True)
@@ -199,9 +212,31 @@ OPTS = ("red planet", "blue whale", "green tea", "yellow sun")
     ("**Answer:** C", "C"),
     ("The answer is: **B**", "B"),
     ("answer: $\\boxed{\\text{(B) blue whale}}$", "B"),
+    ("Answer: b", "B"),                    # a lowercase letter other than "a" / "i" is an option
+    ("The answer is c", "C"),
+    ("The answer is B because the whale is blue.", "B"),
 ])
 def test_extract_choice(text, expected):
     assert S.extract_choice(text, OPTS) == expected
+
+
+def test_extract_choice_option_text_that_starts_with_a_letter():
+    """OpenBookQA-style options: "A Season" is option C's text, not letter A."""
+    opts = ("A session", "A Match", "A Season", "Autumn")
+    assert S.extract_choice("The answer is A Season.", opts) == "C"
+    assert S.extract_choice("The answer is A.", opts) == "A"
+    assert S.extract_choice("The answer is A, a session.", opts) == "A"
+    assert S.extract_choice("The answer is (A) A Match", opts) == "A"
+
+
+def test_extract_choice_signs_and_symbols_keep_options_apart():
+    opts = ("+2", "+1", "-1", "-2")
+    assert S.extract_choice("\\boxed{+1}", opts) == "B"
+    assert S.extract_choice("\\boxed{\u22121}", opts) == "C"
+    opts = ("a charge of +3", "a charge of -3", "no charge", "a charge of +1")
+    assert S.extract_choice("So it has a charge of -3.", opts) == "B"
+    opts = ("\u2193 \u2191 \u2193", "\u2191 \u2191 \u2193", "\u2193 \u2193 \u2191", "\u2191 \u2193 \u2191")
+    assert S.extract_choice("\u2191 \u2191 \u2193", opts) == "B"
 
 
 def test_extract_choice_many_options():
@@ -249,7 +284,8 @@ def test_extract_code_prefers_the_block_defining_the_entry_point():
 def test_costly_inputs_are_fast_off_main_thread():
     out = []
     th = threading.Thread(target=lambda: out.append(
-        [S.math_equal(p, "1") for p in ("2^{2^{2^{2^{2^{10}}}}}", "9" * 100 + "!", "10^{10^{10}}")]))
+        [S.math_equal(p, "1") for p in ("2^{2^{2^{2^{2^{10}}}}}", "9" * 100 + "!", "10^{10^{10}}",
+                                        "(10^{100})!", "1000!", "\\binom{10000}{5000}")]))
     th.start()
     th.join(20)
-    assert not th.is_alive() and out == [[False, False, False]]
+    assert not th.is_alive() and out == [[False] * 6]

@@ -78,7 +78,8 @@ def extract_boxed(text: str) -> str | None:
 
 UNICODE_MINUS = "\u2212"  # what many tokenizers and LaTeX-to-text outputs write for "-"
 _NUM_TOKEN = re.compile(
-    r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|(?<![\w.])-?\.\d+")
+    r"(?<![\w.])(?:-(?:\\?\$)?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?"
+    r"|(?<![\w.])-?\.\d+")
 _FRAC_RE = re.compile(r"^(-?)\\[dt]?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}$")
 _PLAIN_NUM = re.compile(r"^[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?$")
 # unit words need a space before them so "5x" is never read as 5
@@ -88,6 +89,7 @@ _UNIT_TAIL = re.compile(r"(?:\s*\\text\{[^{}]*\}|\s*\\mbox\{[^{}]*\}|\s+[a-zA-Z]
 def _strip_decoration(s: str) -> str:
     """Remove money/percent/unit decoration around a number: "$1,000.00 dollars" -> "1,000.00"."""
     s = s.strip().strip("$").strip()
+    s = re.sub(r"^-\s*\\?\$\s*", "-", s)  # "-$5" is -5, not 5
     s = re.sub(r"^\\\(|\\\)$", "", s).strip()
     # a wrapper around the whole answer: \text{1,000}, \textbf{18 dollars}, \mathbf{5}
     while (m := re.fullmatch(r"\\(?:text|textbf|mathbf|mathrm|mbox)\s*\{([^{}]*)\}", s)):
@@ -121,12 +123,21 @@ def parse_number(s: str | None) -> Fraction | None:
         except (ValueError, ZeroDivisionError):
             return None
         return -val if m.group(1) else val
+    mixed = re.fullmatch(r"(-?)(\d+)\s+(\d+)\s*/\s*(\d+)", s)  # "2 3/4" is 2.75, not 23/4
+    if mixed:
+        sign, whole, num, den = mixed.groups()
+        if int(den) == 0:
+            return None
+        val = int(whole) + Fraction(int(num), int(den))
+        return -val if sign else val
     if "/" in s:
         num, _, den = s.replace(" ", "").partition("/")
         a, b = parse_number(num), parse_number(den)
         if a is None or b is None or b == 0 or "/" in den:
             return None
         return a / b
+    if re.search(r"\d\s+\d", s) and not re.fullmatch(r"[-+]?\d{1,3}(?: \d{3})+(?:\.\d+)?", s):
+        return None  # "12 34" is two numbers; only "1 000" groups of three are one
     s = s.replace(" ", "")
     if not _PLAIN_NUM.match(s) or not re.search(r"\d", s):
         return None
@@ -199,6 +210,7 @@ def extract_math(text: str, numeric: bool = False) -> str:
     phrase = extract_answer_phrase(text)
     if numeric:
         if phrase is not None:  # the answer phrase itself, else its first number
+            phrase = phrase.rsplit("=", 1)[-1]  # "6 * 3 = 18": the result, not the operand
             v = parse_number(phrase)
             if v is not None:
                 return format_number(v)
@@ -238,7 +250,10 @@ def _too_costly(s: str) -> bool:
     Off the main thread there is no timeout, so these are compared as strings only.
     """
     return (len(s) > MAX_SYMBOLIC_CHARS or s.count("^") > 4 or "**" in s
-            or re.search(r"\d{40,}", s) is not None or re.search(r"\^\s*\{?[^}]*\^", s) is not None)
+            or re.search(r"\d{40,}", s) is not None or re.search(r"\^\s*\{?[^}]*\^", s) is not None
+            # a factorial of a group or of a 3-digit number, a binomial of a 4-digit one
+            or re.search(r"(?:[)}\]]|\d{3})\s*!", s) is not None
+            or re.search(r"\\[dt]?binom\s*\{?\s*\d{4}", s) is not None)
 
 
 def _math_verify_equal(pred: str, gold: str) -> bool | None:
@@ -374,8 +389,9 @@ def label_to_letter(label, n_options: int | None = None) -> str | None:
 
 
 def _norm_option(s: str) -> str:
-    s = normalize_math_text(s).lower()
-    s = re.sub(r"[^\w\s]", " ", s)
+    # ASCII punctuation goes; signs and other symbols stay, or "+1" / "-1" and "↓ ↑" collide
+    s = normalize_math_text(s).lower().replace(UNICODE_MINUS, "-")
+    s = re.sub(r"[!-*,./:-@\[-`{-~]", " ", s)
     return re.sub(r"\s+", " ", s).strip()
 
 
@@ -398,6 +414,15 @@ def _letter_from_span(span: str, n: int, choices: Sequence[str]) -> str | None:
         if len(hits) == 1:
             return LETTERS[hits[0]]
     return None
+
+
+def _option_opening(span: str, choices: Sequence[str]) -> str | None:
+    """The option whose whole text opens `span` (the longest, if several), else None."""
+    ns = f"{_norm_option(span)} "
+    hits = [i for i, c in enumerate(choices) if _norm_option(c) and ns.startswith(f"{_norm_option(c)} ")]
+    longest = max((len(_norm_option(choices[i])) for i in hits), default=0)
+    hits = [i for i in hits if len(_norm_option(choices[i])) == longest]
+    return LETTERS[hits[0]] if len(hits) == 1 else None
 
 
 _CHOICE_PHRASE = re.compile(
@@ -425,9 +450,15 @@ def extract_choice(text: str, choices: Sequence[str] = (), n_options: int | None
     tail = text[-20000:].replace("**", "")  # markdown bold: "**Answer:** C"
     for m in reversed(list(_CHOICE_PHRASE.finditer(tail))):
         raw = m.group(1)
-        # a lowercase bare letter after "answer is" is usually an article ("is a ...")
-        if raw.islower() and not raw.startswith("("):
+        # a bare "a" or "i" after "answer is" is a word ("is a ..."), not an option
+        if raw in ("a", "i"):
             continue
+        # "The answer is A Season.": a letter that opens an option's text is that option
+        if choices and not raw.startswith("("):
+            words = re.split(r"[.;!?\n]", tail[m.start(1):], maxsplit=1)[0]
+            letter = _option_opening(words, choices[:n])
+            if letter:
+                return letter
         letter = label_to_letter(raw.strip("()"), n)
         if letter:
             return letter
