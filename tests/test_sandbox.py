@@ -11,7 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from diffmas_jax.tasks.sandbox import STATUSES, _proc_status, run_code
+from diffmas_jax.tasks.sandbox import STATUSES, _proc_status, _scratch_dirs, run_code
 
 REPO = Path(__file__).resolve().parents[1]
 IS_ROOT = os.geteuid() == 0
@@ -144,6 +144,62 @@ def test_files_left_in_tmp_are_removed():
     r = run_code("import os\nd = '/tmp/sbx_leftover_%d' % os.getpid()\nopen(d, 'w').write('x')\nprint(d)")
     assert r.status == "passed", r.stderr
     assert not os.path.exists(r.stdout.strip())
+
+
+def test_every_world_writable_dir_is_swept():
+    """/run/lock and the like too, not just /tmp, /var/tmp and /dev/shm."""
+    dirs = _scratch_dirs()
+    assert "/tmp" in dirs
+    for top in Path("/").iterdir():  # every world-writable dir two levels down is found
+        if top.name in ("proc", "sys") or top.is_symlink() or not top.is_dir():
+            continue
+        try:
+            below = list(top.iterdir())
+        except OSError:
+            below = []
+        for d in [top] + below:
+            if d.is_dir() and not d.is_symlink() and d.stat().st_mode & 0o002:
+                assert str(d) in dirs or str(d.parent) in dirs, d
+    if not IS_ROOT:
+        return
+    code = ("import os\nfor d in %r:\n"
+            "    try: open(os.path.join(d, 'sbx_left_%%d' %% os.getpid()), 'w').write('x'); print(d)\n"
+            "    except OSError: pass\nprint(os.getpid())" % (list(dirs),))
+    r = run_code(code)
+    assert r.status == "passed", r.stderr
+    *written, pid = r.stdout.split()
+    assert written, "the sandbox could write to no world-writable dir"
+    for d in written:
+        assert not os.path.exists(os.path.join(d, f"sbx_left_{pid}")), d
+
+
+def test_code_is_imported_not_run_as_a_script():
+    """Like HumanEval's and EvalPlus's harnesses: a `__main__` demo reading input() is
+    skipped, argv is clean (unittest.main() parses it), and classes still pickle."""
+    code = textwrap.dedent("""
+        import pickle, sys
+        class Point:
+            def __init__(self, x): self.x = x
+        def similar(a, b): return set(a) & set(b)
+        if __name__ == "__main__":
+            print(similar(*eval(input())))
+        assert sys.argv == [""], sys.argv
+        assert pickle.loads(pickle.dumps(Point(3))).x == 3
+        assert similar([1, 2], [2, 3]) == {2}
+    """)
+    r = run_code(code)
+    assert r.status == "passed", r.stderr
+
+
+def test_a_finished_run_passes_whatever_it_prints_after():
+    """stderr text that looks like a MemoryError, and output written after the end
+    (an atexit handler), do not fail a run that reached its end with exit code 0."""
+    r = run_code("import sys\nsys.stderr.write('MemoryError: fallback used\\n')")
+    assert r.status == "passed", (r.status, r.stderr)
+    r = run_code("import atexit\natexit.register(lambda: print('x' * 5000))")
+    assert r.status == "passed", (r.status, r.stderr)
+    assert run_code("import atexit\natexit.register(lambda: print('x' * 5000))\n"
+                    "raise SystemExit(1)").status == "failed"
 
 
 def test_no_network():

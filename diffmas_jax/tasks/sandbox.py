@@ -7,8 +7,9 @@ Layers, strongest first:
    users' processes, and RLIMIT_NPROC (not enforced for root) caps fork bombs.
    If the interpreter lives somewhere that uid cannot read (e.g. under /root), the
    child first tries a private mount namespace: an empty tmpfs over each closed
-   directory with the interpreter's own tree bound back read-only, private /tmp,
-   /var/tmp and /dev/shm, and a tmpfs working directory capped at ``disk_mb``. Only
+   directory with the interpreter's own tree bound back read-only, private
+   world-writable dirs (/tmp, /var/tmp, /dev/shm, /run/lock, ...), and a tmpfs
+   working directory capped at ``disk_mb``. Only
    where mounts are not permitted does it keep CAP_DAC_READ_SEARCH (read-only
    access past permissions) so imports still work.
 2. A fresh network namespace (no interfaces) when unshare is permitted.
@@ -110,7 +111,7 @@ def _setup():
 def _mounts(libc, plan, uid):
     """A private mount namespace: directories the sandbox uid could not read anyway are
     covered by empty tmpfs (only the interpreter's own directories are bound back,
-    read-only), scratch dirs (/tmp, /var/tmp, /dev/shm) are private and small, and the
+    read-only), world-writable scratch dirs (/tmp, /run/lock, ...) are private and small, and the
     working directory is a size-limited tmpfs. All of it vanishes with the sandbox.
     Any failure undoes what was mounted and raises OSError."""
     import ctypes
@@ -222,10 +223,13 @@ del _setup, _guard
 def _run(source, nonce):
     import linecache, types
     linecache.cache["<sandbox>"] = (len(source), None, source.splitlines(True), "<sandbox>")
-    # a fresh __main__ module, so pickling classes defined by the code works
-    main = types.ModuleType("__main__")
+    # Imported, not run as a script (as HumanEval's and EvalPlus's harnesses do), so an
+    # `if __name__ == "__main__":` demo reading input() is skipped; the module is
+    # registered under both names so pickling classes defined by the code works.
+    main = types.ModuleType("solution")
     main.__file__ = "<sandbox>"
-    sys.modules["__main__"] = main
+    sys.modules["__main__"] = sys.modules["solution"] = main
+    sys.argv = [""]  # not the sandbox's config (unittest.main() parses argv)
     exec(compile(source, "<sandbox>", "exec"), main.__dict__)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -306,7 +310,31 @@ def _readable_below(top: str, path: str) -> bool:
     return bool(st.st_mode & 0o004) and (not os.path.isdir(d) or bool(st.st_mode & 0o001))
 
 
-_SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+@functools.lru_cache(maxsize=1)
+def _scratch_dirs() -> tuple[str, ...]:
+    """World-writable directories near the root (/tmp, /var/tmp, /dev/shm, /run/lock, ...):
+    the only places the sandbox uid can write outside its working directory. Found
+    three levels deep, once per process; /proc and /sys are skipped."""
+    found, level = [], ["/"]
+    for _ in range(3):
+        below = []
+        for top in level:
+            try:
+                entries = list(os.scandir(top))
+            except OSError:
+                continue
+            for e in entries:
+                if e.path in ("/proc", "/sys") or not e.is_dir(follow_symlinks=False):
+                    continue
+                try:
+                    if e.stat(follow_symlinks=False).st_mode & 0o002:
+                        found.append(e.path)
+                        continue
+                except OSError:
+                    continue
+                below.append(e.path)
+        level = below
+    return tuple(sorted(found))
 
 
 def _mount_plan(workdir: str, disk_mb: int, scratch_mb: int = 64) -> dict | None:
@@ -334,7 +362,7 @@ def _mount_plan(workdir: str, disk_mb: int, scratch_mb: int = 64) -> dict | None
         keeps = [k for i, k in enumerate(keeps) if not any(_under(k, o) for o in keeps[:i])]
         hide_list.append([a, keeps])
     protected = needed + [k for _, ks in hide_list for k in ks]
-    scratch = [d for d in _SCRATCH_DIRS if os.path.isdir(d) and not os.path.islink(d)
+    scratch = [d for d in _scratch_dirs() if os.path.isdir(d) and not os.path.islink(d)
                and not any(_under(p, d) for p in protected) and not _under(d, workdir)]
     return {"hide": hide_list, "scratch": scratch, "scratch_mb": int(scratch_mb),
             "disk_mb": int(disk_mb), "workdir": workdir, "required": False}
@@ -450,7 +478,7 @@ def _kill_uid(uid: int) -> None:
 
 def _remove_uid_files(uid: int) -> None:
     """Delete what the sandbox uid left in world-writable places."""
-    for d in ("/tmp", "/var/tmp", "/dev/shm"):
+    for d in _scratch_dirs():
         try:
             entries = os.listdir(d)
         except OSError:
@@ -480,12 +508,16 @@ def _nproc_for_current_user(extra: int) -> int:
 
 
 class _Capped:
-    """Keeps the first `cap` bytes and a short tail; counts the rest."""
+    """Keeps the first `cap` bytes and a short tail; counts the rest; notes whether
+    `watch` went by (anywhere: output printed after it, e.g. by atexit, is kept too)."""
 
-    def __init__(self, cap: int):
+    def __init__(self, cap: int, watch: bytes = b""):
         self.cap, self.head, self.tail, self.total = cap, bytearray(), b"", 0
+        self.watch, self.seen = watch, False
 
     def add(self, data: bytes) -> None:
+        if self.watch and not self.seen:
+            self.seen = self.watch in self.tail[-len(self.watch):] + data
         self.total += len(data)
         room = self.cap - len(self.head)
         if room > 0:
@@ -538,7 +570,8 @@ def run_code(code: str, timeout_s: float = 10, memory_mb: int | None = 1024,
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
            "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
-    out, err = _Capped(max_output_bytes), _Capped(max_output_bytes)
+    out = _Capped(max_output_bytes, watch=("\n" + nonce + "\n").encode())
+    err = _Capped(max_output_bytes)
     proc = None
     timed_out = False
     try:
@@ -581,7 +614,7 @@ def run_code(code: str, timeout_s: float = 10, memory_mb: int | None = 1024,
     rc = proc.returncode
     stdout = out.text()
     marker = "\n" + nonce + "\n"
-    finished = marker.encode() in out.tail
+    finished = out.seen
     stdout = stdout.replace(marker, "")  # forked children may print it too
     stderr = err.text()
     last_err = err.tail.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
@@ -589,12 +622,12 @@ def run_code(code: str, timeout_s: float = 10, memory_mb: int | None = 1024,
         status = "timeout"
     elif rc == _SETUP_FAILED_RC and "sandbox setup failed" in stderr:
         status = "error"
+    elif rc == 0 and finished:  # ran to its end, whatever it wrote to stderr
+        status = "passed"
     elif re.match(r"[\w.]*MemoryError\b", last_err[0]):  # also numpy's _ArrayMemoryError
         status = "memory"
     elif rc is not None and rc < 0:
         status = "killed"
-    elif rc == 0 and finished:
-        status = "passed"
     else:
         status = "failed"
     return SandboxResult(status, rc, stdout, stderr, duration)
