@@ -86,6 +86,42 @@ def test_unsupported_rope_type_named():
         ModelConfig.from_hf_dict(cfg)
 
 
+@pytest.mark.parametrize("family,edits,message", [
+    # transformers reads "mistral" with layer_types as Ministral: a window on some layers only
+    ("mistral", {"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]},
+     "mixing full_attention and sliding_attention"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1, "layer_types": None},
+     "sliding-window attention for model_type 'qwen2'"),
+    ("qwen3", {"layer_types": ["full_attention", "sliding_attention"]},
+     "sliding-window attention for model_type 'qwen3'"),
+    ("llama", {"layer_types": ["full_attention", "chunked_attention"]}, "chunked_attention"),
+    # transformers takes rope_scaling over rope_parameters (and drops the latter's theta)
+    ("qwen3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+               "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}},
+     "both rope_parameters .* and rope_scaling"),
+    ("llama", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e6}}},
+     "rope parameters per layer type"),
+    ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor"),
+    ("llama", {"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
+])
+def test_configs_computed_differently_are_refused(family, edits, message):
+    from conftest import make_hf_config
+    cfg = make_hf_config(family).to_dict()
+    cfg.update(edits)
+    with pytest.raises(ModelConfigError, match=message):
+        ModelConfig.from_hf_dict(cfg)
+
+
+def test_both_rope_spellings_agreeing_are_accepted():
+    from conftest import make_hf_config
+    cfg = make_hf_config("llama").to_dict()
+    cfg["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}
+    cfg["rope_scaling"] = {"type": "linear", "factor": 2.0, "rope_theta": 1e4}
+    assert ModelConfig.from_hf_dict(cfg).rope_type == "linear"
+
+
 def test_unknown_dtype():
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         resolve_dtype("float8")

@@ -53,6 +53,44 @@ def test_logits_parity_float32(case, tiny_model_dir):
         assert m.cfg.sliding_window == 8  # and positions > 8 were exercised above
 
 
+# config.json spellings that transformers reads its own way: the file is edited after saving,
+# and both libraries load the edited file.
+EDITED_CONFIGS = {
+    # a top-level original_max_position_embeddings wins over the rope dict's (Phi-3 style)
+    "yarn-top-level-original-max": ("llama", {"rope_parameters": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}},
+        {"original_max_position_embeddings": 64}),
+    # a v4-style rope_scaling without original_max_position_embeddings: the context length
+    "yarn-v4-no-original-max": ("qwen3", {}, {
+        "rope_parameters": None, "rope_theta": 1000000.0, "max_position_embeddings": 32,
+        "rope_scaling": {"type": "yarn", "factor": 4.0}}),
+    "llama3-v4-no-original-max": ("llama", {}, {
+        "rope_parameters": None, "rope_theta": 500000.0, "max_position_embeddings": 16,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0}}),
+    "swish-is-silu": ("llama", {}, {"hidden_act": "swish"}),
+    # qwen2's window only from layer max_window_layers on: none with 2 layers and 2
+    "qwen2-window-past-the-last-layer": ("qwen2", {}, {
+        "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2, "layer_types": None}),
+}
+
+
+@pytest.mark.parametrize("case", list(EDITED_CONFIGS))
+def test_logits_parity_hand_edited_configs(case, tiny_model_dir):
+    import json
+    family, overrides, edits = EDITED_CONFIGS[case]
+    path = tiny_model_dir(family, **overrides)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(edits)
+    (path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    m = load_model(str(path), with_tokenizer=False)
+    ids = np.random.default_rng(1).integers(3, 256, size=(2, 40))
+    ref = hf_logits(path, ids)
+    trace = KVTrace.create(m.cfg, 2, 64)
+    out = jit_forward(m.params, m.cfg, trace, tokens=jnp.asarray(ids))
+    np.testing.assert_allclose(np.asarray(out.logits), ref, atol=1e-4, rtol=0)
+
+
 def test_bfloat16_forward_close_to_float32(tiny_model_dir):
     path = tiny_model_dir("qwen3")
     m32 = load_model(str(path), with_tokenizer=False)

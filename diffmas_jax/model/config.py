@@ -75,8 +75,9 @@ class ModelConfig:
             raise ModelConfigError(
                 f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         act = cfg.get("hidden_act", "silu")
-        if act != "silu":
+        if act not in ("silu", "swish"):  # transformers' "swish" is SiLU too
             raise ModelConfigError(f"unsupported hidden_act {act!r} (only 'silu')")
+        act = "silu"
         heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         head_dim = cfg.get("head_dim") or hidden // heads
@@ -86,13 +87,17 @@ class ModelConfig:
             raise ModelConfigError(f"unsupported attention_bias=True for model_type {mt!r}")
         if cfg.get("mlp_bias"):
             raise ModelConfigError("unsupported mlp_bias=True")
-        if mt == "qwen3" and cfg.get("layer_types") and any(
-                t != "full_attention" for t in cfg["layer_types"]):
-            raise ModelConfigError("unsupported qwen3 layer_types other than full_attention")
-
         # transformers >= 5 nests rope_theta inside rope_parameters; older configs keep
-        # rope_theta / rope_scaling at the top level.
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        # rope_theta / rope_scaling at the top level. transformers reads rope_scaling
+        # first when both are there, and then drops rope_parameters' theta: refuse that.
+        params, scaling = cfg.get("rope_parameters"), cfg.get("rope_scaling")
+        if params and scaling and _rope_key(params) != _rope_key(scaling):
+            raise ModelConfigError(
+                f"config has both rope_parameters {params} and rope_scaling {scaling}, which "
+                "differ; keep one")
+        rope = dict(scaling or params or {})
+        if any(isinstance(v, dict) for v in rope.values()):
+            raise ModelConfigError(f"unsupported rope parameters per layer type: {sorted(rope)}")
         theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         rope.pop("type", None)
@@ -100,13 +105,18 @@ class ModelConfig:
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ModelConfigError(
                 f"unsupported rope scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        if rope.pop("partial_rotary_factor", None) not in (None, 1.0):
+            raise ModelConfigError("unsupported partial_rotary_factor != 1.0")
+        if rope_type in ("llama3", "yarn"):
+            # as transformers: a top-level value wins, else the context length
+            top = cfg.get("original_max_position_embeddings")
+            if top is not None:
+                rope["original_max_position_embeddings"] = top
+            elif rope.get("original_max_position_embeddings") is None:
+                rope["original_max_position_embeddings"] = cfg.get("max_position_embeddings", 4096)
         rope = {k: v for k, v in rope.items() if v is not None}
 
-        sliding = None
-        if mt == "mistral":
-            sliding = cfg.get("sliding_window")
-        elif cfg.get("use_sliding_window"):
-            raise ModelConfigError(f"unsupported use_sliding_window=True for model_type {mt!r}")
+        sliding = _sliding_window(mt, cfg)
 
         eos = cfg.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
@@ -136,6 +146,43 @@ class ModelConfig:
     def from_json(cls, path: str | Path) -> "ModelConfig":
         with open(path) as f:
             return cls.from_hf_dict(json.load(f))
+
+
+def _rope_key(rope: dict) -> dict:
+    """A rope dict with the legacy "type" key renamed, for comparing two spellings."""
+    rope = dict(rope)
+    rope.setdefault("rope_type", rope.pop("type", "default"))
+    rope.pop("type", None)
+    return rope
+
+
+def _sliding_window(mt: str, cfg: dict[str, Any]) -> int | None:
+    """The attention window every layer uses, or None for full attention.
+
+    Layer types come from `layer_types` (transformers >= 5) or, for qwen2 / qwen3, from
+    `use_sliding_window` / `max_window_layers` (layers from that index on slide).
+    One window for all layers is supported (Mistral); a mix is refused.
+    """
+    n = cfg.get("num_hidden_layers", 0)
+    kinds = cfg.get("layer_types")
+    if not kinds and mt in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+        first = cfg.get("max_window_layers", n)
+        kinds = ["full_attention" if i < first else "sliding_attention" for i in range(n)]
+    if mt == "mistral" and not kinds:
+        kinds = ["sliding_attention"] * n  # Mistral's window (None: none) on every layer
+    kinds = set(kinds or ["full_attention"])
+    unknown = kinds - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ModelConfigError(f"unsupported layer_types {sorted(unknown)}")
+    if kinds == {"full_attention"}:
+        return None
+    if mt != "mistral":
+        raise ModelConfigError(f"unsupported sliding-window attention for model_type {mt!r}")
+    if len(kinds) > 1:
+        raise ModelConfigError(
+            "unsupported layer_types mixing full_attention and sliding_attention (one window "
+            "for all layers only)")
+    return cfg.get("sliding_window")
 
 
 def _freeze(v):
