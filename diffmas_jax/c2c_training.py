@@ -279,22 +279,16 @@ def validate(c) -> None:
     remat_setting(c)  # remat_policy
 
 
-def train_c2c(c, workdir: Path) -> int:
-    """``python -m diffmas_jax.train`` with ``method = c2c`` (see configs/embedded_c2c_train.py).
-
-    On a mesh (``mesh`` / ``mesh_preset``, as DiffMAS) both models load straight into
-    their shards, each by its own config; the batch goes over data x fsdp and the fuser
-    and its optimizer state are replicated."""
-    from diffmas_jax import distributed, memory, mesh_presets, train_loop
-    from diffmas_jax.c2c import FuserConfigError, init_fuser, pair_problem, save_fuser
-    from diffmas_jax.cli import UserError, enable_compilation_cache, load_model_checked, remat_setting
+def check_config(c):
+    """Every check of a C2C config that needs no model, data or workdir (the CLI's first
+    step, and a sweep's plan): (receiver, sharer, agents, fuser options)."""
+    from diffmas_jax.c2c import FuserConfigError, pair_problem
+    from diffmas_jax.cli import UserError
     from diffmas_jax.config_utils import resolve_model
     from diffmas_jax.methods import MethodConfig
-
     validate(c)
     receiver_name = resolve_model(c.receiver or c.model)
     sharer_name = resolve_model(c.sharer or receiver_name)
-    identical = sharer_name == receiver_name
     roles = None if not c.roles else tuple(r.strip() for r in str(c.roles).split(",") if r.strip())
     try:
         agents = MethodConfig(method="c2c", layout=c.layout, roles=roles, latent_steps=0).validate().agents()
@@ -303,9 +297,24 @@ def train_c2c(c, workdir: Path) -> int:
         FuserConfig(1, 1, 1, 1, 1, 1, **opts).validate()
     except (ValueError, FuserConfigError) as e:
         raise UserError(str(e)) from None
-    problem = pair_problem(len(agents), identical)
+    problem = pair_problem(len(agents), sharer_name == receiver_name)
     if problem:
         raise UserError(problem)
+    return receiver_name, sharer_name, agents, opts
+
+
+def train_c2c(c, workdir: Path) -> int:
+    """``python -m diffmas_jax.train`` with ``method = c2c`` (see configs/embedded_c2c_train.py).
+
+    On a mesh (``mesh`` / ``mesh_preset``, as DiffMAS) both models load straight into
+    their shards, each by its own config; the batch goes over data x fsdp and the fuser
+    and its optimizer state are replicated."""
+    from diffmas_jax import distributed, memory, mesh_presets, train_loop
+    from diffmas_jax.c2c import init_fuser, save_fuser
+    from diffmas_jax.cli import enable_compilation_cache, load_model_checked, remat_setting
+
+    receiver_name, sharer_name, agents, opts = check_config(c)
+    identical = sharer_name == receiver_name
     resolved = json.loads(c.to_json())
     train_loop.check_workdir(workdir, resolved, IDENTITY_FIELDS)
 

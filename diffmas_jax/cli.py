@@ -113,6 +113,20 @@ def run_cli(main, argv=None) -> None:
     sys.exit(code or 0)
 
 
+def check_workdir_path(workdir) -> None:
+    """A workdir that is, or lies inside, a file is one UserError line, before anything
+    loads (a model can take minutes) or is written."""
+    from pathlib import Path
+    if not str(workdir).strip():
+        raise UserError("--workdir is empty")
+    wd = Path(workdir).expanduser()
+    for p in (wd, *wd.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"workdir {workdir}: {p} exists and is not a directory")
+            return
+
+
 def _short(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return (text[:300] or type(e).__name__)

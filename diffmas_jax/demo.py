@@ -25,8 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 def run(cmd: list[str]) -> None:
     print("$", " ".join(cmd), flush=True)
     r = subprocess.run(cmd)
+    if r.returncode == 2:  # the step's own one-line error is already on stderr
+        sys.exit(2)
     if r.returncode != 0:
-        raise SystemExit(f"error: step failed (exit {r.returncode}): {' '.join(cmd[2:4])}")
+        print(f"error: step failed (exit {r.returncode}): {' '.join(cmd[2:4])}", file=sys.stderr)
+        sys.exit(r.returncode if 0 < r.returncode < 128 else 1)
 
 
 def plot_loss(metrics_csv: Path, out_png: Path) -> None:
@@ -50,20 +53,13 @@ def plot_loss(metrics_csv: Path, out_png: Path) -> None:
 
 def check_args(args) -> None:
     """Bad arguments are one UserError line before the demo trains or writes anything."""
-    from diffmas_jax.cli import UserError
+    from diffmas_jax.cli import UserError, check_workdir_path
     for flag, value, least in (("--train-steps", args.train_steps, 1), ("--eval-items", args.eval_items, 1),
                                ("--latent-steps", args.latent_steps, 0), ("--max-new-tokens", args.max_new_tokens, 1)):
         if value < least:
             kind = "a positive integer" if least == 1 else "an integer >= 0"
             raise UserError(f"{flag} must be {kind}, got {value}")
-    wd = Path(args.workdir).expanduser()
-    if not str(args.workdir).strip():
-        raise UserError("--workdir is empty")
-    for p in (wd, *wd.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise UserError(f"workdir {args.workdir}: {p} exists and is not a directory")
-            break
+    check_workdir_path(args.workdir)
 
 
 def main(argv=None) -> int:

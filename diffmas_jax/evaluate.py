@@ -32,7 +32,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from diffmas_jax import config_utils, distributed, metrics
-from diffmas_jax.cli import UserError, enable_compilation_cache, run_cli
+from diffmas_jax.cli import UserError, check_workdir_path, enable_compilation_cache, run_cli
 
 ITEMS, SUMMARY, CONFIG = "items.jsonl", "summary.json", "config.json"
 SAMPLE_SEED_STRIDE = 1_000_003  # seed of (batch b, sample s) = seed + b + s * stride
@@ -168,16 +168,17 @@ def append_items(path: Path, records: list[dict]) -> None:
 
 
 def check_previous_config(workdir: Path, cfg: dict, has_results: bool = True) -> Optional[dict]:
-    """Refuse a workdir that holds results of a run with different behaviour.
+    """Refuse a workdir that holds results of a run with different behaviour, or a
+    config.json that is not an evaluation's (a model's, a training run's), which this
+    run would overwrite.
 
     ``has_results=False`` (items.jsonl holds no finished item, e.g. a first run that
-    failed before its first batch): nothing could be mixed, so any config may start over.
+    failed before its first batch): nothing could be mixed, so any evaluation config
+    may start over.
     """
     cfg_path = workdir / CONFIG
-    if not has_results:
-        return None
     if not cfg_path.exists():
-        if (workdir / ITEMS).exists() and (workdir / ITEMS).stat().st_size > 0:
+        if has_results and (workdir / ITEMS).exists() and (workdir / ITEMS).stat().st_size > 0:
             raise UserError(f"{workdir} has {ITEMS} but no {CONFIG}; cannot tell which config made "
                             "those results: use a new workdir")
         return None
@@ -187,6 +188,13 @@ def check_previous_config(workdir: Path, cfg: dict, has_results: bool = True) ->
         raise UserError(f"{cfg_path}: cannot read the previous run's config ({e})") from None
     if not isinstance(old, dict):
         raise UserError(f"{cfg_path}: not a config object")
+    foreign = sorted(set(old) - set(cfg))
+    if foreign or not {"task", "method"} <= set(old):
+        what = f"keys {', '.join(foreign[:4])}{' ...' if len(foreign) > 4 else ''}" if foreign else "no task or method"
+        raise UserError(f"{cfg_path} is not an evaluation's config ({what}: a model's or a training "
+                        "run's?) and would be overwritten; use a new --workdir")
+    if not has_results:
+        return None
     diffs = config_utils.behaviour_differences(old, cfg)
     if diffs:
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
@@ -434,9 +442,8 @@ def evaluate(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     task = get_task(cfg["task"], **cfg["task_options"])
     items = task.load(cfg["split"], data_dir=cfg["data_dir"], limit=cfg["limit"])
 
+    check_workdir_path(workdir)  # a file, or inside one: before the model loads
     workdir = Path(workdir).expanduser()
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"workdir {workdir} exists and is not a directory")
     items_path = workdir / ITEMS
     done, repair = read_items(items_path, check=record_ok)  # a line the summary cannot use is damage
     check_previous_config(workdir, cfg, has_results=bool(done))

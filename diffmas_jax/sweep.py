@@ -23,7 +23,9 @@ or 'solo' (Single and Single+SFT, where the roles do not matter).
 
 Before anything runs (also with --dry-run) the plan checks the methods and tasks, the
 eval fields (config_utils.eval_config's) and the train fields (those of the train config
-file the sweep names): a typo is one error line, never a failure after training.
+file the sweep names), and every cell's train and eval command is parsed and checked as
+its CLI will (values, splits, roles, local model paths): a typo is one error line naming
+the cell, never a failure after training.
 
 A cell whose eval/summary.json is complete (for the same config) is skipped; one that is
 missing or incomplete runs again (training and evaluation both resume where they
@@ -460,6 +462,58 @@ class Sweep:
         return state if state != "done" else "ran"
 
 
+def _looks_local(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or model.endswith(".gguf")
+
+
+def check_commands(sweep: Sweep, cells: Sequence[Cell]) -> None:
+    """Parse and check every training and evaluation command of the plan as its CLI will,
+    before any cell runs (also for --dry-run): a value typo (eval.batch_size=0,
+    trace_grads=ful, a split, role or model path that does not exist) is one error line
+    naming the cell, never a failure after a training. The adapter or fuser a training
+    will write does not exist yet; a stand-in directory takes its place here."""
+    import tempfile
+
+    from diffmas_jax import evaluate, train
+    from diffmas_jax.config_utils import resolve
+    from diffmas_jax.tasks import TaskError, get_task
+
+    def check_split(task: str, options: dict, split: str) -> None:
+        splits = get_task(task, **options).splits
+        if split not in splits:
+            raise UserError(f"task {task!r} has no split {split!r} (supported: {', '.join(splits)})")
+
+    seen: set = set()
+    for cell in cells:
+        jobs = [("eval", sweep.eval_command(cell))]
+        if cell.spec.train:
+            jobs.insert(0, ("train", sweep.train_command(cell)))
+        for kind, cmd in jobs:
+            argv = [cmd[2], *cmd[3:]]
+            key = (kind, tuple(a for a in argv if a != str(sweep.cell_dir(cell) / "eval")))
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                config, _ = evaluate.parse_flags(argv)
+                model = str(config.get("model") or "embedded")
+                if _looks_local(model) and not Path(model).expanduser().exists():
+                    raise UserError(f"model {model} not found")
+                if kind == "train":
+                    train.check_config(config)
+                    if config.get("split") is not None:
+                        check_split(config.task, {"path": config.task_path} if config.get("task_path") else {},
+                                    config.split)
+                else:
+                    if cell.spec.train:
+                        config[cell.spec.eval_flag] = tempfile.gettempdir()  # the artifact's stand-in
+                    cfg = resolve(config)
+                    evaluate.method_config(cfg)
+                    check_split(cfg["task"], cfg["task_options"], cfg["split"])
+            except (UserError, TaskError) as e:
+                raise UserError(f"cell {cell.id} ({kind}): {e}") from None
+
+
 def run_logged(cmd: list, log: Path) -> int:
     """Run a stage, its output appended to ``log``; the tail is echoed if it fails."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -516,6 +570,7 @@ def main(argv=None) -> int:
     index, count = parse_shard(args.shard)
     mine = shard(cells, index, count)
     sweep = Sweep(config, root=args.root)
+    check_commands(sweep, cells)
     if args.shard == "auto" and count > 1:
         os.environ["DIFFMAS_DISTRIBUTED"] = "0"  # each worker runs its own cells: do not join the hosts
     print(f"sweep {args.config}: {len(cells)} cells, shard {index}/{count} runs {len(mine)} -> {sweep.root}")

@@ -1,4 +1,4 @@
-"""Train DiffMAS communication (or an SFT baseline) with LoRA.
+r"""Train DiffMAS communication (or an SFT baseline) with LoRA.
 
     python -m diffmas_jax.train --config configs/embedded_train.py --workdir runs/train \
         [--config.trace_grad=full --config.steps=100 ...]
@@ -100,6 +100,33 @@ def validate(c) -> None:
     remat_setting(c)  # remat_policy
 
 
+def check_config(c):
+    """Every check of a training config that needs no model, data or workdir: the CLI runs
+    it first, and a sweep's plan runs it for every training before any cell starts.
+    Returns (LoraConfig, MethodConfig), or None for method c2c (its own checks)."""
+    check_config_kind(c)  # an evaluation, sweep or C2C config: one line naming what is missing
+    if c.method == "c2c":
+        from diffmas_jax.c2c_training import check_config as check_c2c
+        check_c2c(c)
+        return None
+    validate(c)
+    from diffmas_jax.lora import LoraConfig, LoraConfigError
+    from diffmas_jax.methods import MethodConfig
+    lcfg = LoraConfig(rank=int(c.lora_rank), alpha=float(c.lora_alpha),
+                      targets=tuple(t.strip() for t in str(c.lora_targets).split(",") if t.strip()),
+                      dropout=float(c.lora_dropout), per_role=bool(c.lora_per_role))
+    try:
+        lcfg.validate()
+        mc = MethodConfig(method="latent_mas", layout=c.layout, roles=_roles(c.roles),
+                          latent_steps=_ints(c.latent_steps), realign=c.realign,
+                          realign_lambda=float(c.realign_lambda), communication=c.communication,
+                          visibility=c.visibility, enable_thinking=c.enable_thinking,
+                          compute_dtype=c.dtype).validate()
+    except (LoraConfigError, ValueError) as e:
+        raise UserError(str(e)) from None
+    return lcfg, mc
+
+
 def notes_settings(c, mc) -> dict:
     """What the TextMAS+SFT upstream text depends on besides each question (the cache's key)."""
     return json.loads(json.dumps({
@@ -176,11 +203,11 @@ def main(argv) -> int:
         raise UserError("--config is required (e.g. configs/embedded_train.py)")
     if not _WORKDIR.value:
         raise UserError("--workdir is required")
-    check_config_kind(c)  # an evaluation, sweep or C2C config: one line naming what is missing
+    checked = check_config(c)
     if c.method == "c2c":  # the fuser has its own data, step and state
         from diffmas_jax.c2c_training import train_c2c
         return train_c2c(c, Path(_WORKDIR.value))
-    validate(c)
+    lcfg, mc = checked
     from diffmas_jax import distributed, memory, mesh_presets
     distributed.maybe_initialize()  # on a pod: connect the hosts before anything touches a device
     from absl import logging as absl_logging
@@ -196,25 +223,11 @@ def main(argv) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from diffmas_jax.lora import (LoraConfig, LoraConfigError, count_params, export_merged, export_peft, init_lora,
-                                  save_adapter)
-    from diffmas_jax.methods import MethodConfig
+    from diffmas_jax.lora import count_params, export_merged, export_peft, init_lora, save_adapter
     from diffmas_jax.stages import make_realign
     from diffmas_jax.training import (StepConfig, batch_of, encode_items, make_eval_loss, make_optimizer,
                                       make_train_step, step_capacity)
 
-    lcfg = LoraConfig(rank=int(c.lora_rank), alpha=float(c.lora_alpha),
-                      targets=tuple(t.strip() for t in str(c.lora_targets).split(",") if t.strip()),
-                      dropout=float(c.lora_dropout), per_role=bool(c.lora_per_role))
-    try:
-        lcfg.validate()
-        mc = MethodConfig(method="latent_mas", layout=c.layout, roles=_roles(c.roles),
-                          latent_steps=_ints(c.latent_steps), realign=c.realign,
-                          realign_lambda=float(c.realign_lambda), communication=c.communication,
-                          visibility=c.visibility, enable_thinking=c.enable_thinking,
-                          compute_dtype=c.dtype).validate()
-    except (LoraConfigError, ValueError) as e:
-        raise UserError(str(e)) from None
     task, train_items, eval_items = train_loop.split_items(c)
     n_eval = len(eval_items)
 
@@ -304,6 +317,11 @@ def _parse_flags(argv):
 
 
 def entry():
+    if any(a in ("-h", "--help", "--helpfull") for a in sys.argv[1:]):  # absl's own help exits 1
+        print(f"{__doc__}\nFlags:\n  --config FILE        ml_collections config file (configs/*_train.py)\n"
+              "  --config.FIELD=VALUE override a field of that file\n"
+              "  --workdir DIR        output directory (resumes if it holds a run)")
+        sys.exit(0)
     flags.mark_flags_as_required([])
     app.run(lambda argv: run_cli(lambda _: main(argv)), flags_parser=_parse_flags)
 

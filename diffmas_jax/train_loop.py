@@ -69,9 +69,10 @@ def validate_loop_fields(c, positive: Sequence[str] = ()) -> None:
 
 
 def check_workdir(workdir: Path, resolved: dict, identity_fields: Sequence[str]) -> None:
-    """Before anything is written: refuse a workdir that holds another experiment."""
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"workdir {workdir} exists and is not a directory")
+    """Before anything is written: refuse a workdir that holds another experiment, or
+    that is (or lies inside) a file."""
+    from diffmas_jax.cli import check_workdir_path
+    check_workdir_path(workdir)
     config_path = workdir / "config.json"
     if not config_path.exists():
         return

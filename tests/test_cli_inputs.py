@@ -273,6 +273,23 @@ def test_workdir_without_results_takes_a_changed_config(tmp_path, fake_model):
     assert snapshot(wd) == before
 
 
+@pytest.mark.parametrize("foreign", [
+    TINY_HF,                                                              # a model directory
+    {"model": "embedded", "method": "diffmas", "task": "arith", "steps": 2, "lr": 1e-3},  # a training run
+    ["not", "a", "dict"],
+])
+def test_workdir_with_another_tools_config_is_refused(tmp_path, fake_model, foreign):
+    """A model's or a training run's config.json is never overwritten by an evaluation."""
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    wd = tmp_path / "run"
+    wd.mkdir()
+    (wd / "config.json").write_text(json.dumps(foreign))
+    before = snapshot(wd)
+    with pytest.raises(UserError, match="not an evaluation's config|not a config object"):
+        ev.evaluate(fake_config(data), wd, progress=False)
+    assert snapshot(wd) == before
+
+
 # ------------------------------------------------------------ 11: damaged model and fuser files
 def _model_dir(tmp_path, name, config_text=None) -> Path:
     d = tmp_path / name
@@ -390,3 +407,31 @@ def test_demo_workdir_that_is_a_file(tmp_path):
     r = subprocess.run([sys.executable, "-m", "diffmas_jax.demo", "--workdir", str(f / "sub")], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert "is not a directory" in one_error_line(r)
+
+
+def test_workdir_inside_a_file_is_refused_before_the_model_loads(tmp_path, fake_model, monkeypatch):
+    from diffmas_jax.model import loading
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    for wd in (f, f / "sub"):
+        with pytest.raises(UserError, match="exists and is not a directory"):
+            ev.evaluate(fake_config(data), wd, progress=False)
+    from diffmas_jax import train_loop
+    with pytest.raises(UserError, match="exists and is not a directory"):
+        train_loop.check_workdir(f / "sub" / "deeper", {}, ())
+    assert f.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("rc,expected_rc,expected_lines", [(2, 2, 0), (1, 1, 1), (-9, 1, 1)])
+def test_demo_passes_a_failed_steps_exit_code_on(monkeypatch, capsys, rc, expected_rc, expected_lines):
+    """A step that failed on bad input printed its one error line; the demo adds none and exits 2.
+    A step that crashed gets one line naming it."""
+    from diffmas_jax import demo
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd: types.SimpleNamespace(returncode=rc))
+    with pytest.raises(SystemExit) as e:
+        demo.run([sys.executable, "-m", "diffmas_jax.train", "--config", "x.py"])
+    assert e.value.code == expected_rc
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == expected_lines and (not err or err.startswith("error: step failed"))

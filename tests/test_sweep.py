@@ -337,3 +337,34 @@ def test_typos_fail_before_anything_runs(tmp_path, monkeypatch, capsys, flag):
         bad = key.split(".")[-1] if "." in key else value          # the field, or the task / method
         assert err.startswith("error: ") and "\n" not in err and repr(bad) in err, err
     assert fake.calls == [] and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("eval.batch_size=0", r"\(eval\): batch_size must be a positive integer, got 0"),
+    ("eval.split=tset", r"\(eval\): task 'arith' has no split 'tset'"),
+    ("trace_grads=ful", r"\(train\): unknown trace_grad 'ful'"),
+    ("communications=add", r"\(train\): unknown communication 'add'"),
+    ("roles=planner,foo", r"\(train\): unknown agent role 'foo'"),
+    ("train.lr=-1", r"\(train\): lr must be"),
+    ("models=/nonexistent/model", r"\(train\): model /nonexistent/model not found"),
+    ("eval_config=configs/embedded_evl.py", r"eval_config configs/embedded_evl.py not found"),
+])
+def test_bad_values_fail_before_anything_runs(tmp_path, monkeypatch, capsys, flag, message):
+    """Every cell's train and eval command is parsed and checked as its CLI will, before any
+    cell runs: a bad value is one error line naming the cell, not a failure after a training."""
+    from diffmas_jax.cli import run_cli
+    cfg = tmp_path / "sweep_cfg.py"
+    cfg.write_text("import sys\nsys.path.insert(0, %r)\nfrom test_sweep import small_config\n"
+                   "def get_config():\n    return small_config(%r)\n" % (str(Path(__file__).parent), str(tmp_path / "r")))
+    fake = FakeRunner()
+    monkeypatch.setattr(sweep, "run_logged", fake)
+    for extra in (["--dry-run"], []):
+        with pytest.raises(SystemExit) as e:
+            run_cli(sweep.main, ["--config", str(cfg), "--set", "methods=diffmas", "--set", flag, *extra])
+        assert e.value.code == 2
+        cap = capsys.readouterr()
+        assert "todo" not in cap.out
+        err = cap.err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+        assert __import__("re").search(message, err), err
+    assert fake.calls == [] and not (tmp_path / "r").exists()

@@ -305,3 +305,16 @@ def test_text_mas_sft_checks_the_trace_before_generating_text(chat_dir, tmp_path
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: KV trace overflow: training needs")
     assert "upstream text" not in r.stderr and not (w / "text_notes.json").exists() and not w.exists()
+
+
+def test_every_cli_help_exits_0():
+    """--help is a request, not an error: exit 0 with the usage, for every command."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    for module in ("train", "evaluate", "sweep", "tables", "demo"):
+        r = subprocess.run([sys.executable, "-m", f"diffmas_jax.{module}", "--help"], cwd=repo,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (module, r.returncode, r.stderr[-500:])
+        assert "--workdir" in r.stdout or "--workdirs" in r.stdout, module
