@@ -40,14 +40,15 @@ def sample_tokens(logits, rng, sampling: SamplingConfig):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / sampling.temperature
     if sampling.top_k and sampling.top_k > 0:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        k = min(int(sampling.top_k), logits.shape[-1])  # as transformers: k past the vocabulary keeps all
+        kth = jax.lax.top_k(logits, k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if sampling.top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         cum = jnp.cumsum(probs, axis=-1)
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        cutoff_idx = jnp.sum(cum - probs < sampling.top_p, axis=-1, keepdims=True) - 1
+        cutoff_idx = jnp.maximum(jnp.sum(cum - probs < sampling.top_p, axis=-1, keepdims=True) - 1, 0)
         cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
@@ -229,7 +230,9 @@ def decode_to_text(params, cfg, tokenizer, trace, last_logits, *, max_new_tokens
                    chunk: int = 32, segment=0, visible=None, lora=None, lora_scale=1.0,
                    compute_dtype=jnp.float32, skip_special_tokens=True) -> Generation:
     """Decode from ``last_logits``; EOS ends a row inside the jitted loop, stop strings
-    between chunks of ``chunk`` steps. Text is cut at the first stop string."""
+    between chunks of ``chunk`` steps. Text is cut before the first stop string; tokens,
+    log-probs and entropies end with the token that completed it (the returned trace
+    still holds the rest of that row's last chunk)."""
     rng = jax.random.PRNGKey(0) if rng is None else rng
     eos = eos_ids_of(tokenizer, cfg)
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
@@ -248,10 +251,28 @@ def decode_to_text(params, cfg, tokenizer, trace, last_logits, *, max_new_tokens
             if all(to_host(state.done)):
                 break
     toks, lps, ents = finish_rows(state, with_entropy=True)
+    if stop:  # a row ran on to the end of its chunk: keep its tokens up to the stop
+        ends = [_tokens_through_stop(tokenizer, t, stop) for t in toks]
+        toks, lps, ents = ([row[:n] for row, n in zip(rows, ends)] for rows in (toks, lps, ents))
     texts = [tokenizer.decode(t, skip_special_tokens=skip_special_tokens) for t in toks] \
         if tokenizer is not None else [""] * len(toks)
     texts = [cut_at_stop(t, stop) for t in texts]
     return Generation(tokens=toks, logprobs=lps, texts=texts, entropies=ents, trace=state.trace)
+
+
+def _tokens_through_stop(tokenizer, toks: list[int], stop: Sequence[str]) -> int:
+    """Length of the shortest prefix of ``toks`` whose text holds a stop string (all if none);
+    a prefix that holds one is followed only by longer ones that do, so bisect."""
+    def hit(n):
+        text = tokenizer.decode(toks[:n])
+        return any(s and s in text for s in stop)
+    if not toks or not hit(len(toks)):
+        return len(toks)
+    lo, hi = 1, len(toks)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if hit(mid) else (mid + 1, hi)
+    return lo
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -42,6 +42,20 @@ def test_eos_stops_rows_and_stop_strings_cut(embedded):
     s = generate(embedded, ["Count from 1 to 20, separated by commas."], max_new_tokens=64, stop=["5"])
     assert "5" not in s.texts[0] and len(s.tokens[0]) < 64
     assert cut_at_stop("abc###def", ["###"]) == "abc"
+    # tokens and log-probs end with the token that completed the stop string, not the chunk's end
+    tok = embedded.tokenizer
+    for chunk in (4, 32):
+        from diffmas_jax.generation import decode_to_text, jit_prefill
+        from diffmas_jax.trace import KVTrace
+        ids = chat_ids(tok, [{"role": "user", "content": "Count from 1 to 20, separated by commas."}])
+        trace = KVTrace.create(embedded.cfg, 1, len(ids) + 64)
+        trace, logits, _ = jit_prefill(embedded.params, embedded.cfg, trace, jnp.asarray([ids]),
+                                       jnp.ones((1, len(ids)), bool))
+        g = decode_to_text(embedded.params, embedded.cfg, tok, trace, logits, max_new_tokens=64,
+                           stop=["5"], chunk=chunk)
+        assert "5" in tok.decode(g.tokens[0]) and "5" not in tok.decode(g.tokens[0][:-1]), chunk
+        assert len(g.logprobs[0]) == len(g.entropies[0]) == len(g.tokens[0])
+        assert g.texts[0] == s.texts[0]
 
 
 def test_sampling_controls():
@@ -52,6 +66,9 @@ def test_sampling_controls():
     assert draws(SamplingConfig(temperature=1.0, top_p=0.7)) == {0, 1}
     assert draws(SamplingConfig(temperature=1.0)) == {0, 1, 2, 3}
     assert int(sample_tokens(logits, rng, GREEDY)[0]) == 0
+    # as transformers' warpers: top_k past the vocabulary keeps every token, top_p=0 the best one
+    assert draws(SamplingConfig(temperature=1.0, top_k=10)) == {0, 1, 2, 3}
+    assert draws(SamplingConfig(temperature=1.0, top_p=0.0)) == {0}
 
 
 def test_sampled_generation_is_seeded(embedded):
