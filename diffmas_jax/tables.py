@@ -7,7 +7,8 @@ its ``config.json`` (or the summary's own config) says what it is: model, task,
 method, latent steps, communication, visibility, seed, and the adapter (``lora``),
 whose metadata gives DiffMAS's ``trace_grad`` and the SFT baselines (single or
 text_mas + adapter = Single+SFT / TextMAS+SFT). Runs that differ only in seed form
-one cell: the mean over seeds with a two-level (seed, item) bootstrap CI.
+one cell: the mean over seeds with a two-level (seed, item) bootstrap CI; seeds that
+differ in anything else (limit, sampling, max_new_tokens ...) are refused, not averaged.
 
 Tables: main results (Single, TextMAS, LatentMAS, DiffMAS [, C2C] per model and
 benchmark, with DiffMAS's gain over Single), the latent-steps sweep, Single+SFT and
@@ -278,7 +279,38 @@ def load_runs(workdirs) -> tuple[list[Run], list[str]]:
         if len(rs) > 1:
             notes.append(f"{len(rs)} runs of the same cell (seed {seed}): used {rs[0].dir}, ignored "
                          + ", ".join(str(r.dir) for r in rs[1:]))
+    check_seeds_poolable(kept)
     return kept, notes
+
+
+# Config fields that may differ between the seeds of one cell: the seed itself, each seed's own
+# adapter or fuser, and what changes how a run is computed but not its results.
+POOLABLE_FIELDS = {"seed", "lora", "fuser", "batch_size", "prompt_bucket", "bootstrap_resamples", "mesh",
+                   "mesh_preset", "device_memory_gib"}
+
+
+def check_seeds_poolable(runs: list) -> None:
+    """The seeds of a cell are averaged, so they must be the same experiment: runs of one
+    cell that differ in anything else (limit, sampling, max_new_tokens ...) are refused
+    with one line naming the field and two of the runs."""
+    from diffmas_jax.config_utils import DEFAULTS
+    by = defaultdict(list)
+    for r in runs:
+        by[(r.key, r.agents)].append(r)
+    for rs in by.values():
+        first = rs[0]
+        for other in rs[1:]:
+            for field in sorted((set(first.config) | set(other.config)) - POOLABLE_FIELDS):
+                a = first.config.get(field, DEFAULTS.get(field))
+                b = other.config.get(field, DEFAULTS.get(field))
+                if a != b:
+                    raise UserError(f"seeds {first.seed} and {other.seed} of one cell differ in {field} "
+                                    f"({json.dumps(a)} vs {json.dumps(b)}: {first.dir}, {other.dir}); "
+                                    "their mean would mix two experiments: pass the workdirs of one setting")
+            if first.summary.get("n_total") != other.summary.get("n_total"):
+                raise UserError(f"seeds {first.seed} and {other.seed} of one cell have different item sets "
+                                f"(n_total {first.summary.get('n_total')} vs {other.summary.get('n_total')}: "
+                                f"{first.dir}, {other.dir})")
 
 
 # ------------------------------------------------------------------------ cells

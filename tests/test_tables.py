@@ -236,6 +236,30 @@ def test_duplicates_c2c_and_bad_input(tmp_path):
         load_runs([r])
 
 
+def test_seeds_of_different_experiments_are_not_averaged(tmp_path):
+    """Seeds are averaged only when nothing but the seed (and each seed's adapter) differs."""
+    r = tmp_path / "r"
+    write_run(r, "s0", "gsm8k", "text_mas", ones(4, 40), seed=0)
+    write_run(r, "s1", "gsm8k", "text_mas", ones(100, 200), seed=1)     # another item set
+    with pytest.raises(UserError, match=r"seeds 0 and 1 of one cell differ in limit \(40 vs 200"):
+        load_runs([r])
+    r = tmp_path / "t"
+    write_run(r, "s0", "gsm8k", "text_mas", ones(4), seed=0)
+    d = write_run(r, "s1", "gsm8k", "text_mas", ones(6), seed=1)
+    assert len(load_runs([r])[0]) == 2                                   # the same experiment: pooled
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "temperature": 0.6}))
+    with pytest.raises(UserError, match=r"differ in temperature \(0.0 vs 0.6"):
+        load_runs([r])
+    (d / "config.json").write_text(json.dumps({**cfg, "batch_size": 7}))
+    assert len(load_runs([r])[0]) == 2
+    r = tmp_path / "u"                                                   # DiffMAS: each seed its own adapter
+    write_run(r, "s0", "gsm8k", "latent_mas", ones(4), seed=0, lora="/a/seed0/adapter", trace_grad="stop")
+    write_run(r, "s1", "gsm8k", "latent_mas", ones(6), seed=1, lora="/a/seed1/adapter", trace_grad="stop")
+    runs, _ = load_runs([r])
+    assert len(runs) == 2 and runs[0].key == runs[1].key and runs[0].method == "diffmas"
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from diffmas_jax.cli import run_cli
     (tmp_path / "empty").mkdir()
