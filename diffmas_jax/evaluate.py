@@ -273,6 +273,11 @@ def adapter_parts(adapter, cfg: dict) -> tuple:
     if trained_on is not None and config_utils.resolve_model(str(trained_on)) != cfg["model"]:
         print(f"warning: adapter {cfg['lora']} was trained on model {trained_on!r}, evaluating "
               f"{cfg['model']!r}", file=sys.stderr)
+    if cfg["method"] == "diffmas":
+        changed = stage1_differences(meta, cfg)
+        if changed:
+            print(f"warning: adapter {cfg['lora']} was trained with other Stage I settings: "
+                  f"{'; '.join(changed)} (recorded in summary.json)", file=sys.stderr)
     if isinstance(tree, dict) and "roles" in tree:
         roles = cfg["roles"] or list(_agent_roles(cfg))
         missing = [r for r in roles if r not in tree["roles"]]
@@ -280,6 +285,26 @@ def adapter_parts(adapter, cfg: dict) -> tuple:
             print(f"warning: per-role adapter has no weights for role(s) {missing}; they run the base model",
                   file=sys.stderr)
     return tree, base * float(cfg["lora_scale"]), meta
+
+
+STAGE1_FIELDS = ("latent_steps", "realign", "realign_lambda", "communication", "visibility")
+
+
+def stage1_differences(meta: dict, cfg: dict) -> list[str]:
+    """'field: trained -> evaluated' for each Stage I setting the adapter records (adapters
+    trained before they were recorded have none) that this evaluation runs otherwise."""
+    out = []
+    for field in STAGE1_FIELDS:
+        if meta.get(field) is None:
+            continue
+        trained, now = meta[field], cfg[field]
+        if field == "latent_steps":
+            trained = config_utils._int_list(field, trained)
+        if field == "realign_lambda":
+            trained, now = float(trained), float(now)
+        if trained != now:
+            out.append(f"{field}: {trained} -> {now}")
+    return out
 
 
 def _agent_roles(cfg: dict):

@@ -282,8 +282,11 @@ def main(argv) -> int:
 
     def export(state):
         lo = state["lora"]
-        save_adapter(workdir / "adapter", lo, lcfg, extra={"model": c.model, "roles": list(sc.roles),
-                                                           "trace_grad": c.trace_grad, "method": c.method})
+        # the Stage I settings go with the adapter: evaluate warns when it runs them otherwise
+        save_adapter(workdir / "adapter", lo, lcfg, extra={
+            "model": c.model, "roles": list(sc.roles), "trace_grad": c.trace_grad, "method": c.method,
+            "latent_steps": str(c.latent_steps), "realign": c.realign, "realign_lambda": float(c.realign_lambda),
+            "communication": c.communication, "visibility": c.visibility})
         if c.export_peft and not lcfg.per_role:
             export_peft(workdir / "peft", lo, lcfg, model.cfg, base_model=str(model.path))
         if c.get("export_merged") and not lcfg.per_role:  # a plain HF checkpoint with the LoRA folded in

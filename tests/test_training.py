@@ -301,6 +301,8 @@ def test_kill_and_resume_matches_uninterrupted(chat_dir, tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from step" in again.stdout
     a, b = load_adapter(tmp_path / "ref" / "adapter"), load_adapter(tmp_path / "run" / "adapter")
+    assert {k: b.meta[k] for k in ("latent_steps", "realign", "communication", "visibility")} == {
+        "latent_steps": "2", "realign": "ridge", "communication": "concat", "visibility": "full"}  # Stage I recorded
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6), a.tree, b.tree)
     rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 9)]  # no duplicate or lost step
