@@ -359,7 +359,11 @@ def make_record(task, item, index: int, samples: list, row: int, latency: float,
         winner, agreement = metrics.majority_vote([sc["prediction"] for _, _, _, sc in outs],
                                                   key=vote_key(task, item))
         record["majority_prediction"] = winner
-        record["majority_correct"] = bool(winner) and bool(task.is_correct(item, winner))
+        # the verdict a sample with the winning answer got (a code answer is judged by running
+        # its tests in score(); is_correct() cannot run them)
+        key = vote_key(task, item)
+        voted = [sc for _, _, _, sc in outs if winner and key(sc["prediction"]) == key(winner)]
+        record["majority_correct"] = bool(voted) and bool(voted[0]["correct"])
         record["agreement"] = agreement
     return record
 

@@ -142,6 +142,40 @@ def test_code_reference_solutions_pass(name):
 
 
 @needs_data
+def test_repaired_code_items():
+    """Items whose released tests scored every answer alike: HumanEval/32 (no answer passed),
+    Mbpp/737, 787, 794 (any function with the right name passed); Mbpp/630 names the
+    function its tests call, not the reference's helper."""
+    items = {}
+    for name in ("humanevalplus", "mbppplus"):
+        task = get_task(name, timeout_s=30)
+        items.update({it.id: (task, it) for it in task.load("test", data_dir=str(DATA_DIR))})
+    for item_id in ("HumanEval/32", "Mbpp/737", "Mbpp/787", "Mbpp/794", "Mbpp/630"):
+        task, it = items[item_id]
+        assert task.score(it, it.target)["correct"], item_id
+        wrong = f"```python\ndef {it.meta['entry_point']}(*args, **kwargs):\n    return 0.0\n```"
+        assert not task.score(it, wrong)["correct"], item_id
+    task, it = items["Mbpp/630"]
+    assert it.meta["entry_point"] == "get_coordinates" and "named get_coordinates" in it.question
+
+
+def test_majority_vote_of_code_samples_uses_their_test_results():
+    """A code answer is judged by running its tests; the majority verdict is that of a sample
+    with the winning answer (is_correct cannot run tests and said False)."""
+    import types
+    from diffmas_jax import evaluate as ev
+    from diffmas_jax.tasks.base import Item
+    task = get_task("mbppplus")
+    item = Item("Mbpp/x", "q", "", "code", meta={"test": "assert f() == 1\n", "entry_point": "f"})
+    good, bad = "```python\ndef f():\n    return 1\n```", "```python\ndef f():\n    return 2\n```"
+    res = lambda text: types.SimpleNamespace(texts=[text], records=[{"prompt_tokens": 1, "generated_tokens": 1}])
+    rec = ev.make_record(task, item, 0, [(0, res(good)), (1, res(good)), (2, res(bad))], 0, 0.1, 0)
+    assert rec["correct"] and rec["majority_correct"] is True and rec["agreement"] == pytest.approx(2 / 3)
+    rec = ev.make_record(task, item, 0, [(0, res(good)), (1, res(bad)), (2, res(bad))], 0, 0.1, 0)
+    assert rec["correct"] and rec["majority_correct"] is False
+
+
+@needs_data
 def test_humaneval_body_only_completion():
     task = get_task("humanevalplus")
     it = task.load("test", data_dir=str(DATA_DIR), limit=1)[0]

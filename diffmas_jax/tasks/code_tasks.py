@@ -40,6 +40,26 @@ class CodeTask(Task):
                 "stderr": res.stderr[-2000:], "duration_s": round(res.duration_s, 3)}
 
 
+# Tests of the released data that score every answer the same; each repair leaves a correct
+# reference passing and a wrong answer failing (tests/test_tasks.py).
+_UNCHECKED_MATCH = "        exact_match = exp == (out is not None)\n"
+
+
+def _repair_mbpp_test(test: str) -> str:
+    """Mbpp/737, 787, 794: the assertion helper computes exact_match but never asserts it,
+    so any function with the right name passed."""
+    if _UNCHECKED_MATCH in test and "assert exact_match" not in test:
+        test = test.replace(_UNCHECKED_MATCH, _UNCHECKED_MATCH + "    assert exact_match\n", 1)
+    return test
+
+
+def _repair_humaneval_test(test: str) -> str:
+    """HumanEval/32: `_poly(*candidate(*inp), inp)` raises for every float answer, so no
+    answer passed; the intended check is |poly(xs, root)| <= 1e-4."""
+    return test.replace("assert _poly(*candidate(*inp), inp) <= 0.0001",
+                        "assert abs(_poly(*inp, candidate(*inp))) <= 0.0001")
+
+
 class MBPPPlus(CodeTask):
     name = "mbppplus"
     hub = ("evalplus/mbppplus", None)
@@ -54,9 +74,14 @@ class MBPPPlus(CodeTask):
         examples = require(row, "test_list", list)
         imports = rec.get("test_imports") or []
         defined = re.findall(r"^def\s+(\w+)\s*\(", code, re.MULTILINE)
-        # the function under test is the one the tests call
-        called = [name for name in defined if re.search(rf"\b{name}\s*\(", test)]
-        entry = called[0] if called else (defined[-1] if defined else "")
+        # the function under test is the one the example test calls first (the full test may
+        # also hold a copy of the reference with its helpers: Mbpp/630's adjac)
+        shown = examples[0] if examples else test
+        called = sorted((m.start(), name) for name in defined
+                        if (m := re.search(rf"\b{name}\s*\(", shown)))
+        if not called:
+            called = [(0, name) for name in defined if re.search(rf"\b{name}\s*\(", test)]
+        entry = called[0][1] if called else (defined[-1] if defined else "")
         if not entry:
             raise TaskError(f"{row[0]}: field 'code' defines no function")
         question = prompt.strip()
@@ -65,7 +90,7 @@ class MBPPPlus(CodeTask):
         tid = rec.get("task_id")
         item_id = f"Mbpp/{tid}" if isinstance(tid, int) else str(tid)
         return Item(item_id, question, "", "code", target=_fence(code),
-                    meta={"test": test, "test_imports": list(imports), "entry_point": entry,
+                    meta={"test": _repair_mbpp_test(test), "test_imports": list(imports), "entry_point": entry,
                           "test_list": list(examples)})
 
     def program(self, item: Item, code: str) -> str:
@@ -87,7 +112,7 @@ class HumanEvalPlus(CodeTask):
         question = f"Complete this Python function:\n\n```python\n{prompt.rstrip()}\n```"
         return Item(str(require(row, "task_id")), question, "", "code",
                     target=_fence(prompt + solution),
-                    meta={"prompt": prompt, "test": test, "entry_point": entry})
+                    meta={"prompt": prompt, "test": _repair_humaneval_test(test), "entry_point": entry})
 
     def program(self, item: Item, code: str) -> str:
         prompt, entry = item.meta["prompt"], item.meta["entry_point"]
