@@ -34,10 +34,10 @@ def get_config():
     c.lora_per_role = False
     # optimisation
     c.batch_size = 4
-    c.steps = 60                      # micro-batches
-    c.grad_accum = 1
+    c.steps = 60                      # micro-batches (a multiple of grad_accum)
+    c.grad_accum = 1                  # micro-batches per update; the loss is a per-token mean over all of them
     c.lr = 1e-3
-    c.warmup_steps = 5
+    c.warmup_steps = 5                # optimizer updates (micro-batches / grad_accum)
     c.weight_decay = 0.0
     c.clip = 1.0
     c.max_target_tokens = 64

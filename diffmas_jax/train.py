@@ -274,10 +274,11 @@ def main(argv) -> int:
     train_step = make_train_step(model.cfg, sc, optimizer, mesh)
     eval_loss = make_eval_loss(model.cfg, sc) if n_eval else None
 
-    def step(state, batch, i):
+    def step(state, batch, i, grad_weight=1.0):
         # Dropout masks, like the data order, are a function of (seed, step) alone.
         drop_rng = jax.random.fold_in(jax.random.PRNGKey(c.seed + 1), i) if lcfg.dropout > 0 else None
-        lo, opt, m = train_step(state["lora"], state["opt_state"], model.params, realign, batch, drop_rng)
+        lo, opt, m = train_step(state["lora"], state["opt_state"], model.params, realign, batch, drop_rng,
+                                jnp.float32(grad_weight))
         return {"lora": lo, "opt_state": opt}, m
 
     def export(state):
@@ -298,6 +299,7 @@ def main(argv) -> int:
         banner=f"training {c.method} (trace_grad={c.trace_grad}) on {len(train_items)} items, "
                f"{count_params(lora):,} LoRA params, trace capacity {capacity}",
         batch=lambda idx: batch_of(data, idx), step=step,
+        target_tokens=lambda idx: int(np.sum(data.n_target[idx])),
         # jnp sums: the batch may be a global array spread over several hosts
         tokens=lambda b: jnp.sum(b["valid"]) + sum(jnp.sum(v) for v in b["up_valid"]),
         fields=["step", "loss", "grad_norm", "tokens_per_s", "eval_loss"] + seg,

@@ -52,6 +52,9 @@ def validate_loop_fields(c, positive: Sequence[str] = ()) -> None:
                  *positive):
         if int(c[name]) <= 0:
             raise UserError(f"{name} must be positive, got {c[name]}")
+    if int(c.steps) % int(c.grad_accum):
+        raise UserError(f"steps ({c.steps} micro-batches) must be a multiple of grad_accum ({c.grad_accum}): "
+                        f"the last {int(c.steps) % int(c.grad_accum)} would never reach the optimizer")
     if int(c.eval_every) < 0:
         raise UserError(f"eval_every must be >= 0 (0: no held-out loss), got {c.eval_every}")
     if "eval_items" in c and int(c.eval_items) < 0:
@@ -143,6 +146,13 @@ def resume_metrics(csv_path: Path, fields: Sequence[str], start: int) -> None:
     os.replace(tmp, csv_path)
 
 
+def accumulation_weight(window_tokens: Sequence[int], j: int) -> float:
+    """k * (micro-batch j's target tokens) / (its window's): optax.MultiSteps averages the k
+    gradients of per-token means, so weighted so the update is the window's per-token mean,
+    as one batch of all k micro-batches would give (not a mean of per-micro-batch means)."""
+    return len(window_tokens) * window_tokens[j] / max(sum(window_tokens), 1)
+
+
 @dataclasses.dataclass
 class Trainer:
     """What a trainer brings to :func:`run`."""
@@ -160,6 +170,10 @@ class Trainer:
     exports: str                                # what export writes, for its error message
     done: str                                   # printed after the export
     eval_loss: Optional[Callable[[dict], Any]] = None   # state -> held-out loss
+    # item indices -> target tokens; with it, grad_accum > 1 weights each micro-batch by its
+    # share of the window's tokens (step gets grad_weight=), so k micro-batches of b update
+    # as one batch of k*b whose loss is a per-token mean
+    target_tokens: Optional[Callable[[np.ndarray], int]] = None
 
 
 def scalar_writer(logdir: Path):
@@ -222,6 +236,14 @@ def run(tr: Trainer, c, workdir: Path, resolved: dict, mesh=None) -> int:
         epoch, k = divmod(step, per_epoch)
         return np.random.default_rng([c.seed, epoch]).permutation(n)[k * bs:(k + 1) * bs]
 
+    k = int(c.grad_accum)
+
+    def grad_weight(step: int) -> Optional[float]:
+        if k == 1 or tr.target_tokens is None:
+            return None
+        first = step - step % k
+        return accumulation_weight([tr.target_tokens(indices(j)) for j in range(first, first + k)], step - first)
+
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     out = distributed.output_dir(workdir)
@@ -241,7 +263,8 @@ def run(tr: Trainer, c, workdir: Path, resolved: dict, mesh=None) -> int:
         batch = distributed.global_batch(tr.batch(distributed.local_indices(indices(step))), mesh)
         if c.on_nan == "skip":
             held = jax.device_get(state)
-        new_state, m = tr.step(state, batch, step)
+        w = grad_weight(step)
+        new_state, m = tr.step(state, batch, step) if w is None else tr.step(state, batch, step, grad_weight=w)
         loss, gnorm = float(m["loss"]), float(m["grad_norm"])
         if not (math.isfinite(loss) and math.isfinite(gnorm)):  # a finite loss with a NaN gradient poisons too
             where = f"last good checkpoint: step {last_good}" if last_good is not None else "no checkpoint yet"

@@ -171,19 +171,24 @@ def make_optimizer(lr: float, total_steps: int, warmup_steps: int, weight_decay:
 
 
 def make_train_step(cfg, sc: StepConfig, optimizer, mesh=None):
-    """A jitted (lora, opt_state, params, realign, batch[, rng]) -> (lora, opt_state, metrics).
+    """A jitted (lora, opt_state, params, realign, batch[, rng, grad_weight]) -> (lora, opt_state, metrics).
 
-    ``rng`` (the step's dropout key) is needed only when ``sc.lora_dropout > 0``. With a
+    ``rng`` (the step's dropout key) is needed only when ``sc.lora_dropout > 0``;
+    ``grad_weight`` scales the gradient handed to the optimizer (metrics are unscaled). With a
     ``mesh`` the step is compiled with explicit shardings (``sharding.mesh_jit``): params
     in their logical-axis layout, the batch over data x fsdp, LoRA, optimizer state,
     realignment and rng replicated, in and out; every step reuses the first step's
     executable."""
     # cfg as a static keyword: mesh_jit reads it to lay out ``params`` by the model's axes
-    def step(lora, opt_state, params, realign, batch, rng=None, *, cfg=cfg):
+    def step(lora, opt_state, params, realign, batch, rng=None, grad_weight=1.0, *, cfg=cfg):
         loss, grads, norms = loss_and_grads(lora, params, cfg, realign, batch, sc, rng)
-        updates, opt_state = optimizer.update(grads, opt_state, lora)
+        grad_norm = optax.tree.norm(grads)
+        # under accumulation: this micro-batch's share of the window's target tokens (times the
+        # window length), so the accumulated mean is the window's per-token mean (train_loop)
+        weighted = jax.tree.map(lambda g: g * grad_weight, grads)
+        updates, opt_state = optimizer.update(weighted, opt_state, lora)
         lora = optax.apply_updates(lora, updates)
-        return lora, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "segment_grad_norms": norms}
+        return lora, opt_state, {"loss": loss, "grad_norm": grad_norm, "segment_grad_norms": norms}
 
     # YNNPACK dots on CPU (``xla_cpu``): the full-mode step at B=4 ran 13.3-15.5 s against
     # 15.6-17.3 s with XLA's own GEMMs, at B=1 4.05-4.32 against 4.38-5.16 s (alternating

@@ -318,3 +318,13 @@ def test_every_cli_help_exits_0():
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, (module, r.returncode, r.stderr[-500:])
         assert "--workdir" in r.stdout or "--workdirs" in r.stdout, module
+
+
+def test_steps_must_fill_whole_accumulation_windows():
+    """steps=7, grad_accum=4: the last 3 micro-batches would never reach the optimizer."""
+    c = load_config(TRAIN_CFG)
+    c.steps, c.grad_accum = 7, 4
+    with pytest.raises(UserError, match=r"steps \(7 micro-batches\) must be a multiple of grad_accum \(4\)"):
+        train.validate(c)
+    c.steps = 8
+    train.validate(c)

@@ -372,3 +372,39 @@ def test_eval_every_zero_means_no_held_out_loss_and_negative_is_an_error():
     c.eval_every = -1
     with pytest.raises(UserError, match="eval_every must be >= 0"):
         validate_loop_fields(c)
+
+
+def test_accumulated_micro_batches_update_as_one_batch(chat):
+    """grad_accum: k micro-batches with different target-token counts give the update of one
+    batch of all of them (the loss is a per-token mean over the window, not a mean of the
+    micro-batches' means)."""
+    import optax
+    from diffmas_jax.train_loop import accumulation_weight
+    sc, lcfg, batch, realign = setup_step(chat, "stop", n=4)
+    mask = np.asarray(batch["target_mask"]).copy()
+    mask[0, np.flatnonzero(mask[0])[6:]] = False                  # row 0: a short target (6 tokens)
+    batch = dict(batch, target_mask=jnp.asarray(mask))
+    counts = [int(c) for c in mask.sum(1)]
+    halves = [np.arange(0, 2), np.arange(2, 4)]
+    window = [sum(counts[i] for i in h) for h in halves]
+    assert window[0] < window[1]                                   # unequal token counts
+    lora = random_lora(chat.cfg, lcfg)
+
+    def run(optimizer, parts, weights):
+        step = make_train_step(chat.cfg, sc, optimizer)
+        lo, opt = jax.tree.map(jnp.copy, lora), optimizer.init(lora)
+        for idx, w in zip(parts, weights):
+            sub = jax.tree.map(lambda x: x[idx], batch)
+            lo, opt, _ = step(lo, opt, chat.params, realign, sub, None, jnp.float32(w))
+        return lo
+
+    big = run(optax.sgd(1.0), [np.arange(4)], [1.0])
+    acc = run(optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2), halves,
+              [accumulation_weight(window, j) for j in range(2)])
+    plain = run(optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2), halves, [1.0, 1.0])
+    delta = lambda lo: np.concatenate([np.ravel(np.asarray(a) - np.asarray(b))
+                                       for a, b in zip(jax.tree.leaves(lo), jax.tree.leaves(lora))])
+    d_big, d_acc, d_plain = delta(big), delta(acc), delta(plain)
+    rel = lambda d: np.linalg.norm(d - d_big) / np.linalg.norm(d_big)
+    assert rel(d_acc) < 1e-4, rel(d_acc)
+    assert rel(d_plain) > 1e-2, rel(d_plain)                          # a mean of means is another update
