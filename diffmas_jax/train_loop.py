@@ -236,13 +236,14 @@ def run(tr: Trainer, c, workdir: Path, resolved: dict, mesh=None) -> int:
         epoch, k = divmod(step, per_epoch)
         return np.random.default_rng([c.seed, epoch]).permutation(n)[k * bs:(k + 1) * bs]
 
-    k = int(c.grad_accum)
+    accum = int(c.grad_accum)
 
     def grad_weight(step: int) -> Optional[float]:
-        if k == 1 or tr.target_tokens is None:
+        if accum == 1 or tr.target_tokens is None:
             return None
-        first = step - step % k
-        return accumulation_weight([tr.target_tokens(indices(j)) for j in range(first, first + k)], step - first)
+        first = step - step % accum
+        return accumulation_weight([tr.target_tokens(indices(j)) for j in range(first, first + accum)],
+                                   step - first)
 
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))

@@ -274,7 +274,9 @@ def train_cmd(model_dir, workdir, *extra):
 def test_kill_and_resume_matches_uninterrupted(chat_dir, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # With LoRA dropout on, resuming must also replay the dropout masks; the merged export is checked too.
-    extra = ("--config.lora_dropout=0.1", "--config.export_merged=True")
+    # grad_accum=2: the kill lands mid-window (after micro-batch 3), so the accumulated gradient and
+    # the token weights of the window must come back too.
+    extra = ("--config.lora_dropout=0.1", "--config.export_merged=True", "--config.grad_accum=2")
     # The uninterrupted reference runs beside the run that is killed (compiling is mostly one thread).
     with open(tmp_path / "ref.err", "w") as ref_err:  # a file, not a pipe nobody reads until the end
         ref = subprocess.Popen(train_cmd(chat_dir, tmp_path / "ref", *extra), stdout=subprocess.DEVNULL,
