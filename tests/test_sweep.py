@@ -12,6 +12,8 @@ from diffmas_jax.cli import UserError
 from diffmas_jax.sweep import Sweep, parse_shard, plan, shard
 
 REPO = Path(__file__).resolve().parents[1]
+# the plan parses each cell's commands with ml_collections, whose config loader calls load_module()
+pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 
 
 def small_config(root):
