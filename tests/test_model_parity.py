@@ -37,16 +37,20 @@ def hf_logits(path, ids):
         return model(torch.tensor(ids)).logits.numpy()
 
 
+def assert_logits_match_transformers(path, seed=0):
+    """Our float32 logits of a random [2, 40] batch equal transformers' within 1e-4; returns the model."""
+    m = load_model(str(path), with_tokenizer=False)
+    ids = np.random.default_rng(seed).integers(3, 256, size=(2, 40))
+    ref = hf_logits(path, ids)
+    out = jit_forward(m.params, m.cfg, KVTrace.create(m.cfg, 2, 64), tokens=jnp.asarray(ids))
+    np.testing.assert_allclose(np.asarray(out.logits), ref, atol=1e-4, rtol=0)
+    return m
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_parity_float32(case, tiny_model_dir):
     family, overrides = CASES[case]
-    path = tiny_model_dir(family, **overrides)
-    m = load_model(str(path), with_tokenizer=False)
-    ids = np.random.default_rng(0).integers(3, 256, size=(2, 40))
-    ref = hf_logits(path, ids)
-    trace = KVTrace.create(m.cfg, 2, 64)
-    out = jit_forward(m.params, m.cfg, trace, tokens=jnp.asarray(ids))
-    np.testing.assert_allclose(np.asarray(out.logits), ref, atol=1e-4, rtol=0)
+    m = assert_logits_match_transformers(tiny_model_dir(family, **overrides))
     if "rope" in case or "yarn" in case:
         assert m.cfg.rope_type == overrides["rope_parameters"]["rope_type"]
     if case == "mistral-sliding-window":
@@ -83,12 +87,7 @@ def test_logits_parity_hand_edited_configs(case, tiny_model_dir):
     cfg = json.loads((path / "config.json").read_text())
     cfg.update(edits)
     (path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
-    m = load_model(str(path), with_tokenizer=False)
-    ids = np.random.default_rng(1).integers(3, 256, size=(2, 40))
-    ref = hf_logits(path, ids)
-    trace = KVTrace.create(m.cfg, 2, 64)
-    out = jit_forward(m.params, m.cfg, trace, tokens=jnp.asarray(ids))
-    np.testing.assert_allclose(np.asarray(out.logits), ref, atol=1e-4, rtol=0)
+    assert_logits_match_transformers(path, seed=1)
 
 
 def test_bfloat16_forward_close_to_float32(tiny_model_dir):
