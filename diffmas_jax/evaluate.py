@@ -356,12 +356,11 @@ def make_record(task, item, index: int, samples: list, row: int, latency: float,
              "generated_tokens": int(r["generated_tokens"]),
              "generated_logprobs": [round(float(x), 4) for x in r.get("generated_logprobs", [])]}
             for s, t, r, sc in outs]
-        winner, agreement = metrics.majority_vote([sc["prediction"] for _, _, _, sc in outs],
-                                                  key=vote_key(task, item))
+        key = vote_key(task, item)
+        winner, agreement = metrics.majority_vote([sc["prediction"] for _, _, _, sc in outs], key=key)
         record["majority_prediction"] = winner
         # the verdict a sample with the winning answer got (a code answer is judged by running
         # its tests in score(); is_correct() cannot run them)
-        key = vote_key(task, item)
         voted = [sc for _, _, _, sc in outs if winner and key(sc["prediction"]) == key(winner)]
         record["majority_correct"] = bool(voted) and bool(voted[0]["correct"])
         record["agreement"] = agreement

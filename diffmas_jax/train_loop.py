@@ -237,13 +237,16 @@ def run(tr: Trainer, c, workdir: Path, resolved: dict, mesh=None) -> int:
         return np.random.default_rng([c.seed, epoch]).permutation(n)[k * bs:(k + 1) * bs]
 
     accum = int(c.grad_accum)
+    window: dict = {}  # first micro-step of the current window -> its micro-batches' target tokens
 
     def grad_weight(step: int) -> Optional[float]:
         if accum == 1 or tr.target_tokens is None:
             return None
         first = step - step % accum
-        return accumulation_weight([tr.target_tokens(indices(j)) for j in range(first, first + accum)],
-                                   step - first)
+        if first not in window:  # once per window, not once per micro-batch
+            window.clear()
+            window[first] = [tr.target_tokens(indices(j)) for j in range(first, first + accum)]
+        return accumulation_weight(window[first], step - first)
 
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
