@@ -425,10 +425,10 @@ def load_fuser_checked(path) -> tuple[dict, FuserConfig, dict]:
                         f"{' '.join(str(e).split())[:200]}") from None
 
 
-def run_batch(system: C2CSystem, questions: Sequence[str], answer_instruction: str, mc, *, seed: int = 0):
-    """Method 'c2c' on a batch (``methods.run_batch`` dispatches here)."""
+def run_batch(system: C2CSystem, questions: Sequence[str], answer_instruction: str, mc, *, seed=0):
+    """Method 'c2c' on a batch (``methods.run_batch`` dispatches here; ``seed`` as there)."""
     from diffmas_jax.c2c_training import encode_prompts
-    from diffmas_jax.generation import decode_to_text
+    from diffmas_jax.generation import decode_to_text, row_keys
     from diffmas_jax.methods import BatchResult
     from diffmas_jax.stages import jit_solver_prefill
     agents = mc.agents()
@@ -449,7 +449,8 @@ def run_batch(system: C2CSystem, questions: Sequence[str], answer_instruction: s
     trace, logits = jit_solver_prefill(r.params, r.cfg, trace, lasts[-1][:, None], jnp.ones((len(questions), 1), bool),
                                        segment=k, compute_dtype=dtype)
     gen = decode_to_text(r.params, r.cfg, r.tokenizer, trace, logits, max_new_tokens=mc.max_new_tokens,
-                         sampling=mc.sampling, rng=jax.random.PRNGKey(seed), segment=k, compute_dtype=dtype)
+                         sampling=mc.sampling, rng=row_keys(seed, len(questions), stream=k), segment=k,
+                         compute_dtype=dtype)
     records = []
     for i in range(len(questions)):
         lens = [int(v[i].sum()) + 1 for v in enc.valids]

@@ -31,7 +31,7 @@ REALIGNS = ("ridge", "norm", "none")
 # company; with sampling they pick the random streams, so they must match.)
 RESUMABLE_FIELDS = ("limit", "batch_size", "seed", "prompt_bucket", "bootstrap_resamples",
                     "mesh_preset", "mesh", "device_memory_gib")
-SAMPLING_FIELDS = ("seed", "batch_size")
+SAMPLING_FIELDS = ("seed",)  # each item samples from its own key: batch_size is free either way
 
 
 def eval_config(**overrides) -> ml_collections.ConfigDict:

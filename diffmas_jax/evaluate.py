@@ -11,10 +11,11 @@ The workdir holds:
                  every config value and library versions; rewritten (atomically) after
                  every batch, with complete=true once every item is done.
 
-Batches are fixed slices of the item list (items 0..B-1, B..2B-1, ...) with a seed
-derived from the slice index and the sample index, so a resumed run decodes every
-item exactly as an uninterrupted one would (greedy rows never depend on batch
-company; a partially written sampled batch is decoded again in full).
+Batches are fixed slices of the item list (items 0..B-1, B..2B-1, ...). With sampling,
+each item draws from its own key, derived from the seed, its index in the item list and
+the sample index (``item_seed``), so no row depends on its batch company, greedy or
+sampled: a resumed run decodes only the missing items, each exactly as an uninterrupted
+run would, and a changed batch_size leaves every sample as it was.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from diffmas_jax import config_utils, distributed, metrics
 from diffmas_jax.cli import UserError, check_workdir_path, enable_compilation_cache, run_cli
 
 ITEMS, SUMMARY, CONFIG = "items.jsonl", "summary.json", "config.json"
-SAMPLE_SEED_STRIDE = 1_000_003  # seed of (batch b, sample s) = seed + b + s * stride
+SAMPLE_SEED_STRIDE = 1_000_003  # seed of (item i, sample s) = seed + i + s * stride
 CI_SEED = 0
 
 
@@ -326,17 +327,18 @@ def vote_key(task, item):
     return key
 
 
-def batch_seed(seed: int, batch: int, sample: int) -> int:
-    return int(seed) + batch + sample * SAMPLE_SEED_STRIDE
+def item_seed(seed: int, index: int, sample: int) -> int:
+    """The sampling seed of item ``index`` (its place in the item list) in sample ``sample``."""
+    return int(seed) + index + sample * SAMPLE_SEED_STRIDE
 
 
 def make_record(task, item, index: int, samples: list, row: int, latency: float, batch: int) -> dict:
-    """One items.jsonl line. ``samples``: [(seed, BatchResult)], the first is the primary."""
+    """One items.jsonl line. ``samples``: [(row seeds, BatchResult)], the first is the primary."""
     outs = []
-    for seed, res in samples:
+    for seeds, res in samples:
         text, rec = res.texts[row], res.records[row]
         scored = task.score(item, text)
-        outs.append((seed, text, rec, scored))
+        outs.append((seeds[row], text, rec, scored))
     seed0, text0, rec0, scored0 = outs[0]
     record = {
         "id": item.id, "question": item.question, "prediction": scored0["prediction"],
@@ -515,7 +517,7 @@ def evaluate(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
 
     from tqdm import tqdm
     from diffmas_jax.methods import run_batch
-    bs, sampling = cfg["batch_size"], cfg["temperature"] > 0
+    bs = cfg["batch_size"]
     bar = tqdm(total=len(items), initial=len(items) - todo_n, unit="item", file=sys.stderr,
                desc=f"{cfg['method']}/{cfg['task']}", disable=not progress or not distributed.is_main_process(),
                dynamic_ncols=True)
@@ -525,20 +527,18 @@ def evaluate(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
             todo = [it for it in chunk if it.id not in done]
             if not todo:
                 continue
-            # Greedy rows do not depend on their batch company, so only missing items run;
-            # sampled rows do (one random stream per batch), so the whole slice runs again.
-            run_items = chunk if sampling else todo
+            # No row depends on its batch company (each samples from its own item seed),
+            # so only the missing items run.
+            index = {it.id: start + i for i, it in enumerate(chunk)}
             t0 = time.perf_counter()
             samples = []
             for s in range(cfg["num_samples"]):
-                seed = batch_seed(cfg["seed"], b, s)
-                res = run_batch(model, [it.question for it in run_items], task.answer_instruction, mc,
-                                lora=adapter, lora_scale=lora_scale, seed=seed)
-                samples.append((seed, res))
-            latency = (time.perf_counter() - t0) / len(run_items)
-            index = {it.id: start + i for i, it in enumerate(chunk)}
-            new = [make_record(task, it, index[it.id], samples, row, latency, b)
-                   for row, it in enumerate(run_items) if it.id not in done]
+                seeds = [item_seed(cfg["seed"], index[it.id], s) for it in todo]
+                res = run_batch(model, [it.question for it in todo], task.answer_instruction, mc,
+                                lora=adapter, lora_scale=lora_scale, seed=seeds)
+                samples.append((seeds, res))
+            latency = (time.perf_counter() - t0) / len(todo)
+            new = [make_record(task, it, index[it.id], samples, row, latency, b) for row, it in enumerate(todo)]
             append_items(items_path, new)
             for r in new:
                 done[r["id"]] = r

@@ -34,8 +34,23 @@ class SamplingConfig:
 GREEDY = SamplingConfig()
 
 
+def row_keys(seed, batch: int, stream: int = 0) -> jax.Array:
+    """Per-row PRNG keys [batch, 2] for sampled decoding.
+
+    ``seed`` is an int (row i gets seed + i) or one seed per row. A row's draws depend only
+    on its own seed, its ``stream`` (the agent that decodes) and its token index, never on
+    the rest of its batch: row i of a batch with seed s samples as a batch of one with
+    seed s + i, and a resumed evaluation may decode any subset of a batch again."""
+    seeds = [int(seed) + i for i in range(batch)] if isinstance(seed, (int, np.integer)) else [int(x) for x in seed]
+    if len(seeds) != batch:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {batch} rows")
+    keys = jnp.stack([jax.random.PRNGKey(x) for x in seeds]) if seeds else jnp.zeros((0, 2), jnp.uint32)
+    return jax.vmap(jax.random.fold_in, (0, None))(keys, stream)
+
+
 def sample_tokens(logits, rng, sampling: SamplingConfig):
-    """logits [B, V] float32 -> token ids [B]."""
+    """logits [B, V] float32 -> token ids [B]. ``rng``: one key for the batch, or per-row
+    keys [B, 2] (each row draws from its own)."""
     if sampling.temperature <= 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / sampling.temperature
@@ -51,6 +66,8 @@ def sample_tokens(logits, rng, sampling: SamplingConfig):
         cutoff_idx = jnp.maximum(jnp.sum(cum - probs < sampling.top_p, axis=-1, keepdims=True) - 1, 0)
         cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    if rng.ndim == 2:
+        return jax.vmap(jax.random.categorical)(rng, logits).astype(jnp.int32)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
@@ -70,7 +87,7 @@ class DecodeState:
     entropy: jax.Array     # [B, N] entropy (nats) of the model's next-token distribution
     count: jax.Array       # [B] tokens generated per row
     step: jax.Array        # scalar: steps taken
-    rng: jax.Array
+    rng: jax.Array         # [B, 2] per-row keys; step t of row i draws from fold_in(rng[i], t)
 
 
 jax.tree_util.register_dataclass(
@@ -78,7 +95,10 @@ jax.tree_util.register_dataclass(
 
 
 def start_decode(trace: KVTrace, last_logits, max_new_tokens: int, rng, done=None) -> DecodeState:
+    """``rng``: per-row keys [B, 2] (``row_keys``), or one key that row i folds in i."""
     b = last_logits.shape[0]
+    if rng.ndim == 1:
+        rng = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(b))
     trace = trace.reserve(max_new_tokens, f"decoding {max_new_tokens} new tokens")
     return DecodeState(
         trace=trace, logits=last_logits.astype(jnp.float32),
@@ -107,8 +127,8 @@ def decode_steps(params, cfg: ModelConfig, state: DecodeState, *, num_steps: int
         return (s.step < stop_at) & ~jnp.all(s.done)
 
     def body(s: DecodeState):
-        rng, sub = jax.random.split(s.rng)
-        tok = sample_tokens(s.logits, sub, sampling)
+        keys = jax.vmap(jax.random.fold_in, (0, None))(s.rng, s.step)
+        tok = sample_tokens(s.logits, keys, sampling)
         live = ~s.done
         tok = jnp.where(live, tok, pad_id)
         logp = jax.nn.log_softmax(s.logits, -1)
@@ -123,7 +143,7 @@ def decode_steps(params, cfg: ModelConfig, state: DecodeState, *, num_steps: int
             tokens=s.tokens.at[:, s.step].set(tok),
             logprobs=s.logprobs.at[:, s.step].set(jnp.where(live, lp, 0.0)),
             entropy=s.entropy.at[:, s.step].set(jnp.where(live, ent, 0.0)),
-            count=s.count + live.astype(jnp.int32), step=s.step + 1, rng=rng)
+            count=s.count + live.astype(jnp.int32), step=s.step + 1, rng=s.rng)
 
     if per_layer is None:
         per_layer = use_per_layer(params) and n >= PER_LAYER_MIN_TOKENS
@@ -230,9 +250,10 @@ def decode_to_text(params, cfg, tokenizer, trace, last_logits, *, max_new_tokens
                    chunk: int = 32, segment=0, visible=None, lora=None, lora_scale=1.0,
                    compute_dtype=jnp.float32, skip_special_tokens=True) -> Generation:
     """Decode from ``last_logits``; EOS ends a row inside the jitted loop, stop strings
-    between chunks of ``chunk`` steps. Text is cut before the first stop string; tokens,
-    log-probs and entropies end with the token that completed it (the returned trace
-    still holds the rest of that row's last chunk)."""
+    between chunks of ``chunk`` steps. ``rng``: per-row keys (``row_keys``) or one key.
+    Text is cut before the first stop string; tokens, log-probs and entropies end with the
+    token that completed it (the returned trace still holds the rest of that row's last
+    chunk)."""
     rng = jax.random.PRNGKey(0) if rng is None else rng
     eos = eos_ids_of(tokenizer, cfg)
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
@@ -281,10 +302,12 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def generate(model, prompts: Sequence, *, max_new_tokens: int = 128, sampling: SamplingConfig = GREEDY,
-             stop: Sequence[str] = (), seed: int = 0, capacity: Optional[int] = None,
+             stop: Sequence[str] = (), seed=0, stream: int = 0, capacity: Optional[int] = None,
              chat: bool = True, enable_thinking: Optional[bool] = None,
              compute_dtype=jnp.float32, bucket: int = 32, lora=None, lora_scale: float = 1.0) -> Generation:
-    """Generate for a batch of prompts (strings, or chat message lists when ``chat``)."""
+    """Generate for a batch of prompts (strings, or chat message lists when ``chat``).
+
+    ``seed``/``stream``: the rows' sampling keys (``row_keys``): an int, or one seed per prompt."""
     tok = model.tokenizer
     seqs = []
     for p in prompts:
@@ -303,5 +326,5 @@ def generate(model, prompts: Sequence, *, max_new_tokens: int = 128, sampling: S
     trace, logits, _ = jit_prefill(model.params, model.cfg, trace, jnp.asarray(tokens), jnp.asarray(valid),
                                    lora=lora, lora_scale=lora_scale, compute_dtype=compute_dtype)
     return decode_to_text(model.params, model.cfg, tok, trace, logits, max_new_tokens=max_new_tokens,
-                          sampling=sampling, stop=stop, rng=jax.random.PRNGKey(seed), lora=lora,
+                          sampling=sampling, stop=stop, rng=row_keys(seed, len(seqs), stream), lora=lora,
                           lora_scale=lora_scale, compute_dtype=compute_dtype)

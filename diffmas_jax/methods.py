@@ -23,7 +23,7 @@ import numpy as np
 
 from diffmas_jax.agents import Agent, agent_messages, build_agents, render_chat
 from diffmas_jax.distributed import to_host
-from diffmas_jax.generation import SamplingConfig, decode_to_text, pad_batch, generate
+from diffmas_jax.generation import SamplingConfig, decode_to_text, pad_batch, generate, row_keys
 from diffmas_jax.model.transformer import Visibility, make_visibility, resolve_dtype
 from diffmas_jax.stages import jit_agent_stage, jit_solver_prefill, make_realign
 from diffmas_jax.trace import LATENT, KVTrace
@@ -104,8 +104,11 @@ class BatchResult:
 
 
 def run_batch(model, questions: Sequence[str], answer_instruction: str, mc: MethodConfig, *,
-              lora=None, lora_scale: float = 1.0, seed: int = 0) -> BatchResult:
-    """Run one method on a batch of questions; the answer comes from the last agent."""
+              lora=None, lora_scale: float = 1.0, seed=0) -> BatchResult:
+    """Run one method on a batch of questions; the answer comes from the last agent.
+
+    ``seed``: an int (question i gets seed + i) or one seed per question; with sampling, a
+    question's answer depends on its own seed only, not on the rest of the batch."""
     mc.validate()
     if mc.method == "c2c":  # ``model`` is a c2c.C2CSystem (receiver, sharer, fuser)
         from diffmas_jax import c2c
@@ -168,7 +171,7 @@ def _trace_method(model, questions, answer_instruction, mc, lora, lora_scale, se
                                        visible=vis, lora=solver_lora, lora_scale=lora_scale, compute_dtype=dtype)
     gen = decode_to_text(model.params, model.cfg, model.tokenizer, trace, logits,
                          max_new_tokens=mc.max_new_tokens, sampling=mc.sampling,
-                         rng=jax.random.PRNGKey(seed), segment=k, visible=vis, lora=solver_lora,
+                         rng=row_keys(seed, len(questions), stream=k), segment=k, visible=vis, lora=solver_lora,
                          lora_scale=lora_scale, compute_dtype=dtype)
     seg, valid, kind = to_host(gen.trace.segment), to_host(gen.trace.valid), to_host(gen.trace.kind)
     records = []
@@ -182,7 +185,7 @@ def _trace_method(model, questions, answer_instruction, mc, lora, lora_scale, se
     return BatchResult(texts=gen.texts, records=records)
 
 
-def speak_upstream(model, questions, mc: MethodConfig, lora=None, lora_scale: float = 1.0, seed: int = 0):
+def speak_upstream(model, questions, mc: MethodConfig, lora=None, lora_scale: float = 1.0, seed=0):
     """TextMAS Stage I: each upstream agent writes text after reading the earlier agents' text.
 
     Returns (notes per question as [(role, text)], prompt tokens per question, written tokens per question).
@@ -194,7 +197,7 @@ def speak_upstream(model, questions, mc: MethodConfig, lora=None, lora_scale: fl
     for j, agent in enumerate(agents[:-1]):
         chats = [agent_messages(agent, q, notes=notes[i]) for i, q in enumerate(questions)]
         prompt_tokens += [len(render_chat(model.tokenizer, c, mc.enable_thinking)) for c in chats]
-        gen = generate(model, chats, max_new_tokens=mc.text_max_new_tokens, sampling=mc.sampling, seed=seed + j,
+        gen = generate(model, chats, max_new_tokens=mc.text_max_new_tokens, sampling=mc.sampling, seed=seed, stream=j,
                        enable_thinking=mc.enable_thinking, compute_dtype=mc.compute_dtype,
                        bucket=mc.prompt_bucket, lora=select_lora(lora, agent.role), lora_scale=lora_scale)
         for i, text in enumerate(gen.texts):
@@ -213,7 +216,7 @@ def _text_mas(model, questions, answer_instruction, mc, lora, lora_scale, seed) 
              for i, q in enumerate(questions)]
     prompt_tokens = prompt_tokens + [len(render_chat(model.tokenizer, c, mc.enable_thinking)) for c in chats]
     gen = generate(model, chats, max_new_tokens=mc.max_new_tokens, sampling=mc.sampling,
-                   seed=seed + len(mc.agents()) - 1, enable_thinking=mc.enable_thinking,
+                   seed=seed, stream=len(mc.agents()) - 1, enable_thinking=mc.enable_thinking,
                    compute_dtype=mc.compute_dtype, bucket=mc.prompt_bucket,
                    lora=select_lora(lora, solver.role), lora_scale=lora_scale)
     records = [dict(prompt_tokens=int(prompt_tokens[i]), generated_tokens=len(gen.tokens[i]) + int(written[i]),

@@ -50,7 +50,7 @@ def fake_model(monkeypatch):
         for row, q in enumerate(questions):
             k = int(q.split()[1].rstrip("?"))
             if mc.sampling.temperature > 0:
-                k += seed + row
+                k += seed[row]
             texts.append(f"The answer is \\boxed{{{'ABCD'[k % 4]}}}")
             lps = [-0.5] * (3 + k % 2)
             records.append(dict(prompt_tokens=100 + k, generated_tokens=len(lps), latent_slots=6,
@@ -105,28 +105,34 @@ def test_fake_resume_skips_done_and_extends_limit(tmp_path, fake_model):
     assert ids == [f"q{i}" for i in range(6)] and s["complete"] and s["resumed_with"] == 3
 
 
-def test_fake_sampling_resume_reruns_whole_batch_with_same_seed(tmp_path, fake_model):
-    """With sampling, a partially written batch is decoded again in full, so the
-    redone item gets exactly the sample an uninterrupted run would have given it."""
+def test_fake_sampling_resume_runs_only_missing_items_with_their_seeds(tmp_path, fake_model):
+    """With sampling, each item has its own seed (seed + index + sample * stride): a torn
+    batch decodes only its missing item, which gets exactly the sample an uninterrupted run
+    gave it, and another batch_size changes no sample."""
     data = write_jsonl(tmp_path / "d.jsonl", CHOICE_ROWS)
     full = tmp_path / "full"
-    ev.evaluate(fake_config(data, temperature=0.7, batch_size=2, limit=4), full, progress=False)
+    ev.evaluate(fake_config(data, temperature=0.7, batch_size=2, limit=4, seed=10), full, progress=False)
+    assert [c["seed"] for c in fake_model] == [[10, 11], [12, 13]]
     wd = tmp_path / "cut"
     shutil.copytree(full, wd)
     lines = (wd / "items.jsonl").read_text().splitlines(keepends=True)
     (wd / "items.jsonl").write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])  # torn tail
     fake_model.clear()
-    ev.evaluate(fake_config(data, temperature=0.7, batch_size=2, limit=4), wd, progress=False)
-    assert fake_model == [{"questions": ["Question 2?", "Question 3?"], "seed": 1, "lora": None}]
-    assert read_lines(wd / "items.jsonl") == read_lines(full / "items.jsonl")[:3] + \
-        [dict(read_lines(full / "items.jsonl")[3], latency_s=read_lines(wd / "items.jsonl")[3]["latency_s"])]
+    ev.evaluate(fake_config(data, temperature=0.7, batch_size=2, limit=4, seed=10), wd, progress=False)
+    assert fake_model == [{"questions": ["Question 3?"], "seed": [13], "lora": None}]
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("latency_s", "batch")} for r in recs]
+    assert strip(read_lines(wd / "items.jsonl")) == strip(read_lines(full / "items.jsonl"))
+    other = tmp_path / "bs3"
+    ev.evaluate(fake_config(data, temperature=0.7, batch_size=3, limit=4, seed=10), other, progress=False)
+    assert strip(read_lines(other / "items.jsonl")) == strip(read_lines(full / "items.jsonl"))
 
 
 def test_fake_self_consistency(tmp_path, fake_model):
     data = write_jsonl(tmp_path / "d.jsonl", CHOICE_ROWS)
     s = ev.evaluate(fake_config(data, temperature=0.7, num_samples=3, batch_size=5, limit=5), tmp_path / "r",
                     progress=False)
-    assert sorted({c["seed"] for c in fake_model}) == [0, ev.SAMPLE_SEED_STRIDE, 2 * ev.SAMPLE_SEED_STRIDE]
+    stride = ev.SAMPLE_SEED_STRIDE
+    assert [c["seed"] for c in fake_model] == [[s * stride + i for i in range(5)] for s in range(3)]
     recs = read_lines(tmp_path / "r" / "items.jsonl")
     for r in recs:
         assert len(r["samples"]) == 3 and r["prediction"] == r["samples"][0]["prediction"]

@@ -24,10 +24,10 @@ def tiny_chat(tmp_path_factory, embedded):
     return load_model(str(path))
 
 
-def run(model, method, qs=QS, **kw):
+def run(model, method, qs=QS, seed=0, **kw):
     mc = MethodConfig(method=method, max_new_tokens=kw.pop("max_new_tokens", 6), text_max_new_tokens=4,
                       latent_steps=kw.pop("latent_steps", 3), **kw)
-    return run_batch(model, qs, INSTR, mc)
+    return run_batch(model, qs, INSTR, mc, seed=seed)
 
 
 @pytest.mark.parametrize("method", ["single", "text_mas", "latent_mas", "stitch_mas"])
@@ -75,6 +75,21 @@ def test_batch_invariance_greedy(tiny_chat, method):
     batch = run(tiny_chat, method, qs=[QS[1], QS[0], QS[2] * 3], max_new_tokens=8)
     assert batch.records[1]["generated_ids"] == alone.records[0]["generated_ids"]
     assert batch.texts[1] == alone.texts[0]
+
+
+@pytest.mark.parametrize("method", ["latent_mas", "text_mas"])
+def test_batch_invariance_sampled(tiny_chat, method):
+    """With per-row seeds, a sampled row draws the same tokens alone as inside a ragged batch,
+    and two copies of one question with different seeds draw differently."""
+    from diffmas_jax.generation import SamplingConfig
+    hot = dict(max_new_tokens=8, sampling=SamplingConfig(temperature=1.5))
+    alone = run(tiny_chat, method, qs=[QS[0]], seed=[7], **hot)
+    batch = run(tiny_chat, method, qs=[QS[1], QS[0], QS[2] * 3, QS[0]], seed=[3, 7, 5, 8], **hot)
+    assert batch.records[1]["generated_ids"] == alone.records[0]["generated_ids"]
+    assert batch.texts[1] == alone.texts[0]
+    assert batch.records[3]["generated_ids"] != batch.records[1]["generated_ids"]
+    # an int seed s gives row i the seed s + i
+    assert run(tiny_chat, method, qs=[QS[1], QS[0]], seed=6, **hot).texts[1] == alone.texts[0]
 
 
 def test_zero_latent_steps_is_explicit(tiny_chat):

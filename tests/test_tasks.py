@@ -169,9 +169,9 @@ def test_majority_vote_of_code_samples_uses_their_test_results():
     item = Item("Mbpp/x", "q", "", "code", meta={"test": "assert f() == 1\n", "entry_point": "f"})
     good, bad = "```python\ndef f():\n    return 1\n```", "```python\ndef f():\n    return 2\n```"
     res = lambda text: types.SimpleNamespace(texts=[text], records=[{"prompt_tokens": 1, "generated_tokens": 1}])
-    rec = ev.make_record(task, item, 0, [(0, res(good)), (1, res(good)), (2, res(bad))], 0, 0.1, 0)
+    rec = ev.make_record(task, item, 0, [([0], res(good)), ([1], res(good)), ([2], res(bad))], 0, 0.1, 0)
     assert rec["correct"] and rec["majority_correct"] is True and rec["agreement"] == pytest.approx(2 / 3)
-    rec = ev.make_record(task, item, 0, [(0, res(good)), (1, res(bad)), (2, res(bad))], 0, 0.1, 0)
+    rec = ev.make_record(task, item, 0, [([0], res(good)), ([1], res(bad)), ([2], res(bad))], 0, 0.1, 0)
     assert rec["correct"] and rec["majority_correct"] is False
 
 
