@@ -80,18 +80,6 @@ def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def merge_lora(params: dict, lora: dict, scale: float) -> dict:
-    """Base params with W + scale * A B folded in (for one shared adapter)."""
-    if "roles" in lora:
-        raise LoraConfigError("merging needs one shared adapter, not per-role adapters")
-    layers = dict(params["layers"])
-    for t, ab in lora.items():
-        w = layers[t]["kernel"]
-        delta = scale * jnp.einsum("lir,lro->lio", ab["a"], ab["b"])
-        layers[t] = dict(layers[t], kernel=(w.astype(jnp.float32) + delta).astype(w.dtype))
-    return dict(params, layers=layers)
-
-
 # --------------------------------------------------------------------------- files
 def save_tree(file, tree: dict) -> None:
     """A dict-of-arrays pytree as one safetensors file, keys joined with '/' (float32)."""
@@ -237,17 +225,61 @@ def export_peft(path, lora: dict, lcfg: LoraConfig, cfg: ModelConfig, base_model
     return path
 
 
-def export_merged(path, params: dict, lora: dict, scale: float, cfg: ModelConfig, model_dir) -> Path:
-    """A plain HF checkpoint with the adapter merged (config and tokenizer copied from model_dir)."""
+MERGED_DTYPE = "float32"
+
+
+def export_merged(path, params: dict, lora: dict, scale: float, cfg: ModelConfig, model_dir,
+                  max_shard_size: int | str = "5GB") -> Path:
+    """A plain HF checkpoint with the adapter merged (config and tokenizer copied from model_dir).
+
+    Each tensor is merged in float32 and written so, one shard at a time (HF's sharded layout
+    and index past ``max_shard_size``): rounding W + scale * A B back to a bfloat16 base would
+    drop every update smaller than half a bfloat16 step of W, most of a trained adapter. The
+    copied config.json says float32 accordingly."""
     import shutil
+    from huggingface_hub import split_state_dict_into_shards_factory
     from safetensors.numpy import save_file
-    from diffmas_jax.model.weights import params_to_hf
+    from diffmas_jax.model.weights import hf_layout
+    if "roles" in lora:
+        raise LoraConfigError("merging needs one shared adapter, not per-role adapters")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    merged = merge_lora(params, lora, scale)
-    tensors = {k: np.asarray(v, np.float32) for k, v in params_to_hf(cfg, merged).items()}
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    flat = {".".join(k.key for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    deltas = {f"layers.{t}.kernel": (ab["a"], ab["b"]) for t, ab in lora.items()}
+    layout = {name: (p, i, tr) for name, p, i, tr in hf_layout(cfg, params)}
+
+    def tensor(name):
+        p, i, transpose = layout[name]
+        w = np.asarray(flat[p] if i is None else flat[p][i], np.float32)
+        if p in deltas:
+            a, b = (np.asarray(x[i], np.float32) for x in deltas[p])
+            w = w + np.float32(scale) * (a @ b)
+        return np.ascontiguousarray(w.T if transpose else w)
+
+    names = list(layout)
+
+    def nbytes(name):
+        p, i, _ = layout[name]
+        return 4 * int(np.prod(flat[p].shape[0 if i is None else 1:]))
+
+    # the splitter sees ints (it skips str values); each stands for the tensor of that name
+    split = split_state_dict_into_shards_factory({n: k for k, n in enumerate(names)},
+                                                 get_storage_size=lambda k: nbytes(names[k]),
+                                                 filename_pattern="model{suffix}.safetensors",
+                                                 max_shard_size=max_shard_size)
+    for f in path.glob("model*.safetensors*"):  # an earlier export's shards
+        if f.name not in split.filename_to_tensors:
+            f.unlink()
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: tensor(n) for n in names}, str(path / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     for f in Path(model_dir).iterdir():
         if f.suffix in (".json", ".jinja", ".txt", ".model") and f.name != "model.safetensors.index.json":
             shutil.copy(f, path / f.name)
+    hf_config = json.loads((path / "config.json").read_text())
+    hf_config.update({k: MERGED_DTYPE for k in ("torch_dtype", "dtype") if k in hf_config} or
+                     {"torch_dtype": MERGED_DTYPE})
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2))
     return path

@@ -115,6 +115,9 @@ def check_config(c):
     lcfg = LoraConfig(rank=int(c.lora_rank), alpha=float(c.lora_alpha),
                       targets=tuple(t.strip() for t in str(c.lora_targets).split(",") if t.strip()),
                       dropout=float(c.lora_dropout), per_role=bool(c.lora_per_role))
+    if lcfg.per_role and c.get("export_merged"):
+        raise UserError("export_merged needs one shared adapter: with lora_per_role every role has its own "
+                        "(PEFT exports them as peft/<role>/); set export_merged=False")
     try:
         lcfg.validate()
         mc = MethodConfig(method="latent_mas", layout=c.layout, roles=_roles(c.roles),
@@ -195,6 +198,21 @@ def upstream_notes(model, mc, train_items, eval_items, workdir: Path, max_new_to
     return get(train_items), get(eval_items)
 
 
+def export_adapter(workdir: Path, lora: dict, lcfg, c, model, roles) -> None:
+    """adapter/ (with the Stage I settings: evaluate warns when it runs them otherwise), peft/
+    (per-role adapters: peft/<role>/ each) and, if asked, merged/."""
+    from diffmas_jax.lora import export_merged, export_peft, save_adapter
+    save_adapter(workdir / "adapter", lora, lcfg, extra={
+        "model": c.model, "roles": list(roles), "trace_grad": c.trace_grad, "method": c.method,
+        "latent_steps": str(c.latent_steps), "realign": c.realign, "realign_lambda": float(c.realign_lambda),
+        "communication": c.communication, "visibility": c.visibility})
+    if c.export_peft:
+        for role, tree in (lora["roles"].items() if lcfg.per_role else [(None, lora)]):
+            export_peft(workdir / "peft" / (role or ""), tree, lcfg, model.cfg, base_model=str(model.path))
+    if c.get("export_merged"):  # a plain HF checkpoint with the LoRA folded in (check_config: shared only)
+        export_merged(workdir / "merged", model.params, lora, lcfg.scale, model.cfg, model.path)
+
+
 def main(argv) -> int:
     c = config_flag_value(_CONFIG, sys.argv)
     if argv is not None and len(argv) > 1:
@@ -223,7 +241,7 @@ def main(argv) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from diffmas_jax.lora import count_params, export_merged, export_peft, init_lora, save_adapter
+    from diffmas_jax.lora import count_params, init_lora
     from diffmas_jax.stages import make_realign
     from diffmas_jax.training import (StepConfig, batch_of, encode_items, make_eval_loss, make_optimizer,
                                       make_train_step, step_capacity)
@@ -282,16 +300,7 @@ def main(argv) -> int:
         return {"lora": lo, "opt_state": opt}, m
 
     def export(state):
-        lo = state["lora"]
-        # the Stage I settings go with the adapter: evaluate warns when it runs them otherwise
-        save_adapter(workdir / "adapter", lo, lcfg, extra={
-            "model": c.model, "roles": list(sc.roles), "trace_grad": c.trace_grad, "method": c.method,
-            "latent_steps": str(c.latent_steps), "realign": c.realign, "realign_lambda": float(c.realign_lambda),
-            "communication": c.communication, "visibility": c.visibility})
-        if c.export_peft and not lcfg.per_role:
-            export_peft(workdir / "peft", lo, lcfg, model.cfg, base_model=str(model.path))
-        if c.get("export_merged") and not lcfg.per_role:  # a plain HF checkpoint with the LoRA folded in
-            export_merged(workdir / "merged", model.params, lo, lcfg.scale, model.cfg, model.path)
+        export_adapter(workdir, state["lora"], lcfg, c, model, sc.roles)
 
     seg = [f"seg_grad_{j}_{r}" for j, r in enumerate(sc.roles[:-1])]
     return train_loop.run(train_loop.Trainer(

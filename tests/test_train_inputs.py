@@ -100,6 +100,15 @@ def test_bad_training_numbers_are_refused(field, value, message):
         train.validate(c)
 
 
+def test_merged_export_needs_a_shared_adapter():
+    c = load_config(TRAIN_CFG)
+    c.lora_per_role, c.export_merged = True, False
+    train.check_config(c)  # per-role adapters export to peft/<role>/
+    c.export_merged = True
+    with pytest.raises(UserError, match="export_merged needs one shared adapter"):
+        train.check_config(c)
+
+
 def test_remat_policy_is_checked_with_the_config():
     c = load_config(TRAIN_CFG)
     c.method, c.remat, c.remat_policy = "text_mas_sft", True, "foo"

@@ -1,4 +1,5 @@
 """DiffMAS training: LoRA semantics, gradient modes, overfitting, exact resume, exports, bad input."""
+import dataclasses
 import os
 import signal
 import subprocess
@@ -262,6 +263,63 @@ def test_peft_export_and_merged_checkpoint_match(chat, chat_dir, tmp_path):
     back = load_adapter(tmp_path / "ad")
     assert back.config == lcfg
     jax.tree.map(np.testing.assert_array_equal, back.tree, lora)
+
+
+def test_merged_export_of_a_bfloat16_base_keeps_small_updates(chat_dir, tmp_path):
+    """The merge happens in float32 and is written so, in shards past max_shard_size: a small
+    update survives (rounded back to bfloat16 most of it would not) and transformers' load of
+    the sharded checkpoint matches our model with the adapter on the same base."""
+    import json
+    import transformers
+    from safetensors.numpy import load_file
+    bf = load_model(str(chat_dir), dtype="bfloat16")
+    lcfg = LoraConfig(rank=4, alpha=8.0)
+    lora = init_lora(bf.cfg, lcfg, jax.random.PRNGKey(0))
+    lora = jax.tree.map(lambda x: x + 1e-3 * jax.random.normal(jax.random.PRNGKey(1), x.shape), lora)
+    out = export_merged(tmp_path / "merged", bf.params, lora, lcfg.scale, bf.cfg, chat_dir, max_shard_size=20_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and sorted(p.name for p in out.glob("*.safetensors")) == shards
+    assert json.loads((out / "config.json").read_text()).get("torch_dtype", "float32") == "float32"
+    q0 = load_file(str(out / index["weight_map"]["model.layers.0.self_attn.q_proj.weight"]))[
+        "model.layers.0.self_attn.q_proj.weight"]
+    base = np.asarray(bf.params["layers"]["q"]["kernel"][0], np.float32)
+    want = lcfg.scale * np.asarray(lora["q"]["a"][0], np.float32) @ np.asarray(lora["q"]["b"][0], np.float32)
+    np.testing.assert_allclose(q0.T - base, want, atol=1e-6)
+    ids = np.asarray([[5, 9, 200, 31, 7, 1000, 4]])
+    up = jax.tree.map(lambda x: x.astype(jnp.float32), bf.params)
+    ours = np.asarray(jit_forward(up, bf.cfg, KVTrace.create(bf.cfg, 1, 8), tokens=jnp.asarray(ids),
+                                  lora=lora, lora_scale=lcfg.scale).logits)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(torch.tensor(ids)).logits.numpy(), ours, atol=2e-5)
+    # a later export with one file replaces the shards and their index
+    export_merged(out, bf.params, lora, lcfg.scale, bf.cfg, chat_dir)
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+
+
+def test_per_role_adapters_export_one_peft_directory_per_role(chat, chat_dir, tmp_path):
+    import peft
+    import transformers
+    from diffmas_jax import train
+    import runpy
+    lcfg = LoraConfig(rank=2, alpha=4.0, targets=("q", "v", "down"), per_role=True)
+    roles = ("planner", "solver")
+    one = random_lora(chat.cfg, dataclasses.replace(lcfg, per_role=False), seed=5)
+    lora = {"roles": {r: jax.tree.map(lambda x, k=k: x * (1 + k), one) for k, r in enumerate(roles)}}
+    c = runpy.run_path(str(REPO / "configs/embedded_train.py"))["get_config"]()
+    c.lora_per_role, c.export_peft = True, True
+    train.export_adapter(tmp_path, lora, lcfg, c, chat, roles)
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == list(roles)
+    ids = np.asarray([[5, 9, 200, 31, 7, 1000, 4]])
+    for role in roles:
+        ours = np.asarray(jit_forward(chat.params, chat.cfg, KVTrace.create(chat.cfg, 1, 8), tokens=jnp.asarray(ids),
+                                      lora=lora["roles"][role], lora_scale=lcfg.scale).logits)
+        base = transformers.AutoModelForCausalLM.from_pretrained(str(chat_dir), dtype=torch.float32)
+        pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft" / role)).eval()
+        with torch.no_grad():
+            np.testing.assert_allclose(pm(torch.tensor(ids)).logits.numpy(), ours, atol=1e-4)
+    assert load_adapter(tmp_path / "adapter").config == lcfg
 
 
 def train_cmd(model_dir, workdir, *extra):

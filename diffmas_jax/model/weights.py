@@ -152,18 +152,25 @@ def load_params(cfg: ModelConfig, tensors, dtype=jnp.float32,
     return params
 
 
-def params_to_hf(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
-    """Inverse map: params pytree -> HF-named float arrays (merged exports)."""
-    out = {}
-    flat = {".".join(k.key for k in path): np.asarray(v)
-            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    for template, path, transpose, in ((t, p, tr) for t, p, tr in HF_NAME_MAP):
-        if path not in flat:
+def hf_layout(cfg: ModelConfig, params: dict) -> list[tuple[str, str, Optional[int], bool]]:
+    """(HF name, params path, layer index or None, transpose) of every tensor ``params`` holds."""
+    paths = {".".join(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    out = []
+    for template, path, transpose in HF_NAME_MAP:
+        if path not in paths:
             continue
-        arr = flat[path]
         if "{i}" in template:
-            for i in range(cfg.num_layers):
-                out[template.format(i=i)] = np.ascontiguousarray(arr[i].T if transpose else arr[i])
+            out += [(template.format(i=i), path, i, transpose) for i in range(cfg.num_layers)]
         else:
-            out[template] = np.ascontiguousarray(arr.T if transpose else arr)
+            out.append((template, path, None, transpose))
+    return out
+
+
+def params_to_hf(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+    """Inverse map: params pytree -> HF-named float arrays."""
+    flat = {".".join(k.key for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    out = {}
+    for name, path, i, transpose in hf_layout(cfg, params):
+        arr = np.asarray(flat[path] if i is None else flat[path][i])
+        out[name] = np.ascontiguousarray(arr.T if transpose else arr)
     return out
