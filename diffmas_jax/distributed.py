@@ -8,7 +8,9 @@ the environment:
   DIFFMAS_DISTRIBUTED=1 / 0   force it on / off
   TPU_WORKER_HOSTNAMES        set by TPU VMs; more than one name means a multi-host slice
   JAX_COORDINATOR_ADDRESS     with JAX_NUM_PROCESSES and JAX_PROCESS_ID (GPU clusters,
-                              or any launcher that sets them); passed on explicitly
+                              or any launcher that sets them); passed on explicitly. A set
+                              address always initialises (unless JAX_NUM_PROCESSES=1); a
+                              missing or malformed companion variable is a one-line error
   SLURM_NTASKS > 1            Slurm jobs (JAX reads the rest from Slurm itself)
 
 Only process 0 logs and writes summaries (``is_main_process``); Orbax checkpoints
@@ -43,8 +45,10 @@ def should_initialize(env: Optional[Mapping[str, str]] = None) -> bool:
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
     if len(hosts) > 1:
         return True
-    if env.get("JAX_COORDINATOR_ADDRESS") and int(env.get("JAX_NUM_PROCESSES", "1") or 1) > 1:
-        return True
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        # A coordinator means a multi-host launch: initialise (initialize_kwargs reports a
+        # missing or malformed JAX_NUM_PROCESSES) rather than let each host train alone.
+        return env.get("JAX_NUM_PROCESSES", "").strip() != "1"
     try:
         return int(env.get("SLURM_NTASKS", "1") or 1) > 1
     except ValueError:
@@ -58,16 +62,29 @@ def initialize_kwargs(env: Optional[Mapping[str, str]] = None) -> dict:
     if env.get("JAX_COORDINATOR_ADDRESS"):
         kw["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
         for key, name in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
-            if env.get(name, "") == "":
+            if env.get(name, "").strip() == "":
                 raise UserError(f"JAX_COORDINATOR_ADDRESS is set but {name} is not; set both "
                                 "JAX_NUM_PROCESSES and JAX_PROCESS_ID (or neither variable)")
+            kw[key] = _env_int(env, name)
+        if kw["num_processes"] < 1:
+            raise UserError(f"JAX_NUM_PROCESSES must be at least 1, got {kw['num_processes']}")
+        if not 0 <= kw["process_id"] < kw["num_processes"]:
+            raise UserError(f"JAX_PROCESS_ID={kw['process_id']} is not in 0..{kw['num_processes'] - 1} "
+                            f"(JAX_NUM_PROCESSES={kw['num_processes']})")
+        if env.get("JAX_LOCAL_DEVICE_IDS", "").strip():
             try:
-                kw[key] = int(env[name])
+                kw["local_device_ids"] = [int(x) for x in env["JAX_LOCAL_DEVICE_IDS"].split(",") if x.strip()]
             except ValueError:
-                raise UserError(f"{name} must be an integer, got {env[name]!r}") from None
-        if env.get("JAX_LOCAL_DEVICE_IDS"):
-            kw["local_device_ids"] = [int(x) for x in env["JAX_LOCAL_DEVICE_IDS"].split(",") if x.strip()]
+                raise UserError("JAX_LOCAL_DEVICE_IDS must be comma-separated integers, got "
+                                f"{env['JAX_LOCAL_DEVICE_IDS']!r}") from None
     return kw
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise UserError(f"{name} must be an integer, got {env[name]!r}") from None
 
 
 def maybe_initialize(env: Optional[Mapping[str, str]] = None) -> bool:

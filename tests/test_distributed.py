@@ -146,3 +146,18 @@ def test_two_processes_save_and_restore_one_checkpoint_on_another_mesh(tmp_path)
         assert o["w_equal"] and o["b"] == [1.0, 1.0, 1.0], o
         assert o["spec"] == "P('data', 'tensor')" and o["local_shards"] == 2, o
     assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == ["5"]
+
+
+@pytest.mark.parametrize("env, match", [
+    # the coordinator is set but the process count forgotten: an error, not every host training alone
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234", "JAX_PROCESS_ID": "1"}, "JAX_NUM_PROCESSES is not"),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "1"},
+     "JAX_NUM_PROCESSES must be an integer"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID=2"),
+    ({"DIFFMAS_DISTRIBUTED": "1", "JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2",
+      "JAX_PROCESS_ID": "0", "JAX_LOCAL_DEVICE_IDS": "0,x"}, "JAX_LOCAL_DEVICE_IDS must be"),
+])
+def test_incomplete_or_malformed_launcher_variables_are_one_line_errors(env, match):
+    assert distributed.should_initialize(env)
+    with pytest.raises(UserError, match=match):
+        distributed.maybe_initialize(env)
