@@ -21,6 +21,7 @@ from the per-host pieces.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -175,12 +176,60 @@ def host_shard(seq: Sequence[Any], index: Optional[int] = None, count: Optional[
     return list(seq)[index::count]
 
 
+def batch_split_error(rows: int, mesh, batch_axes=("data", "fsdp"), count: Optional[int] = None) -> Optional[str]:
+    """Why a global batch of ``rows`` cannot be loaded host by host on ``mesh`` (None: it can).
+
+    Each host loads only its rows (``local_indices``: host p gets rows [pB/P, (p+1)B/P)),
+    so the mesh's batch axes must put exactly those rows on host p's devices. Anything
+    else (no batch axis > 1, rows the axes do not divide) would be a replicated batch
+    holding different rows on each host: the hosts would silently train apart."""
+    count = process_count() if count is None else count
+    if count == 1:
+        return None
+    if mesh is None:
+        return "a multi-host run needs a device mesh (--config.mesh_preset or --config.mesh)"
+    if rows % count:
+        return (f"batch_size={rows} does not split over {count} hosts; use a batch_size divisible by {count} "
+                "(grad_accum keeps the effective batch)")
+    axes = [a for a in batch_axes if mesh.shape[a] > 1]
+    split = math.prod(mesh.shape[a] for a in axes)
+    sizes = "x".join(str(v) for v in mesh.shape.values())
+    if split == 1:
+        return (f"mesh {sizes} has no batch axis (data x fsdp) > 1, so the {count} hosts cannot each hold their "
+                f"own rows; use a mesh whose data x fsdp is a multiple of {count}")
+    if split % count:
+        return (f"mesh {sizes}: its batch axes (data x fsdp = {split}) do not split rows over {count} hosts; "
+                f"use a mesh whose data x fsdp is a multiple of {count}")
+    if rows % split:
+        return (f"on {count} hosts batch_size must be a multiple of the mesh's batch axes "
+                f"(data x fsdp = {split}); got batch_size={rows}")
+    # Row block of each device (row-major over the batch axes, as P(("data", "fsdp")) lays it out).
+    names, grid, block = list(mesh.shape), np.indices(np.shape(mesh.devices)), 0
+    for a in axes:
+        block = block * mesh.shape[a] + grid[names.index(a)]
+    owner = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+    if not (owner == block // (split // count)).all():
+        return (f"mesh {sizes}: the devices are not grouped by host along the batch axes, so host p would not "
+                "hold its contiguous rows; order the devices host by host")
+    return None
+
+
+def check_batch_layout(batch_size: int, mesh) -> None:
+    """At start-up, before the model loads: a UserError if ``batch_size`` rows cannot be
+    split over this run's hosts on ``mesh`` (a no-op on one host)."""
+    msg = batch_split_error(int(batch_size), mesh)
+    if msg:
+        raise UserError(msg)
+
+
 def global_batch(local: Any, mesh=None, batch_axes=("data", "fsdp")):
     """A global batch from this host's rows (a pytree of [rows, ...] host arrays).
 
     Without a mesh on a single host: the arrays as jax arrays. With a mesh: arrays
     whose leading (batch) axis is sharded over ``batch_axes`` (``jax.make_array_from_
-    process_local_data``: each host supplies its own rows, no host holds the rest)."""
+    process_local_data``: each host supplies its own rows, no host holds the rest).
+    On several hosts the batch axes must split the rows over the hosts
+    (``batch_split_error``); on one host rows they do not divide are replicated."""
     import jax
     import jax.numpy as jnp
     if mesh is None:
@@ -192,8 +241,11 @@ def global_batch(local: Any, mesh=None, batch_axes=("data", "fsdp")):
 
     def put(x):
         x = np.asarray(x)
-        split = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
         global_rows = x.shape[0] * process_count()
+        msg = batch_split_error(global_rows, mesh, batch_axes)
+        if msg:
+            raise UserError(msg)
+        split = math.prod(mesh.shape[a] for a in axes)
         spec = P(axes if len(axes) > 1 else (axes[0] if axes else None)) if global_rows % split == 0 else P()
         return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
 

@@ -45,7 +45,9 @@ class MeshError(ValueError):
 
 def make_mesh(shape: Sequence[int] = (1, -1, 1), devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh; one entry may be -1 for 'the rest of the devices'."""
-    devices = list(devices if devices is not None else jax.devices())
+    # Default devices host by host (stable: one host's order is kept), so on a pod the batch
+    # axes give each host a contiguous block of rows (distributed.batch_split_error).
+    devices = list(devices if devices is not None else sorted(jax.devices(), key=lambda d: d.process_index))
     n = len(devices)
     shape = list(shape)
     if len(shape) != len(MESH_AXES):

@@ -161,3 +161,65 @@ def test_incomplete_or_malformed_launcher_variables_are_one_line_errors(env, mat
     assert distributed.should_initialize(env)
     with pytest.raises(UserError, match=match):
         distributed.maybe_initialize(env)
+
+
+SPLIT_WORKER = textwrap.dedent('''
+    import json, sys
+    from diffmas_jax import distributed as d
+    from diffmas_jax.cli import UserError
+    assert d.maybe_initialize()
+    import numpy as np
+    from diffmas_jax.sharding import make_mesh
+    out = {}
+    for shape, rows in [((1, 1, -1), 8), ((1, 4, 1), 6), ((1, 2, 2), 8)]:
+        mesh = make_mesh(shape)
+        local = d.local_indices(np.arange(rows))
+        try:
+            b = d.global_batch({"x": local[:, None] * np.ones((1, 3), np.int32)}, mesh)
+            out[str(rows) + str(shape)] = dict(shape=list(b["x"].shape), rows=d.to_host(b["x"])[:, 0].tolist())
+        except UserError as e:
+            out[str(rows) + str(shape)] = str(e)
+        try:
+            d.check_batch_layout(rows, mesh)
+            out["check" + str(rows) + str(shape)] = "ok"
+        except UserError as e:
+            out["check" + str(rows) + str(shape)] = str(e)
+    d.sync("split-done")
+    print("RESULT" + json.dumps(out), flush=True)
+''')
+
+
+def test_two_processes_refuse_a_batch_the_mesh_does_not_split_over_the_hosts():
+    """A replicated batch fed different rows by each host would train each host on its own
+    rows (silently diverging): no batch axis > 1, or rows the batch axes do not divide, is an error."""
+    for o in run_two_processes(SPLIT_WORKER):
+        for key in ("8(1, 1, -1)", "6(1, 4, 1)", "check8(1, 1, -1)", "check6(1, 4, 1)"):
+            assert isinstance(o[key], str) and "hosts" in o[key] and o[key] != "ok", (key, o[key])
+        assert o["8(1, 2, 2)"] == {"shape": [8, 3], "rows": list(range(8))} and o["check8(1, 2, 2)"] == "ok", o
+
+
+class _Dev:
+    def __init__(self, process_index):
+        self.process_index = process_index
+
+
+def _mesh(shape, hosts):
+    """A stand-in mesh of ``shape`` whose devices belong to ``hosts`` processes in order."""
+    n = int(np.prod(shape))
+    devices = np.array([_Dev(i * hosts // n) for i in range(n)], dtype=object).reshape(shape)
+    return type("M", (), {"shape": dict(zip(("data", "fsdp", "tensor"), shape)), "devices": devices})()
+
+
+def test_batch_split_over_hosts_is_checked_from_the_mesh_alone():
+    assert distributed.batch_split_error(16, _mesh((1, 4, 4), 4), count=4) is None    # v5e-16, batch 16
+    assert distributed.batch_split_error(8, _mesh((2, 2, 4), 4), count=4) is None
+    assert "batch_size=1" in distributed.batch_split_error(1, _mesh((1, 4, 4), 4), count=4)  # the paper's batch 1
+    assert "divisible by 4" in distributed.batch_split_error(6, _mesh((1, 4, 4), 4), count=4)
+    assert "no batch axis" in distributed.batch_split_error(8, _mesh((1, 1, 16), 4), count=4)
+    assert "= 2) do not split rows over 4 hosts" in distributed.batch_split_error(8, _mesh((1, 2, 8), 4), count=4)
+    assert "device mesh" in distributed.batch_split_error(8, None, count=2)
+    assert distributed.batch_split_error(1, None, count=1) is None   # one host: anything goes
+    # the hosts' devices interleaved along the batch axis: host p would not hold rows p*B/P..
+    bad = _mesh((1, 4, 1), 2)
+    bad.devices = bad.devices[:, [0, 2, 1, 3], :]
+    assert "contiguous" in distributed.batch_split_error(8, bad, count=2)
