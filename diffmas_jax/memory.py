@@ -278,15 +278,14 @@ def report(est: MemoryEstimate, config, model_name: str, choice: Optional[MeshCh
 def model_config_for(name: str):
     """ModelConfig for a model name without loading weights: the paper models are known,
     local dirs / the embedded model / Hub ids are read (Hub: config.json only)."""
-    from diffmas_jax.mesh_presets import paper_model_config
+    from diffmas_jax.mesh_presets import load_config_checked, paper_model_config
     known = paper_model_config(name)
     if known is not None:
         return known
     from pathlib import Path
-    from diffmas_jax.model.loading import load_config, resolve_model_dir
     p = Path(str(name)).expanduser()
     if name in (None, "", "embedded") or p.exists():
-        return load_config(resolve_model_dir(name))
+        return load_config_checked(name)  # a damaged config.json: one error line
     try:
         from huggingface_hub import hf_hub_download
         from diffmas_jax.model.config import ModelConfig

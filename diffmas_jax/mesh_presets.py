@@ -167,7 +167,24 @@ def mesh_and_placer(config, model_name):
     choice = resolve_mesh_config(config)
     if choice.preset is None and choice.source.startswith("default"):
         return None, None
-    from diffmas_jax.model.loading import load_config, resolve_model_dir
     from diffmas_jax.sharding import param_placer
     mesh = make_config_mesh(choice)
-    return mesh, param_placer(load_config(resolve_model_dir(model_name)), mesh)
+    return mesh, param_placer(load_config_checked(model_name), mesh)
+
+
+def load_config_checked(model_name):
+    """The model's ModelConfig, read before the weights load (mesh, memory preflight): a
+    damaged config.json is one UserError line worded as ``cli.load_model_checked`` words
+    it, not a JSONDecodeError / KeyError traceback (DIFFMAS_TRACEBACK=1: the original)."""
+    import os
+    from diffmas_jax.cli import _diagnose_model, user_error_types
+    from diffmas_jax.model.loading import load_config, resolve_model_dir
+    try:
+        return load_config(resolve_model_dir(model_name))
+    except user_error_types():
+        raise
+    except Exception as e:
+        msg = None if os.environ.get("DIFFMAS_TRACEBACK") else _diagnose_model(model_name, e)
+        if msg is None:
+            raise
+        raise UserError(msg) from None

@@ -1,5 +1,6 @@
 """Mesh presets and the per-device memory estimate (pure Python: no device is used)."""
 import math
+import re
 import os
 import subprocess
 import sys
@@ -172,3 +173,36 @@ def test_mesh_and_placer_puts_weights_on_the_configured_mesh():
     cfg = memory.model_config_for("embedded")
     x = place("embed", np.zeros((cfg.vocab_size, cfg.hidden_size), np.float32))
     assert isinstance(x.sharding, NamedSharding) and x.sharding.mesh.shape == mesh.shape
+
+
+def _damaged_model(tmp_path, kind):
+    d = tmp_path / kind
+    d.mkdir()
+    text = '{"model_type": "llama", "hidden_size": 64,\n' if kind == "badjson" else \
+        '{"model_type": "llama", "hidden_size": 64}'
+    (d / "config.json").write_text(text)
+    return d
+
+
+@pytest.mark.parametrize("kind, says", [("badjson", "is not valid JSON (Expecting property name"),
+                                        ("nofield", "lacks the field 'num_attention_heads'")])
+def test_a_damaged_model_config_is_one_error_line_with_a_mesh_or_memory_figure(tmp_path, kind, says):
+    """The memory preflight and the mesh placer read config.json before load_model_checked
+    does: the same one-line diagnosis, not a JSONDecodeError / KeyError traceback."""
+    model = _damaged_model(tmp_path, kind)
+    for call in (lambda: memory.model_config_for(str(model)),
+                 lambda: memory.preflight_model({"device_memory_gib": 16}, str(model), "bfloat16"),
+                 lambda: mesh_presets.mesh_and_placer({"mesh": "1,-1,1"}, str(model))):
+        with pytest.raises(UserError, match="config.json " + re.escape(says)):
+            call()
+
+
+def test_train_with_a_mesh_and_a_damaged_model_config_exits_with_one_line(tmp_path):
+    work, model = tmp_path / "w", _damaged_model(tmp_path, "badjson")
+    r = subprocess.run([sys.executable, "-m", "diffmas_jax.train", "--config", str(REPO / "configs/embedded_train.py"),
+                        "--workdir", str(work), f"--config.model={model}", "--config.limit=16",
+                        "--config.mesh=1,1,1", "--config.device_memory_gib=16"],
+                       capture_output=True, text=True, timeout=300, cwd=str(REPO), env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {model / 'config.json'} is not valid JSON"), r.stderr
+    assert not work.exists()
