@@ -273,8 +273,12 @@ def _diagnose_model(name_or_path, e: BaseException) -> Optional[str]:
     p = Path(str(name_or_path or "")).expanduser()
     if p.is_file() and p.suffix == ".gguf" or in_frames("/gguf/"):
         return f"cannot read GGUF file {p}: {_short(e)}"
-    if not p.is_dir():
-        return None
+    if not p.is_dir():  # a Hub id or the embedded model: look into the directory it resolved to
+        from diffmas_jax.model import loading
+        try:
+            p = loading.resolve_model_dir(name_or_path)
+        except Exception:
+            return None
     cfg_path = p / "config.json"
     try:
         json.loads(cfg_path.read_text(encoding="utf-8"))

@@ -288,7 +288,7 @@ def adapter_parts(adapter, cfg: dict) -> tuple:
     return tree, base * float(cfg["lora_scale"]), meta
 
 
-STAGE1_FIELDS = ("latent_steps", "realign", "realign_lambda", "communication", "visibility")
+STAGE1_FIELDS = ("latent_steps", "realign", "realign_lambda", "communication", "visibility", "enable_thinking")
 
 
 def stage1_differences(meta: dict, cfg: dict) -> list[str]:
@@ -296,7 +296,7 @@ def stage1_differences(meta: dict, cfg: dict) -> list[str]:
     trained before they were recorded have none) that this evaluation runs otherwise."""
     out = []
     for field in STAGE1_FIELDS:
-        if meta.get(field) is None:
+        if field not in meta:
             continue
         trained, now = meta[field], cfg[field]
         if field == "latent_steps":

@@ -205,10 +205,13 @@ def export_adapter(workdir: Path, lora: dict, lcfg, c, model, roles) -> None:
     save_adapter(workdir / "adapter", lora, lcfg, extra={
         "model": c.model, "roles": list(roles), "trace_grad": c.trace_grad, "method": c.method,
         "latent_steps": str(c.latent_steps), "realign": c.realign, "realign_lambda": float(c.realign_lambda),
-        "communication": c.communication, "visibility": c.visibility})
+        "communication": c.communication, "visibility": c.visibility, "enable_thinking": c.enable_thinking})
+    # the PEFT adapter names its base model as peft will look it up: a Hub id stays one
+    hub_id = c.model and c.model != "embedded" and not Path(c.model).expanduser().exists()
+    base = c.model if hub_id else str(model.path)
     if c.export_peft:
         for role, tree in (lora["roles"].items() if lcfg.per_role else [(None, lora)]):
-            export_peft(workdir / "peft" / (role or ""), tree, lcfg, model.cfg, base_model=str(model.path))
+            export_peft(workdir / "peft" / (role or ""), tree, lcfg, model.cfg, base_model=base)
     if c.get("export_merged"):  # a plain HF checkpoint with the LoRA folded in (check_config: shared only)
         export_merged(workdir / "merged", model.params, lora, lcfg.scale, model.cfg, model.path)
 

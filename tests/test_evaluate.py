@@ -231,16 +231,17 @@ def test_adapter_trained_with_other_stage1_settings_warns(tmp_path, fake_model, 
     from diffmas_jax.lora import LoraConfig, save_adapter
     tree = {"q": {"a": np.zeros((2, 4, 2), np.float32), "b": np.zeros((2, 2, 4), np.float32)}}
     trained = {"model": "embedded", "trace_grad": "stop", "latent_steps": "2", "realign": "ridge",
-               "realign_lambda": 1e-5, "communication": "concat", "visibility": "full"}
+               "realign_lambda": 1e-5, "communication": "concat", "visibility": "full", "enable_thinking": None}
     adapter_dir = save_adapter(tmp_path / "adapter", tree, LoraConfig(rank=2, alpha=8.0, targets=("q",)),
                                extra=trained)
     data = write_jsonl(tmp_path / "d.jsonl", CHOICE_ROWS)
     ev.evaluate(fake_config(data, method="diffmas", lora=str(adapter_dir), limit=1), tmp_path / "a", progress=False)
     assert "warning" not in capsys.readouterr().err          # fake_config runs latent_steps=2, as trained
     s = ev.evaluate(fake_config(data, method="diffmas", lora=str(adapter_dir), limit=1, latent_steps=4,
-                                visibility="latent_only"), tmp_path / "b", progress=False)
+                                visibility="latent_only", enable_thinking=True), tmp_path / "b", progress=False)
     err = capsys.readouterr().err
-    assert "other Stage I settings: latent_steps: 2 -> 4; visibility: full -> latent_only" in err, err
+    assert ("other Stage I settings: latent_steps: 2 -> 4; visibility: full -> latent_only; "
+            "enable_thinking: None -> True") in err, err
     assert s["adapter"]["meta"]["latent_steps"] == "2"
 
 

@@ -160,3 +160,106 @@ def test_generate_cli_prints_completion_and_rejects_bad_input():
     bad = subprocess.run([sys.executable, "-m", "diffmas_jax.generate", "--dtype", "float8",
                           "--prompt", "x"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown dtype 'float8'" in bad.stderr
+
+
+def test_gguf_conversions_are_keyed_on_the_file_not_its_name(tmp_path, monkeypatch):
+    """Two GGUF files of one name and size (another folder, or one replaced in place) get
+    conversions of their own: the second used to load the first one's weights."""
+    import os
+    import shutil
+    import gguf
+    from diffmas_jax.model.loading import embedded_gguf_path
+    monkeypatch.setenv("DIFFMAS_CACHE", str(tmp_path / "cache"))
+    src = embedded_gguf_path()
+    copies = []
+    for sub, value in (("a", 3.0), ("b", 7.0)):
+        (tmp_path / sub).mkdir()
+        dst = tmp_path / sub / src.name
+        shutil.copy(src, dst)
+        reader = gguf.GGUFReader(str(dst), "r+")
+        next(t for t in reader.tensors if t.name == "output_norm.weight").data[:] = value
+        reader.data.flush()
+        del reader
+        copies.append(dst)
+    assert os.path.getsize(copies[0]) == os.path.getsize(copies[1])
+    a, b = (load_model(str(c), with_tokenizer=False) for c in copies)
+    assert a.path != b.path
+    np.testing.assert_array_equal(np.asarray(a.params["final_norm"]), 3.0)
+    np.testing.assert_array_equal(np.asarray(b.params["final_norm"]), 7.0)
+    # the same file again: the cached conversion; the file rewritten: a new one
+    assert load_model(str(copies[0]), with_tokenizer=False).path == a.path
+    reader = gguf.GGUFReader(str(copies[0]), "r+")
+    next(t for t in reader.tensors if t.name == "output_norm.weight").data[:] = 5.0
+    reader.data.flush()
+    del reader
+    os.utime(copies[0], ns=(os.stat(copies[0]).st_atime_ns, os.stat(copies[0]).st_mtime_ns + 10**9))
+    np.testing.assert_array_equal(np.asarray(load_model(str(copies[0]), with_tokenizer=False).params["final_norm"]), 5.0)
+
+
+def test_gguf_without_torch_is_one_clear_error(tmp_path, monkeypatch):
+    import transformers
+    from diffmas_jax.model.loading import convert_gguf, embedded_gguf_path
+
+    def no_torch(*a, **k):
+        raise ModuleNotFoundError("Could not import module 'read_gguf_metadata'")
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_torch)
+    with pytest.raises(ModelNotFoundError, match=r"needs torch .*pip install torch"):
+        convert_gguf(embedded_gguf_path(), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_hub_download_skips_mistral_consolidated_weights(monkeypatch, tmp_path):
+    from huggingface_hub.utils import filter_repo_objects
+    from diffmas_jax.model import loading
+    seen = {}
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo, **kw: seen.update(kw) or str(tmp_path))
+    loading.download_from_hub("mistralai/Ministral-8B-Instruct-2410")
+    files = ["config.json", "consolidated.safetensors", "model-00001-of-00004.safetensors", "params.json",
+             "model.safetensors.index.json", "tekken.json", "tokenizer.json", "original/consolidated.00.pth",
+             "original/params.json", "README.md"]
+    kept = list(filter_repo_objects(files, allow_patterns=seen["allow_patterns"],
+                                    ignore_patterns=seen["ignore_patterns"]))
+    assert kept == ["config.json", "model-00001-of-00004.safetensors", "params.json",
+                    "model.safetensors.index.json", "tekken.json", "tokenizer.json"]
+
+
+def test_hub_errors_keep_the_line_that_explains(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.utils import _http, hf_raise_for_status
+    httpx = _http.httpx2  # the HTTP client huggingface_hub itself ships with
+    from diffmas_jax.model import loading
+
+    def refuse(code, error_code, message):
+        def fake(repo_id, **kw):
+            req = httpx.Request("GET", f"https://huggingface.co/api/models/{repo_id}/revision/main")
+            hf_raise_for_status(httpx.Response(code, headers={"X-Error-Code": error_code, "X-Request-Id": "r1"},
+                                               request=req, json={"error": message}))
+        return fake
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        refuse(401, "GatedRepo", "Access to model org/gated is restricted."))
+    with pytest.raises(ModelNotFoundError) as e:
+        loading.download_from_hub("org/gated")
+    line = str(e.value)
+    assert "\n" not in line and "GatedRepoError (a gated model: accept its terms on the Hub and set HF_TOKEN)" in line
+    assert "Request ID" not in line
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse(401, "RepoNotFound", "Repository not found"))
+    with pytest.raises(ModelNotFoundError, match="RepositoryNotFoundError \\(no such model, or a private one"):
+        loading.download_from_hub("org/typo")
+
+
+def test_a_missing_gguf_path_is_not_a_hub_id():
+    with pytest.raises(ModelNotFoundError, match="model path not found: models/typo.gguf"):
+        resolve_model_dir("models/typo.gguf")
+
+
+def test_damaged_weights_of_a_hub_model_are_one_error_line(tmp_path, monkeypatch, tiny_model_dir):
+    import shutil
+    from diffmas_jax import cli
+    from diffmas_jax.model import loading
+    snap = tmp_path / "snapshot"
+    shutil.copytree(tiny_model_dir("qwen3"), snap)
+    weights = snap / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    monkeypatch.setattr(loading, "download_from_hub", lambda repo: snap)
+    with pytest.raises(cli.UserError, match=r"cannot read the weights in .*model.safetensors: damaged or truncated"):
+        cli.load_model_checked("fakeorg/tiny", with_tokenizer=False)

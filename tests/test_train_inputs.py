@@ -337,3 +337,13 @@ def test_steps_must_fill_whole_accumulation_windows():
         train.validate(c)
     c.steps = 8
     train.validate(c)
+
+
+@pytest.mark.parametrize("size", ["4b", "8b", "14b"])
+def test_paper_training_renders_the_prompts_it_is_evaluated_on(size):
+    """The chat template (thinking on or off) changes every agent's prompt, and with it the
+    latent steps an adapter is trained on: training and evaluation rows must agree."""
+    train_cfg = load_config(REPO / f"configs/qwen3_{size}_train.py")
+    eval_cfg = load_config(REPO / f"configs/qwen3_{size}.py")
+    assert train_cfg.model == eval_cfg.model
+    assert train_cfg.enable_thinking == eval_cfg.enable_thinking

@@ -74,21 +74,42 @@ def resolve_model_dir(name_or_path: Optional[str] = None) -> Path:
         return p
     if p.exists():
         raise ModelNotFoundError(f"{p} is neither a model directory nor a .gguf file")
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+    looks_local = (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+                   or p.suffix == ".gguf")
     if looks_local:
         raise ModelNotFoundError(f"model path not found: {name_or_path}")
     return download_from_hub(name_or_path)
+
+
+# What a model needs from a Hub repo. Mistral repos also hold consolidated.safetensors, the same
+# weights in Mistral's own layout (16 GB for Ministral-8B): never read, so never fetched.
+HUB_ALLOW = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+HUB_IGNORE = ["consolidated*", "original/*"]
+_HUB_HINTS = {  # huggingface_hub error class -> what the user can do
+    "GatedRepoError": "a gated model: accept its terms on the Hub and set HF_TOKEN",
+    "RepositoryNotFoundError": "no such model, or a private one: check the id, or set HF_TOKEN",
+    "LocalEntryNotFoundError": "not in the local cache, and the Hub is off (HF_HUB_OFFLINE) or unreachable",
+    "RevisionNotFoundError": "no such revision",
+}
+
+
+def hub_error_line(repo_id: str, e: BaseException) -> str:
+    """One line for a failed Hub download: the error's class, a hint where one helps, and
+    the first line of its message that says more than an HTTP status."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    detail = next((x for x in lines if "Client Error" not in x and "Request ID" not in x), lines[0] if lines else "")
+    hint = next((h for cls, h in _HUB_HINTS.items() if any(c.__name__ == cls for c in type(e).__mro__)), None)
+    return (f"could not get {repo_id!r} from the Hugging Face Hub: {type(e).__name__}"
+            + (f" ({hint})" if hint else "") + (f": {detail[:200]}" if detail else ""))
 
 
 def download_from_hub(repo_id: str) -> Path:
     """Snapshot a Hub repo (honours HF_HOME, HF_HUB_OFFLINE and HF_TOKEN)."""
     from huggingface_hub import snapshot_download
     try:
-        local = snapshot_download(
-            repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"])
+        local = snapshot_download(repo_id, allow_patterns=HUB_ALLOW, ignore_patterns=HUB_IGNORE)
     except Exception as e:  # offline, gated, typo: one clear line
-        raise ModelNotFoundError(f"could not get {repo_id!r} from the Hugging Face Hub: "
-                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ModelNotFoundError(hub_error_line(repo_id, e)) from None
     return Path(local)
 
 
@@ -150,8 +171,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
     try:
-        # transformers maps GGUF metadata to an HF config and tokenizer (with chat template).
-        config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        # transformers maps GGUF metadata to an HF config and tokenizer (with chat template),
+        # and its GGUF reader imports torch.
+        try:
+            config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        except ImportError as e:
+            raise ModelNotFoundError(
+                f"converting {gguf_path.name} needs torch (transformers reads GGUF metadata with it; "
+                f"{type(e).__name__}: {str(e).splitlines()[0][:120]}): "
+                "pip install torch --index-url https://download.pytorch.org/whl/cpu") from None
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         hf = config.to_dict()
         tensors = dict(iter_gguf_tensors(gguf_path, hf))
@@ -161,7 +189,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "SOURCE").write_text(f"converted from {gguf_path}\n")
+        (tmp / "SOURCE").write_text(f"converted from {gguf_path.resolve()}\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -171,9 +199,18 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def convert_gguf_cached(gguf_path: Path) -> Path:
+def gguf_cache_dir(gguf_path: Path) -> Path:
+    """Where the conversion of this file lives: keyed on its resolved path, size and
+    modification time, so another file of the same name and size, or a file replaced in
+    place, is converted afresh instead of getting an earlier model's weights."""
+    import hashlib
     st = gguf_path.stat()
-    out = cache_root() / "models" / f"{gguf_path.stem}-{st.st_size:x}"
+    key = hashlib.sha256(f"{gguf_path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{gguf_path.stem}-{key}"
+
+
+def convert_gguf_cached(gguf_path: Path) -> Path:
+    out = gguf_cache_dir(gguf_path)
     if (out / "model.safetensors").exists() and (out / "config.json").exists():
         return out
     return convert_gguf(gguf_path, out)
