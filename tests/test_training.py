@@ -309,8 +309,12 @@ def test_per_role_adapters_export_one_peft_directory_per_role(chat, chat_dir, tm
     lora = {"roles": {r: jax.tree.map(lambda x, k=k: x * (1 + k), one) for k, r in enumerate(roles)}}
     c = runpy.run_path(str(REPO / "configs/embedded_train.py"))["get_config"]()
     c.lora_per_role, c.export_peft = True, True
+    c.model = "fakeorg/tiny-chat"  # a Hub id: the PEFT adapter names its base by it, not by the local cache path
     train.export_adapter(tmp_path, lora, lcfg, c, chat, roles)
     assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == list(roles)
+    import json
+    assert json.loads((tmp_path / "peft" / "solver" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == "fakeorg/tiny-chat"
     ids = np.asarray([[5, 9, 200, 31, 7, 1000, 4]])
     for role in roles:
         ours = np.asarray(jit_forward(chat.params, chat.cfg, KVTrace.create(chat.cfg, 1, 8), tokens=jnp.asarray(ids),
