@@ -85,12 +85,12 @@ class MemoryEstimate:
 def param_bytes(cfg, mesh_shape: Sequence[int], dtype="float32") -> int:
     """Bytes of the base parameters on the fullest device under ``sharding.LOGICAL_RULES``."""
     from diffmas_jax.model.transformer import _is_leaf, param_shapes
-    from diffmas_jax.sharding import spec_for
+    from diffmas_jax.sharding import head_units, spec_for
     import jax
-    stub, size = _mesh_stub(mesh_shape), _bytes(dtype)
+    stub, size, units = _mesh_stub(mesh_shape), _bytes(dtype), head_units(cfg)
     total = 0
     for shape, axes in jax.tree.leaves(param_shapes(cfg), is_leaf=_is_leaf):
-        spec = spec_for(axes, shape, stub)
+        spec = spec_for(axes, shape, stub, units=units)
         split = 1
         for entry in spec:
             for name in ((entry,) if isinstance(entry, str) else (entry or ())):
@@ -120,8 +120,9 @@ def _layer_act(cfg, mesh, batch: int, t: int, s: int, a: int) -> tuple[int, int,
     tp = mesh.shape["tensor"]
     b = _div(batch, mesh.shape["data"] * mesh.shape["fsdp"])
     d = cfg.hidden_size
-    q, kv, f = _div(cfg.q_size, tp), _div(cfg.kv_size, tp), _div(cfg.intermediate_size, tp)
-    heads = _div(cfg.num_heads, tp)
+    # q / k / v split over tensor in whole heads only (sharding.head_units)
+    heads, kvh = _div(cfg.num_heads, tp), _div(cfg.num_kv_heads, tp)
+    q, kv, f = heads * cfg.head_dim, kvh * cfg.head_dim, _div(cfg.intermediate_size, tp)
     dense = b * t * (6 * d + 4 * q + 4 * kv + 4 * f) * a
     # q, k, v, o, gate, up and down outputs, twice: the base projection and its LoRA product
     dots = 2 * b * t * (2 * d + q + 2 * kv + 2 * f) * a

@@ -63,21 +63,33 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def spec_for(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules=None) -> P:
-    """PartitionSpec for a tensor with logical ``axes``; undividable dims stay replicated."""
+def spec_for(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules=None,
+             units: Optional[dict] = None) -> P:
+    """PartitionSpec for a tensor with logical ``axes``; undividable dims stay replicated.
+
+    ``units`` (logical name -> count, see ``head_units``) splits such a dimension only in
+    whole units: the q/k/v/o columns are heads x head_dim wide, and a shard boundary
+    inside a head would split attention's per-head work across devices."""
     rules = LOGICAL_RULES if rules is None else rules
+    units = units or {}
     used, out = set(), []
     for name, dim in zip(axes, shape):
         target = rules.get(name) if name else None
         names = (target,) if isinstance(target, str) else tuple(target or ())
         names = tuple(a for a in names if a not in used and mesh.shape[a] > 1)
         size = math.prod(mesh.shape[a] for a in names)
-        if not names or dim % size:
+        if not names or dim % size or units.get(name, dim) % size:
             out.append(None)
             continue
         used.update(names)
         out.append(names[0] if len(names) == 1 else names)
     return P(*out)
+
+
+def head_units(cfg) -> dict:
+    """``spec_for`` units of a model's parameters: the tensor axis splits q/o by query
+    heads and k/v by KV heads (the trace's kv_heads axis is the head count already)."""
+    return {"q_heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads}
 
 
 @functools.lru_cache(maxsize=16)
@@ -88,7 +100,8 @@ def _param_shardings_cached(cfg, mesh: Mesh) -> dict:
 def param_shardings(cfg, mesh: Mesh, rules=None) -> dict:
     """NamedSharding for every parameter, as a pytree matching the params."""
     from diffmas_jax.model.transformer import _is_leaf, param_shapes
-    return jax.tree.map(lambda s: NamedSharding(mesh, spec_for(s[1], s[0], mesh, rules)),
+    units = head_units(cfg)
+    return jax.tree.map(lambda s: NamedSharding(mesh, spec_for(s[1], s[0], mesh, rules, units)),
                         param_shapes(cfg), is_leaf=_is_leaf)
 
 
@@ -99,9 +112,10 @@ def param_placer(cfg, mesh: Mesh, rules=None):
     from diffmas_jax.model.transformer import param_axes
     axes = {".".join(k.key for k in p): a for p, a in
             jax.tree_util.tree_flatten_with_path(param_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))[0]}
+    units = head_units(cfg)
 
     def place(path, arr):
-        sharding = NamedSharding(mesh, spec_for(axes[path], shapes[path], mesh, rules))
+        sharding = NamedSharding(mesh, spec_for(axes[path], shapes[path], mesh, rules, units))
         # make_array_from_callback hands each device only its slice of the host array.
         return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
 

@@ -6,6 +6,8 @@ import sys
 import textwrap
 
 
+from jax.sharding import PartitionSpec as P
+
 from conftest import xla_env
 
 SCRIPT = textwrap.dedent('''
@@ -146,3 +148,66 @@ def test_sharded_forward_equals_unsharded_and_params_shrink(tmp_path):
     assert "does not divide the 8 available devices" in out["(3, -1, 1)"]
     assert "at most one mesh entry may be -1" in out["(1, -1, -1)"]
     assert "does not divide" in out["(16, 1, 1)"] or "uses 16 devices" in out["(16, 1, 1)"]
+
+
+HEADS_SCRIPT = textwrap.dedent('''
+    import sys, json
+    import jax, jax.numpy as jnp, numpy as np
+    assert jax.device_count() == 4, jax.devices()
+    sys.path.insert(0, {tests!r})
+    from conftest import save_tiny_model
+    from diffmas_jax.model.loading import load_model
+    from diffmas_jax.model.transformer import jit_forward
+    from diffmas_jax.sharding import make_mesh, param_placer, shard_trace
+    from diffmas_jax.trace import KVTrace
+    # 9 heads / 3 KV heads of width 8: q (72) and k/v (24) columns divide by 4, the heads do not
+    path = save_tiny_model(__import__("pathlib").Path({tmp!r}) / "m", "qwen2", num_attention_heads=9,
+                           num_key_value_heads=3, hidden_size=72, intermediate_size=128)
+    ref = load_model(str(path), with_tokenizer=False)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 256, size=(4, 12)))
+    want = np.asarray(jit_forward(ref.params, ref.cfg, KVTrace.create(ref.cfg, 4, 16), tokens=ids).logits)
+    out = {{}}
+    for shape in [(1, 1, 4), (1, 2, 2)]:
+        mesh = make_mesh(shape)
+        m = load_model(str(path), with_tokenizer=False, place=param_placer(ref.cfg, mesh))
+        tr = shard_trace(KVTrace.create(m.cfg, 4, 16), mesh)
+        res = jit_forward(m.params, m.cfg, tr, tokens=ids)
+        lay = m.params["layers"]
+        out[str(shape)] = dict(diff=float(np.abs(np.asarray(res.logits) - want).max()),
+                               specs={{f"{{n}}.{{w}}": str(lay[n][w].sharding.spec) for n in ("q", "k", "v", "o")
+                                      for w in ("kernel", "bias") if w in lay[n]}},
+                               gate=str(lay["gate"]["kernel"].sharding.spec), trace=str(tr.k.sharding.spec))
+    print("RESULT" + json.dumps(out))
+''')
+
+
+def test_tensor_axis_splits_attention_only_in_whole_heads(tmp_path):
+    """q/k/v/o are split over the tensor axis only when it divides the head count (not just
+    heads x head_dim): a forward on such a mesh equals the unsharded one, no head is cut."""
+    env = xla_env("--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    code = HEADS_SCRIPT.format(tests=os.path.dirname(__file__), tmp=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    out = json.loads(r.stdout.split("RESULT", 1)[1])
+    for shape, o in out.items():
+        assert o["diff"] < 1e-4, (shape, o)
+        assert not any("tensor" in s for s in o["specs"].values()), (shape, o["specs"])
+        assert "tensor" in o["gate"] and "tensor" not in o["trace"], (shape, o)  # the MLP still splits
+    assert out["(1, 2, 2)"]["specs"]["q.kernel"] == "P(None, 'fsdp', None)", out
+
+
+def test_head_units_keep_divisible_heads_sharded():
+    import types
+    from diffmas_jax.memory import model_config_for, param_bytes
+    from diffmas_jax.sharding import head_units, spec_for
+    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 4})
+    cfg = types.SimpleNamespace(num_heads=8, num_kv_heads=2)  # q heads divide by 4, kv heads do not
+    units = head_units(cfg)
+    assert spec_for(("layers", "embed", "q_heads"), (2, 64, 64), mesh, units=units) == P(None, None, "tensor")
+    assert spec_for(("layers", "embed", "kv_heads"), (2, 64, 16), mesh, units=units) == P(None, None, None)
+    assert spec_for(("layers", "q_heads", "embed"), (2, 64, 64), mesh, units=units) == P(None, "tensor", None)
+    # the memory estimate follows: the embedded model (9 / 3 heads) keeps attention whole on tensor=4
+    emb = model_config_for("embedded")
+    attn = emb.num_layers * 2 * (emb.hidden_size * emb.q_size + emb.hidden_size * emb.kv_size) * 4
+    assert param_bytes(emb, (1, 1, 4)) - param_bytes(emb, (1, 1, 1)) // 4 >= attn * 3 // 4
