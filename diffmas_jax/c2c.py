@@ -27,7 +27,7 @@ import dataclasses
 import json
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -115,18 +115,27 @@ def layer_alignment(sharer_layers: int, receiver_layers: int, mode: str = "last"
 
 # --------------------------------------------------------------------------- params
 # Initialised with numpy: dozens of small threefry draws compile for many seconds on a CPU.
-def _uniform(rng, shape, fan_in):
-    bound = 1.0 / np.sqrt(fan_in)  # PyTorch's nn.Linear default
-    return rng.uniform(-bound, bound, shape).astype(np.float32)
+def _fuser_layout(fc: FuserConfig, uniform: Callable, const: Callable) -> dict:
+    """The fuser tree with leaves from ``uniform(shape, fan_in)`` (PyTorch's nn.Linear init
+    bound) and ``const(shape, value)``; the one place its structure and shapes are written."""
+    t, h = (fc.receiver_layers,), fc.hidden
 
+    def linear(lead, din, dout):
+        return {"kernel": uniform(lead + (din, dout), din), "bias": uniform(lead + (dout,), din)}
 
-def _linear_init(rng, lead, din, dout):
-    return {"kernel": _uniform(rng, lead + (din, dout), din), "bias": _uniform(rng, lead + (dout,), din)}
+    def block(lead):
+        return {"norm": const(lead + (h,), 1.0), "w1": uniform(lead + (h, h), h), "w2": uniform(lead + (h, h), h)}
 
+    def part():
+        return {"in": linear(t, fc.sharer_features + fc.receiver_features, h),
+                "trunk": block(t),
+                "proj_blocks": block(t + (fc.depth - 2,)),
+                "proj_out": linear(t, h, fc.receiver_features),
+                "weight_block": block(t),
+                "weight_out": linear(t, h, fc.receiver_kv_heads),
+                "gate": const(t, 0.0)}
 
-def _block_init(rng, lead, h):
-    return {"norm": np.ones(lead + (h,), np.float32), "w1": _uniform(rng, lead + (h, h), h),
-            "w2": _uniform(rng, lead + (h, h), h)}
+    return {"k": part(), "v": part()}
 
 
 def init_fuser(fc: FuserConfig, key) -> dict:
@@ -136,18 +145,19 @@ def init_fuser(fc: FuserConfig, key) -> dict:
     fc.validate()
     seed = np.asarray(jax.random.key_data(key) if isinstance(key, jax.Array) else key, np.uint32).ravel()
     rng = np.random.default_rng(seed.tolist())
-    t, h = (fc.receiver_layers,), fc.hidden
+    tree = _fuser_layout(fc, lambda shape, fan_in: rng.uniform(-1 / np.sqrt(fan_in), 1 / np.sqrt(fan_in),
+                                                               shape).astype(np.float32),
+                         lambda shape, value: np.full(shape, value, np.float32))
+    return jax.tree.map(jnp.asarray, tree)
 
-    def part():
-        return {"in": _linear_init(rng, t, fc.sharer_features + fc.receiver_features, h),
-                "trunk": _block_init(rng, t, h),
-                "proj_blocks": _block_init(rng, t + (fc.depth - 2,), h),
-                "proj_out": _linear_init(rng, t, h, fc.receiver_features),
-                "weight_block": _block_init(rng, t, h),
-                "weight_out": _linear_init(rng, t, h, fc.receiver_kv_heads),
-                "gate": np.zeros(t, np.float32)}
 
-    return jax.tree.map(jnp.asarray, {"k": part(), "v": part()})
+def fuser_shapes(fc: FuserConfig) -> dict[str, tuple]:
+    """'k/in/kernel' -> shape: every tensor a fuser of this config holds, by its file name."""
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            return {k: v for name, sub in node.items() for k, v in flat(sub, f"{prefix}{name}/").items()}
+        return {prefix[:-1]: tuple(node)}
+    return flat(_fuser_layout(fc, lambda shape, _: shape, lambda shape, _: shape))
 
 
 def decays(path) -> bool:
@@ -344,17 +354,22 @@ def load_fuser(path) -> tuple[dict, FuserConfig, dict]:
     saved = json.loads((path / "fuser.json").read_text())
     fc = FuserConfig(**saved["fuser"]).validate()
     tree: dict = {}
-    for name, arr in load_file(str(path / "fuser.safetensors")).items():
+    tensors = load_file(str(path / "fuser.safetensors"))
+    for name, arr in tensors.items():
         node = tree
         *parents, leaf = name.split("/")
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = jnp.asarray(arr)
-    t, h = fc.receiver_layers, fc.hidden
-    want = {"in": (t, fc.sharer_features + fc.receiver_features, h), "proj_out": (t, h, fc.receiver_features),
-            "weight_out": (t, h, fc.receiver_kv_heads)}
-    if set(tree) != {"k", "v"} or any(tree[p][n]["kernel"].shape != w for p in "kv" for n, w in want.items()):
-        raise FuserConfigError(f"{path}: fuser.safetensors does not match the shapes in fuser.json")
+    want = fuser_shapes(fc)
+    have = {name: tuple(arr.shape) for name, arr in tensors.items()}
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    wrong = [f"{n} {have[n]} (fuser.json: {want[n]})" for n in sorted(set(want) & set(have)) if have[n] != want[n]]
+    if missing or extra or wrong:
+        what = "; ".join(f"{label} {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                         for label, items in (("missing", missing), ("unexpected", extra), ("shape of", wrong))
+                         if items)
+        raise FuserConfigError(f"{path}: fuser.safetensors does not match fuser.json: {what}")
     return tree, fc, saved.get("meta", {})
 
 

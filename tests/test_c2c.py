@@ -5,6 +5,7 @@ train / evaluate CLIs.
 Compiling is most of the cost here, so tests share shapes and static arguments (one
 compiled program serves several tests) and tiny models get numpy weights (no torch).
 """
+import dataclasses
 import json
 
 import jax
@@ -192,6 +193,22 @@ def test_shapes_across_families(pair, pair_fuser, tmp_path):
     tree, fc2, meta = load_fuser(tmp_path / "f")
     assert fc2 == fc and meta == {"note": "x"}
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(fuser)))
+    # a fuser file that does not hold exactly the tensors fuser.json describes is refused at load
+    # (a missing gate or block loaded, then failed mid-evaluation with a KeyError)
+    from safetensors.numpy import load_file, save_file
+    good = load_file(str(tmp_path / "f" / "fuser.safetensors"))
+    for name, change, expect in [("k/gate", None, "missing k/gate"), ("v/trunk/w1", None, "missing v/trunk/w1"),
+                                 ("k/junk", np.zeros(2, np.float32), "unexpected k/junk"),
+                                 ("k/gate", np.zeros(3, np.float32), r"shape of k/gate \(3,\) \(fuser.json: \(2,\)\)")]:
+        bad = {k: v for k, v in good.items() if k != name}
+        if change is not None:
+            bad[name] = change
+        save_file(bad, str(tmp_path / "f" / "fuser.safetensors"))
+        with pytest.raises(FuserConfigError, match=f"does not match fuser.json: {expect}"):
+            load_fuser(tmp_path / "f")
+    save_fuser(tmp_path / "g", fuser, dataclasses.replace(fc, depth=fc.depth + 1), {})
+    with pytest.raises(FuserConfigError, match="shape of k/proj_blocks/norm"):
+        load_fuser(tmp_path / "g")
 
 
 def test_gate_anneals_per_step_and_is_hard_at_eval():
