@@ -186,10 +186,14 @@ def upstream_notes(model, mc, train_items, eval_items, workdir: Path, max_new_to
         if notes is not None:
             saved[it.id] = {"question": it.question, "notes": [list(x) for x in notes]}
     todo = [it for it in dict((it.id, it) for it in train_items + eval_items).values() if it.id not in saved]
-    for k in tqdm(range(0, len(todo), 8), desc="upstream text", disable=not todo):
+    from diffmas_jax import distributed
+    main = distributed.is_main_process()  # every host generates (one SPMD program); one writes
+    for k in tqdm(range(0, len(todo), 8), desc="upstream text", disable=not todo or not main):
         chunk = todo[k:k + 8]
         notes, _, _ = speak_upstream(model, [it.question for it in chunk], mc)
         saved.update({it.id: {"question": it.question, "notes": [list(x) for x in n]} for it, n in zip(chunk, notes)})
+        if not main:
+            continue
         workdir.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # atomic: a kill leaves old or new
         tmp.write_text(json.dumps({"settings": settings, "notes": saved}))
@@ -216,6 +220,15 @@ def export_adapter(workdir: Path, lora: dict, lcfg, c, model, roles) -> None:
         export_merged(workdir / "merged", model.params, lora, lcfg.scale, model.cfg, model.path)
 
 
+def check_hosts(c) -> None:
+    """What a multi-host run cannot do, refused before the model loads (no-op on one host)."""
+    from diffmas_jax import distributed
+    if c.get("export_merged") and distributed.process_count() > 1:
+        raise UserError("export_merged writes the model from one host, which cannot read weights sharded "
+                        "over several: set export_merged=False and merge peft/ on one machine "
+                        "(PEFT's merge_and_unload)")
+
+
 def main(argv) -> int:
     c = config_flag_value(_CONFIG, sys.argv)
     if argv is not None and len(argv) > 1:
@@ -231,6 +244,7 @@ def main(argv) -> int:
     lcfg, mc = checked
     from diffmas_jax import distributed, memory, mesh_presets
     distributed.maybe_initialize()  # on a pod: connect the hosts before anything touches a device
+    check_hosts(c)
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     from diffmas_jax import train_loop

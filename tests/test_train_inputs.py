@@ -109,6 +109,18 @@ def test_merged_export_needs_a_shared_adapter():
         train.check_config(c)
 
 
+def test_multi_host_runs_refuse_a_merged_export(monkeypatch):
+    from diffmas_jax import distributed
+    c = load_config(TRAIN_CFG)
+    c.export_merged = True
+    train.check_hosts(c)  # one host: fine
+    monkeypatch.setattr(distributed, "process_count", lambda: 4)
+    with pytest.raises(UserError, match="export_merged writes the model from one host"):
+        train.check_hosts(c)
+    c.export_merged = False
+    train.check_hosts(c)
+
+
 def test_remat_policy_is_checked_with_the_config():
     c = load_config(TRAIN_CFG)
     c.method, c.remat, c.remat_policy = "text_mas_sft", True, "foo"
@@ -228,6 +240,13 @@ def test_notes_are_generated_once_per_setting(tmp_path, fake_speaker):
     assert fake_speaker[-1] == ["another question"]
     assert train_notes[1] == [("planner", "another question / 16 / call 5")]
     assert train_notes[0] == [("planner", "q0 / 16 / call 4")]
+
+
+def test_only_the_main_host_writes_the_notes_cache(tmp_path, fake_speaker, monkeypatch):
+    from diffmas_jax import distributed
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)
+    notes, _ = _notes(tmp_path, _items(["q0", "q1"]))
+    assert notes == [[("planner", "q0 / 4 / call 1")]] and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("content", ['{"settings": {"model": "m", "dty', "", "\0\0\0\0", '["not", "an", "object"]',
