@@ -263,3 +263,37 @@ def test_damaged_weights_of_a_hub_model_are_one_error_line(tmp_path, monkeypatch
     monkeypatch.setattr(loading, "download_from_hub", lambda repo: snap)
     with pytest.raises(cli.UserError, match=r"cannot read the weights in .*model.safetensors: damaged or truncated"):
         cli.load_model_checked("fakeorg/tiny", with_tokenizer=False)
+
+
+def test_each_tensor_is_placed_as_soon_as_it_is_complete(tiny_model_dir):
+    """Not after the whole checkpoint is on the host: an unstacked tensor right after it is
+    read, a layer-stacked one right after its last layer."""
+    d = tiny_model_dir("qwen3", num_hidden_layers=3)
+    m = load_model(str(d), with_tokenizer=False)
+    events = []
+
+    def reading():
+        for name, arr in iter_safetensors(safetensors_files(d)):
+            events.append(("read", name))
+            yield name, arr
+
+    def place(path, arr):
+        events.append(("place", path))
+        return jnp.asarray(arr)
+    params = load_params(m.cfg, reading(), place=place)
+    jax.tree.map(np.testing.assert_array_equal, params, m.params)
+    reads = [n for kind, n in events if kind == "read"]
+    for i, (kind, what) in enumerate(events):
+        if kind != "place":
+            continue
+        before = events[i - 1][1]
+        if what == "embed":
+            assert before == "model.embed_tokens.weight"
+        elif what == "layers.q.kernel":
+            assert before == "model.layers.2.self_attn.q_proj.weight"
+    first_place = next(i for i, (kind, _) in enumerate(events) if kind == "place")
+    assert first_place < max(i for i, (kind, _) in enumerate(events) if kind == "read")
+    assert len(reads) == len(set(reads)) == sum(kind == "read" for kind, _ in events)
+    with pytest.raises(WeightLoadError, match="layer 1 of layers.q.kernel appears twice"):
+        twice = list(iter_safetensors(safetensors_files(d)))
+        load_params(m.cfg, twice + [x for x in twice if x[0] == "model.layers.1.self_attn.q_proj.weight"])

@@ -97,11 +97,16 @@ def load_params(cfg: ModelConfig, tensors, dtype=jnp.float32,
     """Build the params pytree from an iterable of (HF name, array).
 
     ``place(path, host_array)`` puts each finished tensor on devices (default:
-    ``jnp.asarray``); a sharded load passes one that uses the path's sharding.
+    ``jnp.asarray``); a sharded load passes one that uses the path's sharding. A tensor is
+    placed, and its host buffer freed, as soon as it is complete: an unstacked one when it
+    is read, a layer-stacked one when its last layer is read. Checkpoints store layer after
+    layer, so the host peak is about the stacked layers' share of the model.
     """
     dtype = jnp.dtype(dtype)
     expected = expected_param_paths(cfg)
+    place = place or (lambda path, a: jnp.asarray(a))
     buffers: dict[str, np.ndarray] = {}
+    placed: dict[str, jax.Array] = {}
     filled: dict[str, set] = {}
     leftover = []
     for name, arr in tensors:
@@ -124,15 +129,19 @@ def load_params(cfg: ModelConfig, tensors, dtype=jnp.float32,
             if layer >= cfg.num_layers:
                 leftover.append(name)
                 continue
+            if path in placed:
+                raise WeightLoadError(f"{name}: layer {layer} of {path} appears twice in the checkpoint")
             buf = buffers.setdefault(path, np.empty(shape, dtype))
             if arr.shape != shape[1:]:
                 raise WeightLoadError(f"{name}: shape {arr.shape} != expected {shape[1:]}")
             buf[layer] = arr  # cast on assignment: no temporary copy
             filled.setdefault(path, set()).add(layer)
+            if len(filled[path]) == cfg.num_layers:
+                placed[path] = place(path, buffers.pop(path))
         else:
             if arr.shape != shape:
                 raise WeightLoadError(f"{name}: shape {arr.shape} != expected {shape}")
-            buffers[path] = arr.astype(dtype, copy=False)
+            placed[path] = place(path, arr.astype(dtype, copy=False))
             filled[path] = {-1}
     if leftover:
         raise WeightLoadError(f"checkpoint tensors not used by a {cfg.model_type} model: "
@@ -141,14 +150,13 @@ def load_params(cfg: ModelConfig, tensors, dtype=jnp.float32,
     partial = [p for p, s in filled.items() if p.startswith("layers.") and len(s) != cfg.num_layers]
     if missing or partial:
         raise WeightLoadError(f"parameters missing from the checkpoint: {', '.join(missing + partial)}")
-    place = place or (lambda path, a: jnp.asarray(a))
     params: dict = {}
-    for path, arr in buffers.items():
+    for path, arr in placed.items():
         node = params
         *parents, leaf = path.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = place(path, arr)
+        node[leaf] = arr
     return params
 
 
