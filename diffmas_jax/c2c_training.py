@@ -335,8 +335,7 @@ def train_c2c(c, workdir: Path) -> int:
     if identical:
         sharer = receiver
     else:  # the sharer's weights are laid out by its own config
-        from diffmas_jax.model.loading import load_config, resolve_model_dir
-        s_place = None if mesh is None else param_placer(load_config(resolve_model_dir(sharer_name)), mesh)
+        s_place = None if mesh is None else param_placer(mesh_presets.load_config_checked(sharer_name), mesh)
         sharer = load_model_checked(sharer_name, dtype=c.dtype, place=s_place)
     enc = dict(answer_instruction=task.answer_instruction, agents=agents, max_target_tokens=int(c.max_target_tokens),
                enable_thinking=c.enable_thinking, sharer_tokenizer=None if identical else sharer.tokenizer)

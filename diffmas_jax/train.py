@@ -268,6 +268,7 @@ def main(argv) -> int:
 
     memory.preflight_model(c, c.model, c.dtype)  # the weights alone must fit before they load
     mesh, place = mesh_presets.mesh_and_placer(c, c.model)  # the config's mesh (None: one device)
+    distributed.check_batch_layout(int(c.batch_size), mesh)  # several hosts: rows split over them
     from diffmas_jax.sharding import set_active_mesh
     set_active_mesh(mesh)  # traces inside the step are pinned to this mesh's sharding
     model = load_model_checked(c.model, dtype=c.dtype, place=place)  # weights straight into their shards
