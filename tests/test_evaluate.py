@@ -409,3 +409,13 @@ def test_config_file_without_get_config_after_a_good_one(tmp_path):
     evaluate.parse_flags(["prog", "--config", str(good), "--workdir", str(tmp_path / "w")])
     with pytest.raises(UserError, match="has no get_config"):
         evaluate.parse_flags(["prog", "--config", str(bad), "--workdir", str(tmp_path / "w")])
+
+
+def test_embedded_configs_find_the_shared_data_from_any_directory(tmp_path, monkeypatch):
+    """../shared/data is beside the clone, not beside the working directory."""
+    import runpy
+    monkeypatch.chdir(tmp_path)
+    want = str((REPO.parent / "shared" / "data").resolve())
+    assert runpy.run_path(str(REPO / "configs/embedded_eval.py"))["get_config"]().data_dir == want
+    sweep = runpy.run_path(str(REPO / "configs/sweeps/embedded.py"))["get_config"]()
+    assert sweep.eval.data_dir == sweep.train.data_dir == sweep.c2c_train.data_dir == want

@@ -26,7 +26,12 @@ evaluation 4-9 s per question (arc_easy, 100 questions; gsm8k, 40 with 160 new
 tokens), DiffMAS training 10-20 s per step (60 steps); about 25 trainings + evaluations
 in all. Use --grids to run a part, and --set to shrink it (e.g. --set eval.limit=50).
 """
+from pathlib import Path
+
 import ml_collections
+
+# The benchmark copies beside the clone, found from this file (any working directory).
+SHARED_DATA = str(Path(__file__).resolve().parents[3] / "shared" / "data")
 
 
 def get_config():
@@ -47,18 +52,18 @@ def get_config():
     c.roles = "planner,solver"
     # --config.FIELD values for every evaluation / training (then task_*, then the grid's own)
     c.eval = ml_collections.ConfigDict({
-        "data_dir": "../shared/data", "split": "test", "limit": 100, "batch_size": 10,
+        "data_dir": SHARED_DATA, "split": "test", "limit": 100, "batch_size": 10,
         "max_new_tokens": 48, "text_max_new_tokens": 64, "temperature": 0.0,
     })
     c.train = ml_collections.ConfigDict({
-        "data_dir": "../shared/data", "split": "train", "limit": 400, "steps": 60, "batch_size": 4,
+        "data_dir": SHARED_DATA, "split": "train", "limit": 400, "steps": 60, "batch_size": 4,
         "lr": 1e-3, "warmup_steps": 5, "max_target_tokens": 64, "text_max_new_tokens": 64,
         "checkpoint_every": 20, "eval_every": 20, "eval_items": 16,
     })
     # the C2C fuser's trainer (configs/embedded_c2c_train.py keeps the reference optimiser:
     # AdamW lr 1e-4, 10% warmup, gate temperature 1 -> 0.001)
     c.c2c_train = ml_collections.ConfigDict({
-        "data_dir": "../shared/data", "split": "train", "limit": 400, "steps": 60, "batch_size": 4,
+        "data_dir": SHARED_DATA, "split": "train", "limit": 400, "steps": 60, "batch_size": 4,
         "max_target_tokens": 64, "checkpoint_every": 20, "eval_every": 20, "eval_items": 8,
     })
     c.task_eval = ml_collections.ConfigDict({"gsm8k": {"limit": 40, "max_new_tokens": 160}})
