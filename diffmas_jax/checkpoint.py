@@ -13,6 +13,9 @@ directory (exercised by ``scripts/reliability_suite.py``):
   checkpoint that does not load or whose contents do not match is moved to
   ``unreadable/<step>`` (kept for inspection, out of the way of the step that will
   be saved again) and the run falls back to the previous one with a warning.
+  A failure that is not the checkpoint's fault leaves every checkpoint in place and
+  raises one UserError: a saved tree that differs from the run's (a config change
+  that alters the LoRA tree), or a resource or I/O error (out of memory, EIO, EACCES).
 * A save that fails (no space left, file too large, permission, I/O error) removes
   its temporary directory and raises :class:`CheckpointWriteError` with one line
   naming the step, the cause and the last checkpoint, which stays intact.
@@ -34,7 +37,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from diffmas_jax.cli import WriteError
+from diffmas_jax.cli import UserError, WriteError
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 TRASH, UNREADABLE = "trash", "unreadable"
@@ -123,6 +126,66 @@ class _ThreadStderr:
         return getattr(self.real, name)
 
 
+@contextlib.contextmanager
+def _held_thread_stderr():
+    """A :class:`_ThreadStderr` for the block: what it held is written after a success and
+    dropped with an error. After an error the guard stays, and the failed I/O's coroutines,
+    collected later, report nothing: the run is about to end with one error line."""
+    guard = _ThreadStderr(sys.stderr)
+    sys.stderr = guard
+    try:
+        yield guard
+    except BaseException:
+        guard.discard = True
+        guard.held.clear()
+        sys.unraisablehook = lambda *_: None
+        raise
+    if sys.stderr is guard:
+        sys.stderr = guard.real
+    if guard.held:
+        guard.real.write("".join(guard.held))
+
+
+# Failures that say nothing about a checkpoint's bytes: setting it aside would lose a good one.
+_NOT_DAMAGE = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "out of memory", "Out of memory",
+               "Cannot allocate memory", "Input/output error", "Permission denied", "PERMISSION_DENIED",
+               "Too many open files",
+               "Stale file handle")
+
+
+def _not_damage(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return True  # EIO, EACCES, ETIMEDOUT...: the medium or the mount, not a missing piece
+    return any(s in str(e) for s in _NOT_DAMAGE)
+
+
+def _leaves(tree: Any) -> dict:
+    """path ('opt_state/mu/w') -> (shape, dtype) of each array of a state or of its Orbax metadata."""
+    def name(k):
+        for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey (namedtuple field), SequenceKey
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+    return {"/".join(name(k) for k in path): (tuple(x.shape), str(np.dtype(x.dtype)))
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _tree_mismatch(saved: dict, wanted: dict) -> Optional[str]:
+    """How a saved tree differs from the expected one, in one line; None if it does not."""
+    def first(keys, fmt):
+        return fmt(keys[0]) + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
+    differ = sorted(k for k in saved.keys() & wanted.keys() if saved[k] != wanted[k])
+    parts = [first(differ, lambda k: f"{k} saved {saved[k][0]} {saved[k][1]}, expected {wanted[k][0]} "
+                                     f"{wanted[k][1]}")] if differ else []
+    for keys, what in ((sorted(wanted.keys() - saved.keys()), "expected but not saved"),
+                       (sorted(saved.keys() - wanted.keys()), "saved but not expected")):
+        if keys:
+            parts.append(first(keys, lambda k: f"{k} {what}"))
+    return "; ".join(parts) or None
+
+
 def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -156,57 +219,74 @@ class Checkpointer:
         """Write checkpoint `step` atomically; raise CheckpointWriteError if it cannot be written."""
         digest = state_digest(state)
         meta = {**meta, **({CHECKSUM_KEY: digest} if digest else {})}
-        guard = _ThreadStderr(sys.stderr)
-        sys.stderr = guard
-        try:
-            with _quiet_orbax_errors():
-                self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                                meta=ocp.args.JsonSave(meta)), force=True)
-                self.manager.wait_until_finished()
-        except Exception as e:  # disk full, EFBIG, EACCES, EIO ...: the previous checkpoint is untouched
-            guard.discard = True  # stays in place: the run is about to end with one error line
-            guard.held.clear()
-            for p in self.directory.glob(f"{step}{TMP_SUFFIX}*"):
-                _rmtree(p)
+        with _held_thread_stderr():
             try:
-                self.manager.reload()
-                prev = [s for s in self.manager.all_steps() if s != step]
-            except Exception:
-                prev = []
-            last = f"last checkpoint: step {max(prev)}, intact" if prev else "no earlier checkpoint"
-            raise CheckpointWriteError(f"cannot write checkpoint step {step} in {self.directory}: {_cause(e)}; "
-                                       f"{last}; free space and rerun to resume") from None
-        if sys.stderr is guard:
-            sys.stderr = guard.real
-        if guard.held:
-            guard.real.write("".join(guard.held))
+                with _quiet_orbax_errors():
+                    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                    meta=ocp.args.JsonSave(meta)), force=True)
+                    self.manager.wait_until_finished()
+            except Exception as e:  # disk full, EFBIG, EACCES, EIO ...: the previous checkpoint is untouched
+                for p in self.directory.glob(f"{step}{TMP_SUFFIX}*"):
+                    _rmtree(p)
+                try:
+                    self.manager.reload()
+                    prev = [s for s in self.manager.all_steps() if s != step]
+                except Exception:
+                    prev = []
+                last = f"last checkpoint: step {max(prev)}, intact" if prev else "no earlier checkpoint"
+                raise CheckpointWriteError(f"cannot write checkpoint step {step} in {self.directory}: "
+                                           f"{_cause(e)}; {last}; free space and rerun to resume") from None
         _rmtree(self.directory / TRASH)
 
     # ----------------------------------------------------------------------- restore
     def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
         """(step, state, meta) of the newest checkpoint that restores intact, or None.
 
-        A checkpoint that fails (does not load, or its checksum does not match) is moved
-        to ``unreadable/`` with a warning, and the previous one is tried.
+        A damaged checkpoint (does not load, or its checksum does not match) is moved to
+        ``unreadable/`` with a warning, and the previous one is tried. A saved tree that
+        differs from ``abstract_state``, or a resource or I/O error, would fail alike for
+        every checkpoint: UserError, and nothing is moved.
         """
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                with _quiet_orbax_errors():
-                    out = self.manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-                meta = dict(out["meta"])
-                want = meta.pop(CHECKSUM_KEY, None)
-                got = state_digest(out["state"]) if want is not None else None
-                if got is not None and got != want:
-                    raise ValueError("contents do not match the checksum written with it")
-                return step, out["state"], meta
-            except Exception as e:  # corrupted or partial: set it aside, fall back to an older one
-                moved = self._set_aside(step)
-                reason = " ".join(str(e).split())[:200]
-                msg = (f"warning: checkpoint step {step} in {self.directory} does not restore "
-                       f"({type(e).__name__}: {reason}); moved to {moved}; falling back to an older one")
-                print(msg, file=sys.stderr, flush=True)
+        # held like a save's: failed reads leave threads that print 'Event loop is closed'
+        with _held_thread_stderr() as guard:
+            for step in sorted(self.manager.all_steps(), reverse=True):
+                try:
+                    with _quiet_orbax_errors():
+                        out = self.manager.restore(step, args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                    meta = dict(out["meta"])
+                    want = meta.pop(CHECKSUM_KEY, None)
+                    got = state_digest(out["state"]) if want is not None else None
+                    if got is not None and got != want:
+                        raise ValueError("contents do not match the checksum written with it")
+                    return step, out["state"], meta
+                except Exception as e:
+                    self._raise_unless_damaged(step, e, abstract_state)
+                    guard.discard = True  # the damaged read's threads print on, during later reads too
+                    guard.held.clear()
+                    moved = self._set_aside(step)
+                    reason = " ".join(str(e).split())[:200]
+                    print(f"warning: checkpoint step {step} in {self.directory} does not restore "
+                          f"({type(e).__name__}: {reason}); moved to {moved}; falling back to an older one",
+                          file=sys.stderr, flush=True)
         return None
+
+    def _raise_unless_damaged(self, step: int, e: Exception, abstract_state: Any) -> None:
+        """UserError when a failed restore is not damage of checkpoint ``step`` itself."""
+        where = f"checkpoint step {step} in {self.directory}"
+        if _not_damage(e):
+            raise UserError(f"cannot restore {where}: {_cause(e)}; no checkpoint was moved; "
+                            "rerun once that is resolved") from None
+        try:  # its own record of what it holds, read apart from the arrays
+            with _quiet_orbax_errors():
+                md = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+            diff = _tree_mismatch(_leaves(getattr(md, "tree", md)), _leaves(abstract_state))
+        except Exception:
+            diff = None  # no readable record: damaged
+        if diff:
+            raise UserError(f"{where} holds another state than this run builds ({diff}): the config changed "
+                            "what is trained; rerun with the config it was saved with or use a new --workdir; "
+                            "no checkpoint was moved") from None
 
     def _set_aside(self, step: int) -> Path:
         src = self.directory / str(step)
