@@ -197,7 +197,10 @@ def _sharer_first(plain, chain, r_cfg, s_cfg, sc: C2CStepConfig, mesh):
 
 
 def make_c2c_train_step(r_cfg, s_cfg, sc: C2CStepConfig, optimizer, mesh=None):
-    """(fuser, opt_state, r_params, s_params, batch, micro_step) -> (fuser, opt_state, metrics).
+    """(fuser, opt_state, r_params, s_params, batch, micro_step[, grad_weight]) -> (fuser, opt_state, metrics).
+
+    ``grad_weight`` scales the gradient handed to the optimizer, as in ``training.make_train_step``:
+    under accumulation, the micro-batch's share of its window's target tokens (``train_loop``).
 
     The gate temperature and the random stream are functions of the step number, so a
     resumed run repeats an uninterrupted one; the temperature moves once per optimizer
@@ -205,32 +208,32 @@ def make_c2c_train_step(r_cfg, s_cfg, sc: C2CStepConfig, optimizer, mesh=None):
     shardings like ``training.make_train_step``: each model's weights in their layout, the
     batch over data x fsdp, the fuser, optimizer state and metrics replicated, in and out.
     """
-    def update(fuser, opt_state, params, s_read, batch, micro_step, cfg):
+    def update(fuser, opt_state, params, s_read, batch, micro_step, grad_weight, cfg):
         tau = gate_temperature(micro_step // sc.grad_accum, sc)
         rng = jax.random.fold_in(jax.random.PRNGKey(sc.seed), micro_step)
         sharer = (params, cfg) if s_read is None else (None, None)  # a chain: the receiver shares
         loss, grads = jax.value_and_grad(
             lambda f: c2c_loss(f, params, cfg, *sharer, batch, sc, train=True, temperature=tau, rng=rng,
                                s_read=s_read))(fuser)
-        updates, opt_state = optimizer.update(grads, opt_state, fuser)
+        updates, opt_state = optimizer.update(jax.tree.map(lambda g: g * grad_weight, grads), opt_state, fuser)
         fuser = optax.apply_updates(fuser, updates)
         return fuser, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "gate_temperature": tau,
                                   "open_k": jnp.mean(fuser["k"]["gate"] > 0),
                                   "open_v": jnp.mean(fuser["v"]["gate"] > 0)}
 
     # Argument names are the sharding table's (see _compile).
-    def plain(fuser, opt_state, params, trace, batch, micro_step, *, cfg):
-        return update(fuser, opt_state, params, trace, batch, micro_step, cfg)
+    def plain(fuser, opt_state, params, trace, batch, micro_step, grad_weight, *, cfg):
+        return update(fuser, opt_state, params, trace, batch, micro_step, grad_weight, cfg)
 
-    def chain(fuser, opt_state, params, batch, micro_step, *, cfg):
-        return update(fuser, opt_state, params, None, batch, micro_step, cfg)
+    def chain(fuser, opt_state, params, batch, micro_step, grad_weight, *, cfg):
+        return update(fuser, opt_state, params, None, batch, micro_step, grad_weight, cfg)
 
     rep = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     compile_ = functools.partial(_compile, mesh=mesh, donate=("fuser", "opt_state"), out_shardings=(rep, rep, rep))
     run = _sharer_first(compile_(plain), compile_(chain), r_cfg, s_cfg, sc, mesh)
 
-    def step(fuser, opt_state, r_params, s_params, batch, micro_step):
-        return run((fuser, opt_state), r_params, s_params, batch, (micro_step,))
+    def step(fuser, opt_state, r_params, s_params, batch, micro_step, grad_weight=1.0):
+        return run((fuser, opt_state), r_params, s_params, batch, (micro_step, jnp.float32(grad_weight)))
 
     step.programs = run.programs
     return step
@@ -352,8 +355,9 @@ def train_c2c(c, workdir: Path) -> int:
     train_step = make_c2c_train_step(receiver.cfg, sharer.cfg, sc, optimizer, mesh)
     eval_loss = make_c2c_eval_loss(receiver.cfg, sharer.cfg, sc, mesh) if n_eval else None
 
-    def step(state, batch, i):
-        f, opt, m = train_step(state["fuser"], state["opt_state"], receiver.params, sharer.params, batch, jnp.int32(i))
+    def step(state, batch, i, grad_weight=1.0):
+        f, opt, m = train_step(state["fuser"], state["opt_state"], receiver.params, sharer.params, batch, jnp.int32(i),
+                               grad_weight)
         return {"fuser": f, "opt_state": opt}, m
 
     extra = ("gate_temperature", "open_k", "open_v")
@@ -361,7 +365,7 @@ def train_c2c(c, workdir: Path) -> int:
         label="train c2c", state={"fuser": fuser, "opt_state": optimizer.init(fuser)}, n_items=len(train_items),
         banner=f"training c2c ({len(agents)} agent(s), sharer {sharer_name} -> receiver {receiver_name}) on "
                f"{len(train_items)} items, {count_params(fuser):,} fuser params",
-        batch=data.batch, step=step,
+        batch=data.batch, step=step, target_tokens=lambda idx: int(np.sum(data.n_target[idx])),
         # jnp sums: the batch may be a global array spread over several hosts
         tokens=lambda b: sum(jnp.sum(v) for v in b["valids"]) + jnp.sum(b["tail_valid"]),
         fields=["step", "loss", "grad_norm", *extra, "tokens_per_s", "eval_loss"],

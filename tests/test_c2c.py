@@ -306,3 +306,48 @@ def test_train_and_evaluate_cli(model_dirs, tmp_path):
     got = run_batch(system, qs, task.answer_instruction, MethodConfig(method="c2c", **mc))
     want = run_batch(m, qs, task.answer_instruction, MethodConfig(method="single", **mc))
     assert [r["generated_ids"] for r in got.records] == [r["generated_ids"] for r in want.records]
+
+
+def test_accumulated_micro_batches_update_as_one_batch(model_dirs, pair, embedded_tokenizer, char_tokenizer,
+                                                       monkeypatch):
+    """grad_accum for the fuser: k micro-batches with different target-token counts give the
+    update of one batch of all of them (weighted by their share of the window's tokens).
+    The gates' Gumbel noise is drawn per batch shape, so it is held at zero here."""
+    import optax
+    from diffmas_jax import c2c
+    monkeypatch.setattr(c2c, "_training_noise", lambda rng, fc, t, b, n: [
+        (jnp.full((t, b, n, fc.receiver_kv_heads, 1), 0.5, jnp.float32), None)] * 2)
+    from diffmas_jax.agents import build_agents
+    from diffmas_jax.c2c_training import encode_training, make_c2c_train_step
+    from diffmas_jax.tasks import get_task
+    from diffmas_jax.train_loop import accumulation_weight
+    (rc, rp), (sc_, sp) = pair
+    task = get_task("arith", size=64)
+    items = task.load("train", limit=4)
+    items = [dataclasses.replace(it, target=it.target * (3 if i == 0 else 1)) for i, it in enumerate(items)]
+    data = encode_training(embedded_tokenizer, items, task.answer_instruction, build_agents(roles=("solver",)), 48,
+                           sharer_tokenizer=char_tokenizer)
+    halves = [np.arange(0, 2), np.arange(2, 4)]
+    window = [int(data.n_target[h].sum()) for h in halves]
+    assert window[0] > window[1]
+    fc = FuserConfig.for_models(sc_, rc, hidden=8, dropout=0.0)
+    fuser = init_fuser(fc, 1)
+    step_cfg = C2CStepConfig(fc=fc, max_target=int(data.n_target.max()))
+
+    def run(optimizer, parts, weights):
+        step = make_c2c_train_step(rc, sc_, step_cfg, optimizer)
+        f, opt = jax.tree.map(jnp.copy, fuser), optimizer.init(fuser)
+        for idx, w in zip(parts, weights):
+            batch = jax.tree.map(jnp.asarray, data.batch(idx))
+            f, opt, _ = step(f, opt, rp, sp, batch, jnp.int32(0), w)
+        return f
+
+    delta = lambda f: np.concatenate([np.ravel(np.asarray(a) - np.asarray(b))
+                                      for a, b in zip(jax.tree.leaves(f), jax.tree.leaves(fuser))])
+    d_big = delta(run(optax.sgd(1.0), [np.arange(4)], [1.0]))
+    acc = optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2)
+    d_acc = delta(run(acc, halves, [accumulation_weight(window, j) for j in range(2)]))
+    d_plain = delta(run(acc, halves, [1.0, 1.0]))
+    rel = lambda d: np.linalg.norm(d - d_big) / np.linalg.norm(d_big)
+    assert rel(d_acc) < 1e-4, rel(d_acc)
+    assert rel(d_plain) > 1e-2, rel(d_plain)
