@@ -194,6 +194,17 @@ def scalar_writer(logdir: Path):
     return SummaryWriter(str(logdir))
 
 
+def any_host(flag: bool) -> bool:
+    """``flag`` OR-ed over all hosts, the same answer on each. SIGTERM reaches hosts at different
+    steps: a host that saved (an Orbax barrier) while another ran the next step (a collective)
+    would deadlock both. One tiny all-gather per step, and none on a single host."""
+    import jax
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
 def run(tr: Trainer, c, workdir: Path, resolved: dict, mesh=None) -> int:
     """Train ``tr`` for ``c.steps`` steps in ``workdir``, resuming from its latest intact checkpoint.
 
@@ -205,6 +216,10 @@ def run(tr: Trainer, c, workdir: Path, resolved: dict, mesh=None) -> int:
     from diffmas_jax import distributed
     from diffmas_jax.checkpoint import Checkpointer, abstract_like
 
+    if c.on_nan == "skip" and int(c.grad_accum) > 1 and tr.target_tokens is None:
+        # a skipped micro-batch becomes a zero-weight micro-step, which needs step(grad_weight=)
+        raise UserError(f"on_nan=skip with grad_accum > 1 is not supported by {tr.label!r} (its step takes no "
+                        "gradient weight); use on_nan=stop or grad_accum=1")
     main_proc = distributed.is_main_process()  # only process 0 logs and writes the workdir
     workdir.mkdir(parents=True, exist_ok=True)
     if main_proc:
@@ -262,42 +277,61 @@ def run(tr: Trainer, c, workdir: Path, resolved: dict, mesh=None) -> int:
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=tr.label, dynamic_ncols=True,
                disable=not main_proc)
     t_last = time.perf_counter()
-    for step in bar:
+
+    def batch_at(step: int):
         # Each host reads only its rows of the global batch (all of them on a single host).
-        batch = distributed.global_batch(tr.batch(distributed.local_indices(indices(step))), mesh)
+        return distributed.global_batch(tr.batch(distributed.local_indices(indices(step))), mesh)
+
+    good = None  # the last micro-step whose gradient was finite
+
+    def zero_weight_step(held: dict, step: int, where: str) -> dict:
+        """A skipped micro-batch as a micro-step of weight 0, so the optimizer's micro-step count
+        and the loop's windows stay aligned (a skipped last micro-step still applies the window's
+        update). 0 * NaN is NaN: the zero weight rides on a micro-batch whose gradient was finite."""
+        j = good if good is not None else step - 1 if step > 0 else step + 1
+        st, m = tr.step(held, batch_at(j), j, grad_weight=0.0)
+        if not (math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))):
+            raise UserError(f"non-finite loss at step {step + 1}, and at step {j + 1} standing in for it "
+                            f"with weight 0: the weights themselves are non-finite; {where}")
+        return st
+
+    for step in bar:
+        batch = batch_at(step)
         if c.on_nan == "skip":
             held = jax.device_get(state)
         w = grad_weight(step)
         new_state, m = tr.step(state, batch, step) if w is None else tr.step(state, batch, step, grad_weight=w)
         loss, gnorm = float(m["loss"]), float(m["grad_norm"])
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):  # a finite loss with a NaN gradient poisons too
+        if math.isfinite(loss) and math.isfinite(gnorm):  # a finite loss with a NaN gradient poisons too
+            state, good = new_state, step
+            now = time.perf_counter()
+            tps = int(tr.tokens(batch)) / max(now - t_last, 1e-9)
+            t_last = now
+            row = {"step": step + 1, "loss": loss, "grad_norm": gnorm, "tokens_per_s": tps, "eval_loss": "",
+                   **tr.extra_metrics(m)}
+            if tr.eval_loss is not None and int(c.eval_every) > 0 and (step + 1) % int(c.eval_every) == 0:
+                row["eval_loss"] = float(tr.eval_loss(state))
+                tb.add_scalar("eval/loss", row["eval_loss"], step + 1)
+            with open(csv_path, "a", newline="") as f:
+                csv.writer(f).writerow([row.get(k, "") for k in tr.fields])
+            for k, v in row.items():
+                if k != "step" and v != "":
+                    tb.add_scalar(f"train/{k}", v, step + 1)
+            bar.set_postfix(**tr.postfix(row))
+        else:
             where = f"last good checkpoint: step {last_good}" if last_good is not None else "no checkpoint yet"
             what = f"loss ({loss})" if not math.isfinite(loss) else f"gradient norm ({gnorm}, loss {loss:.4g})"
-            if c.on_nan == "skip":
-                # The step donated its inputs, so keep the pre-step values we still hold on host.
-                print(f"warning: non-finite {what} at step {step + 1}; batch skipped", file=sys.stderr)
-                state = held
-                continue
-            raise UserError(f"non-finite {what} at step {step + 1}; {where}")
-        state = new_state
-        now = time.perf_counter()
-        tps = int(tr.tokens(batch)) / max(now - t_last, 1e-9)
-        t_last = now
-        row = {"step": step + 1, "loss": loss, "grad_norm": gnorm, "tokens_per_s": tps, "eval_loss": "",
-               **tr.extra_metrics(m)}
-        if tr.eval_loss is not None and int(c.eval_every) > 0 and (step + 1) % int(c.eval_every) == 0:
-            row["eval_loss"] = float(tr.eval_loss(state))
-            tb.add_scalar("eval/loss", row["eval_loss"], step + 1)
-        with open(csv_path, "a", newline="") as f:
-            csv.writer(f).writerow([row.get(k, "") for k in tr.fields])
-        for k, v in row.items():
-            if k != "step" and v != "":
-                tb.add_scalar(f"train/{k}", v, step + 1)
-        bar.set_postfix(**tr.postfix(row))
-        if (step + 1) % int(c.checkpoint_every) == 0 or step + 1 == steps or stop["flag"]:
+            if c.on_nan != "skip":
+                raise UserError(f"non-finite {what} at step {step + 1}; {where}")
+            # The step donated its inputs, so go on from the pre-step values we still hold on host.
+            print(f"warning: non-finite {what} at step {step + 1}; batch skipped", file=sys.stderr)
+            state = held if accum == 1 else zero_weight_step(held, step, where)
+        # A skipped step too: the cadence's checkpoint and SIGTERM, decided alike on every host.
+        stopping = any_host(stop["flag"])
+        if (step + 1) % int(c.checkpoint_every) == 0 or step + 1 == steps or stopping:
             ckpt.save(step + 1, state, {"step": step + 1, "data_position": (step + 1) * bs, "seed": c.seed})
             last_good = step + 1
-        if stop["flag"]:
+        if stopping:
             print(f"SIGTERM: saved checkpoint at step {step + 1}; exiting", flush=True)
             tb.close()
             ckpt.close()
