@@ -7,7 +7,8 @@ The workdir holds:
   config.json    the resolved config (a later run with different results-changing
                  fields is refused instead of mixing results)
   items.jsonl    one JSON line per finished item, appended and fsynced per batch
-  summary.json   accuracy with a 95% bootstrap CI, tokens, time, decoding stability,
+  summary.json   accuracy with a 95% bootstrap CI (Wilson where every item is alike), tokens,
+                 time, decoding stability,
                  every config value and library versions; rewritten (atomically) after
                  every batch, with complete=true once every item is done.
 
@@ -403,7 +404,7 @@ def build_summary(cfg: dict, items: list, done: dict, run: dict) -> dict:
     recs = [done[it.id] for it in items if it.id in done]
     n = len(recs)
     correct = [1.0 if r["correct"] else 0.0 for r in recs]
-    lo, hi = metrics.bootstrap_ci(correct, cfg["bootstrap_resamples"], 0.95, seed=CI_SEED)
+    (lo, hi), ci_method = metrics.accuracy_ci(correct, cfg["bootstrap_resamples"], 0.95, seed=CI_SEED)
     all_lps = []
     for r in recs:
         if "samples" in r:
@@ -432,7 +433,7 @@ def build_summary(cfg: dict, items: list, done: dict, run: dict) -> dict:
         "n": n, "n_total": len(items), "correct": int(sum(correct)),
         "accuracy": _mean(correct),
         "accuracy_ci95": [_finite(lo), _finite(hi)],
-        "ci_method": f"percentile bootstrap over items, {cfg['bootstrap_resamples']} resamples, seed {CI_SEED}",
+        "ci_method": ci_method,
         "accuracy_note": ("accuracy and prediction are the first sample's; see decoding.self_consistency"
                           if cfg["num_samples"] > 1 else "one decoding per item"),
         "tokens_per_question": tokens,

@@ -83,7 +83,8 @@ def test_fake_run_outputs_and_summary(tmp_path, fake_model):
     on_disk = json.loads((wd / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert summary["complete"] and summary["n"] == 5 and summary["accuracy"] == 1.0
-    assert summary["accuracy_ci95"] == [1.0, 1.0]
+    assert summary["accuracy_ci95"] == [pytest.approx(0.5655, abs=1e-4), 1.0]  # 5 of 5: Wilson, not a point
+    assert summary["ci_method"].startswith("Wilson score interval")
     assert summary["tokens_per_question"]["prompt"] == pytest.approx(102.0)
     assert summary["decoding"]["perplexity"]["mean"] == pytest.approx(float(__import__("math").exp(0.5)))
     assert summary["decoding"]["surprisal_curve"]["position"] == [0, 1, 2, 3]

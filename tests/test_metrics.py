@@ -94,3 +94,15 @@ def test_entropy_curve_averages_by_position():
     from diffmas_jax.metrics import entropy_curve
     c = entropy_curve([[1.0, 2.0], [3.0]])
     assert c["position"] == [0, 1] and c["mean_entropy"] == [2.0, 2.0] and c["count"] == [2, 1]
+
+
+def test_wilson_interval_where_the_bootstrap_is_a_point():
+    lo, hi = metrics.wilson_interval(0, 40)
+    assert lo == 0.0 and hi == pytest.approx(3.8415 / 43.8415, rel=1e-4)  # z^2 / (n + z^2)
+    lo, hi = metrics.wilson_interval(5, 10)
+    assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    assert all(math.isnan(v) for v in metrics.wilson_interval(0, 0))
+    ci, method = metrics.accuracy_ci([1.0] * 5)
+    assert ci == (pytest.approx(0.5655, abs=1e-4), 1.0) and method.startswith("Wilson")
+    ci, method = metrics.accuracy_ci([1.0, 0.0, 1.0, 1.0], num_resamples=500, seed=2)
+    assert ci == metrics.bootstrap_ci([1.0, 0.0, 1.0, 1.0], 500, seed=2) and method.startswith("percentile bootstrap")

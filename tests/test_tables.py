@@ -297,6 +297,23 @@ def test_two_level_bootstrap_spreads_with_seed_variance():
     assert np.isclose(a_lo + a_hi, 1.0, atol=0.05)
 
 
+def test_cells_where_every_item_is_alike_get_a_wilson_interval():
+    """0 of 40 is not a certain 0%: the bootstrap's point CI (as earlier summaries stored it)
+    gives way to the Wilson interval, for one seed and for pooled seeds."""
+    from diffmas_jax.tables import Cell, Run
+    def run(k, n, seed, ci):
+        r = Run(dir=None, summary={"complete": True, "n": n, "n_total": n, "correct": k, "accuracy": k / n,
+                                   "accuracy_ci95": ci}, config={}, model="m", task="t", method="single",
+                latent_steps=None, trace_grad=None, communication=None, visibility=None, seed=seed)
+        r._outcomes = {}
+        return r
+    lo, hi = Cell([run(0, 40, 0, [0.0, 0.0])]).ci()
+    assert lo == 0.0 and hi == pytest.approx(0.0876, abs=1e-4)
+    lo, hi = Cell([run(20, 20, 0, [1.0, 1.0]), run(20, 20, 1, [1.0, 1.0])]).ci()
+    assert hi == 1.0 and lo == pytest.approx(1 - 0.0876, abs=1e-4)
+    assert Cell([run(5, 10, 0, [0.2, 0.8])]).ci() == (0.2, 0.8)  # a stored bootstrap CI with a width stays
+
+
 def test_methods_option_and_stray_files(grid, tmp_path, capsys):
     """`--methods` picks the main table's columns; files a shell glob adds are skipped with a note."""
     stray = tmp_path / "tables.md"
