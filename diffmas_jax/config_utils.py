@@ -27,11 +27,15 @@ from diffmas_jax.cli import UserError
 REALIGNS = ("ridge", "norm", "none")
 
 # Fields that do not change what an item's result is: a run may resume with new values.
-# (seed and batch_size join them for greedy decoding, whose rows do not depend on batch
-# company; with sampling they pick the random streams, so they must match.)
+# (No row depends on its batch company, greedy or sampled, so batch_size is always free;
+# with sampling, seed picks every item's random stream and must match.)
 RESUMABLE_FIELDS = ("limit", "batch_size", "seed", "prompt_bucket", "bootstrap_resamples",
                     "mesh_preset", "mesh", "device_memory_gib")
-SAMPLING_FIELDS = ("seed",)  # each item samples from its own key: batch_size is free either way
+SAMPLING_FIELDS = ("seed", "sample_keys")
+# How sampled runs derive each item's key (evaluate.item_seed), recorded in a sampled run's
+# config: a workdir sampled another way (before 2026-12-07: one key per batch) is not resumed
+# with this one, nor are its seeds pooled with this one's in tables.
+SAMPLE_KEYS = "per-item"
 
 
 def eval_config(**overrides) -> ml_collections.ConfigDict:
@@ -187,6 +191,8 @@ def resolve(config) -> dict:
     gib = cfg["device_memory_gib"]
     if gib is not None and (not is_finite_number(gib) or gib <= 0):
         raise UserError(f"device_memory_gib must be a finite positive number of GiB, got {gib!r}")
+    if cfg["temperature"] > 0:
+        cfg["sample_keys"] = SAMPLE_KEYS
     if cfg["num_samples"] > 1 and cfg["temperature"] <= 0:
         raise UserError(f"num_samples={cfg['num_samples']} needs temperature > 0: "
                         "greedy samples are all the same")

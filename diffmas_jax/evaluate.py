@@ -13,7 +13,7 @@ The workdir holds:
                  every batch, with complete=true once every item is done.
 
 Batches are fixed slices of the item list (items 0..B-1, B..2B-1, ...). With sampling,
-each item draws from its own key, derived from the seed, its index in the item list and
+each item draws from its own key, a hash of the seed, its index in the item list and
 the sample index (``item_seed``), so no row depends on its batch company, greedy or
 sampled: a resumed run decodes only the missing items, each exactly as an uninterrupted
 run would, and a changed batch_size leaves every sample as it was.
@@ -37,7 +37,6 @@ from diffmas_jax import config_utils, distributed, metrics
 from diffmas_jax.cli import UserError, check_workdir_path, enable_compilation_cache, run_cli
 
 ITEMS, SUMMARY, CONFIG = "items.jsonl", "summary.json", "config.json"
-SAMPLE_SEED_STRIDE = 1_000_003  # seed of (item i, sample s) = seed + i + s * stride
 CI_SEED = 0
 
 
@@ -329,8 +328,13 @@ def vote_key(task, item):
 
 
 def item_seed(seed: int, index: int, sample: int) -> int:
-    """The sampling seed of item ``index`` (its place in the item list) in sample ``sample``."""
-    return int(seed) + index + sample * SAMPLE_SEED_STRIDE
+    """The sampling seed of item ``index`` (its place in the item list) in sample ``sample``:
+    a 32-bit hash of the three, so the runs of two seeds share no item's stream (seed + index
+    would give run 1's item i the stream of run 0's item i + 1). Recorded with the item;
+    ``generate(..., seed=[it])`` draws that item's stream again."""
+    import hashlib
+    digest = hashlib.blake2b(f"{int(seed)}/{int(index)}/{int(sample)}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
 
 def make_record(task, item, index: int, samples: list, row: int, latency: float, batch: int) -> dict:

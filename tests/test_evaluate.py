@@ -107,20 +107,22 @@ def test_fake_resume_skips_done_and_extends_limit(tmp_path, fake_model):
 
 
 def test_fake_sampling_resume_runs_only_missing_items_with_their_seeds(tmp_path, fake_model):
-    """With sampling, each item has its own seed (seed + index + sample * stride): a torn
+    """With sampling, each item has its own seed (item_seed(seed, index, sample)): a torn
     batch decodes only its missing item, which gets exactly the sample an uninterrupted run
     gave it, and another batch_size changes no sample."""
     data = write_jsonl(tmp_path / "d.jsonl", CHOICE_ROWS)
     full = tmp_path / "full"
     ev.evaluate(fake_config(data, temperature=0.7, batch_size=2, limit=4, seed=10), full, progress=False)
-    assert [c["seed"] for c in fake_model] == [[10, 11], [12, 13]]
+    seeds = [ev.item_seed(10, i, 0) for i in range(4)]
+    assert [c["seed"] for c in fake_model] == [seeds[:2], seeds[2:]]
+    assert [r["seed"] for r in read_lines(full / "items.jsonl")] == seeds
     wd = tmp_path / "cut"
     shutil.copytree(full, wd)
     lines = (wd / "items.jsonl").read_text().splitlines(keepends=True)
     (wd / "items.jsonl").write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])  # torn tail
     fake_model.clear()
     ev.evaluate(fake_config(data, temperature=0.7, batch_size=2, limit=4, seed=10), wd, progress=False)
-    assert fake_model == [{"questions": ["Question 3?"], "seed": [13], "lora": None}]
+    assert fake_model == [{"questions": ["Question 3?"], "seed": [seeds[3]], "lora": None}]
     strip = lambda recs: [{k: v for k, v in r.items() if k not in ("latency_s", "batch")} for r in recs]
     assert strip(read_lines(wd / "items.jsonl")) == strip(read_lines(full / "items.jsonl"))
     other = tmp_path / "bs3"
@@ -132,8 +134,7 @@ def test_fake_self_consistency(tmp_path, fake_model):
     data = write_jsonl(tmp_path / "d.jsonl", CHOICE_ROWS)
     s = ev.evaluate(fake_config(data, temperature=0.7, num_samples=3, batch_size=5, limit=5), tmp_path / "r",
                     progress=False)
-    stride = ev.SAMPLE_SEED_STRIDE
-    assert [c["seed"] for c in fake_model] == [[s * stride + i for i in range(5)] for s in range(3)]
+    assert [c["seed"] for c in fake_model] == [[ev.item_seed(0, i, s) for i in range(5)] for s in range(3)]
     recs = read_lines(tmp_path / "r" / "items.jsonl")
     for r in recs:
         assert len(r["samples"]) == 3 and r["prediction"] == r["samples"][0]["prediction"]
@@ -143,6 +144,29 @@ def test_fake_self_consistency(tmp_path, fake_model):
     assert sc["num_samples"] == 3 and sc["n_items"] == 5
     assert sc["majority_vote_accuracy"] == pytest.approx(sum(r["majority_correct"] for r in recs) / 5)
     assert s["decoding"]["perplexity"]["n"] == 15  # every sample's answer
+
+
+def test_item_seeds_of_different_runs_and_samples_share_no_stream():
+    keys = [{ev.item_seed(seed, i, s) for i in range(2000)} for seed, s in ((0, 0), (1, 0), (2, 0), (0, 1))]
+    assert all(len(k) == 2000 for k in keys)
+    assert all(not (a & b) for j, a in enumerate(keys) for b in keys[j + 1:])
+    assert all(0 <= x < 2 ** 32 for x in keys[0])  # jax.random.PRNGKey keeps 32 bits of a seed
+
+
+def test_fake_sampled_workdir_of_the_per_batch_scheme_is_not_resumed(tmp_path, fake_model):
+    """A sampled run from before per-item keys (no sample_keys in its config) drew its items
+    from other streams: resuming it with these would mix them."""
+    data = write_jsonl(tmp_path / "d.jsonl", CHOICE_ROWS)
+    wd = tmp_path / "run"
+    ev.evaluate(fake_config(data, temperature=0.7, limit=2), wd, progress=False)
+    cfg = json.loads((wd / "config.json").read_text())
+    assert cfg["sample_keys"] == "per-item"
+    del cfg["sample_keys"]
+    (wd / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="sample_keys"):
+        ev.evaluate(fake_config(data, temperature=0.7, limit=4), wd, progress=False)
+    greedy = ev.evaluate(fake_config(data, limit=2), tmp_path / "greedy", progress=False)
+    assert "sample_keys" not in greedy["config"]
 
 
 def test_fake_refuses_conflicting_config_before_writing(tmp_path, fake_model):
