@@ -333,6 +333,7 @@ def train_c2c(c, workdir: Path) -> int:
     for name in dict.fromkeys((receiver_name, sharer_name)):
         memory.preflight_model(c, name, c.dtype)  # the weights alone must fit before they load
     mesh, place = mesh_presets.mesh_and_placer(c, receiver_name)  # the config's mesh (None: one device)
+    distributed.check_batch_layout(int(c.batch_size), mesh)  # several hosts: rows split over them
     set_active_mesh(mesh)  # traces inside the steps are pinned to this mesh's sharding
     receiver = load_model_checked(receiver_name, dtype=c.dtype, place=place)  # weights straight into their shards
     if identical:

@@ -126,6 +126,24 @@ class _ThreadStderr:
         return getattr(self.real, name)
 
 
+def _drop_failed_io_unraisables() -> None:
+    """Keep the failed I/O's coroutines, collected later, from printing "Exception ignored"
+    tracebacks after the run's one error line; anything else still reaches the hook
+    that was in place (installed once)."""
+    prev = sys.unraisablehook
+    if getattr(prev, "_diffmas_filter", False):
+        return
+
+    def hook(u):
+        closed_loop = isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
+        code = getattr(u.object, "cr_code", None)  # a coroutine of Orbax's I/O
+        io_coroutine = code is not None and any(k in code.co_filename for k in ("orbax", "asyncio", "tensorstore"))
+        if not (closed_loop or io_coroutine):
+            prev(u)
+    hook._diffmas_filter = True
+    sys.unraisablehook = hook
+
+
 @contextlib.contextmanager
 def _held_thread_stderr():
     """A :class:`_ThreadStderr` for the block: what it held is written after a success and
@@ -138,7 +156,7 @@ def _held_thread_stderr():
     except BaseException:
         guard.discard = True
         guard.held.clear()
-        sys.unraisablehook = lambda *_: None
+        _drop_failed_io_unraisables()
         raise
     if sys.stderr is guard:
         sys.stderr = guard.real

@@ -48,6 +48,11 @@ def row_keys(seed, batch: int, stream: int = 0) -> jax.Array:
     return jax.vmap(jax.random.fold_in, (0, None))(keys, stream)
 
 
+def _raw_keys(rng):
+    """uint32 key data ([2] or [B, 2]) for raw and typed (``jax.random.key``) keys alike."""
+    return jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+
+
 def sample_tokens(logits, rng, sampling: SamplingConfig):
     """logits [B, V] float32 -> token ids [B]. ``rng``: one key for the batch, or per-row
     keys [B, 2] (each row draws from its own)."""
@@ -66,6 +71,7 @@ def sample_tokens(logits, rng, sampling: SamplingConfig):
         cutoff_idx = jnp.maximum(jnp.sum(cum - probs < sampling.top_p, axis=-1, keepdims=True) - 1, 0)
         cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    rng = _raw_keys(rng)
     if rng.ndim == 2:
         return jax.vmap(jax.random.categorical)(rng, logits).astype(jnp.int32)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
@@ -97,6 +103,7 @@ jax.tree_util.register_dataclass(
 def start_decode(trace: KVTrace, last_logits, max_new_tokens: int, rng, done=None) -> DecodeState:
     """``rng``: per-row keys [B, 2] (``row_keys``), or one key that row i folds in i."""
     b = last_logits.shape[0]
+    rng = _raw_keys(rng)
     if rng.ndim == 1:
         rng = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(b))
     trace = trace.reserve(max_new_tokens, f"decoding {max_new_tokens} new tokens")

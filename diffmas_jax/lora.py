@@ -235,7 +235,9 @@ def export_merged(path, params: dict, lora: dict, scale: float, cfg: ModelConfig
     Each tensor is merged in float32 and written so, one shard at a time (HF's sharded layout
     and index past ``max_shard_size``): rounding W + scale * A B back to a bfloat16 base would
     drop every update smaller than half a bfloat16 step of W, most of a trained adapter. The
-    copied config.json says float32 accordingly."""
+    copied config.json says float32 accordingly. Written into a temporary sibling folder that
+    then replaces ``path``: a failed export leaves the previous one whole, never a mix."""
+    import os
     import shutil
     from huggingface_hub import split_state_dict_into_shards_factory
     from safetensors.numpy import save_file
@@ -243,7 +245,6 @@ def export_merged(path, params: dict, lora: dict, scale: float, cfg: ModelConfig
     if "roles" in lora:
         raise LoraConfigError("merging needs one shared adapter, not per-role adapters")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     flat = {".".join(k.key for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     deltas = {f"layers.{t}.kernel": (ab["a"], ab["b"]) for t, ab in lora.items()}
     layout = {name: (p, i, tr) for name, p, i, tr in hf_layout(cfg, params)}
@@ -267,19 +268,28 @@ def export_merged(path, params: dict, lora: dict, scale: float, cfg: ModelConfig
                                                  get_storage_size=lambda k: nbytes(names[k]),
                                                  filename_pattern="model{suffix}.safetensors",
                                                  max_shard_size=max_shard_size)
-    for f in path.glob("model*.safetensors*"):  # an earlier export's shards
-        if f.name not in split.filename_to_tensors:
-            f.unlink()
-    for filename, names in split.filename_to_tensors.items():
-        save_file({n: tensor(n) for n in names}, str(path / filename), metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    for f in Path(model_dir).iterdir():
-        if f.suffix in (".json", ".jinja", ".txt", ".model") and f.name != "model.safetensors.index.json":
-            shutil.copy(f, path / f.name)
-    hf_config = json.loads((path / "config.json").read_text())
-    hf_config.update({k: MERGED_DTYPE for k in ("torch_dtype", "dtype") if k in hf_config} or
-                     {"torch_dtype": MERGED_DTYPE})
-    (path / "config.json").write_text(json.dumps(hf_config, indent=2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (path.with_name(f".{path.name}.{what}-{os.getpid()}") for what in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for filename, members in split.filename_to_tensors.items():
+            save_file({n: tensor(n) for n in members}, str(tmp / filename), metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        for f in Path(model_dir).iterdir():
+            if f.suffix in (".json", ".jinja", ".txt", ".model") and f.name != "model.safetensors.index.json":
+                shutil.copy(f, tmp / f.name)
+        hf_config = json.loads((tmp / "config.json").read_text())
+        hf_config.update({k: MERGED_DTYPE for k in ("torch_dtype", "dtype") if k in hf_config} or
+                         {"torch_dtype": MERGED_DTYPE})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
     return path

@@ -161,7 +161,7 @@ class Trainer:
     state: dict                                 # trainable pytrees, e.g. {"lora": ..., "opt_state": ...}
     n_items: int                                # training items (the data order permutes these)
     batch: Callable[[np.ndarray], Any]          # item indices -> host rows of a batch
-    step: Callable[[dict, Any, int], tuple]     # (state, batch, step) -> (state, metrics with loss, grad_norm)
+    step: Callable[..., tuple]                  # (state, batch, step[, grad_weight=]) -> (state, metrics with loss, grad_norm)
     tokens: Callable[[Any], Any]                # tokens in a batch, for tokens/s
     fields: Sequence[str]                       # metrics.csv columns, in order
     extra_metrics: Callable[[dict], dict]       # step metrics -> columns beyond loss, grad_norm, tokens/s, eval

@@ -294,6 +294,8 @@ def test_each_tensor_is_placed_as_soon_as_it_is_complete(tiny_model_dir):
     first_place = next(i for i, (kind, _) in enumerate(events) if kind == "place")
     assert first_place < max(i for i, (kind, _) in enumerate(events) if kind == "read")
     assert len(reads) == len(set(reads)) == sum(kind == "read" for kind, _ in events)
-    with pytest.raises(WeightLoadError, match="layer 1 of layers.q.kernel appears twice"):
-        twice = list(iter_safetensors(safetensors_files(d)))
-        load_params(m.cfg, twice + [x for x in twice if x[0] == "model.layers.1.self_attn.q_proj.weight"])
+    twice = list(iter_safetensors(safetensors_files(d)))
+    layer1 = [x for x in twice if x[0] == "model.layers.1.self_attn.q_proj.weight"]
+    for order in (twice + layer1, layer1 + twice):  # after its tensor is complete, and before
+        with pytest.raises(WeightLoadError, match="layer 1 of layers.q.kernel appears twice"):
+            load_params(m.cfg, order)

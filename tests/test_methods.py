@@ -92,6 +92,20 @@ def test_batch_invariance_sampled(tiny_chat, method):
     assert run(tiny_chat, method, qs=[QS[1], QS[0]], seed=6, **hot).texts[1] == alone.texts[0]
 
 
+def test_decoding_takes_typed_and_raw_keys(tiny_chat):
+    """jax.random.key (typed) and jax.random.PRNGKey (raw uint32) keys of one seed draw alike."""
+    import jax
+    from diffmas_jax.generation import SamplingConfig, decode_to_text, jit_prefill, pad_batch
+    from diffmas_jax.trace import KVTrace
+    tokens, valid = pad_batch([[5, 9, 200, 31], [7, 8]], 0)
+    trace = KVTrace.create(tiny_chat.cfg, 2, tokens.shape[1] + 6)
+    trace, logits, _ = jit_prefill(tiny_chat.params, tiny_chat.cfg, trace, jnp.asarray(tokens), jnp.asarray(valid))
+    draw = lambda key: decode_to_text(tiny_chat.params, tiny_chat.cfg, tiny_chat.tokenizer, trace, logits,
+                                      max_new_tokens=6, sampling=SamplingConfig(temperature=1.5), rng=key).tokens
+    assert draw(jax.random.key(3)) == draw(jax.random.PRNGKey(3))
+    assert draw(jax.random.split(jax.random.key(3), 2)) == draw(jax.random.split(jax.random.PRNGKey(3), 2))
+
+
 def test_zero_latent_steps_is_explicit(tiny_chat):
     reads = run(tiny_chat, "latent_mas", latent_steps=0, solver_reads_trace=True)
     blind = run(tiny_chat, "latent_mas", latent_steps=0, solver_reads_trace=False)

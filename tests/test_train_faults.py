@@ -300,3 +300,21 @@ def test_two_hosts_agree_on_sigterm_and_stop_at_one_step(tmp_path):
         outs.append(json.loads(out.split("RESULT", 1)[1]))
     assert outs == [{"agreed": [True, False], "rc": 0}] * 2
     assert checkpoints(tmp_path / "w") == [3]
+
+
+def test_failed_io_filter_drops_only_orbax_noise(monkeypatch):
+    """After a failed save or restore, the failed I/O's late "Event loop is closed" reports are
+    dropped; any other unraisable still reaches the hook that was there."""
+    import sys
+    import types
+    from diffmas_jax import checkpoint
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u))
+    checkpoint._drop_failed_io_unraisables()
+    checkpoint._drop_failed_io_unraisables()  # installed once
+    report = lambda exc: types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None,
+                                               err_msg=None, object=None)
+    sys.unraisablehook(report(RuntimeError("Event loop is closed")))
+    other = report(ValueError("a finaliser's own bug"))
+    sys.unraisablehook(other)
+    assert seen == [other]

@@ -296,6 +296,24 @@ def test_merged_export_of_a_bfloat16_base_keeps_small_updates(chat_dir, tmp_path
     # a later export with one file replaces the shards and their index
     export_merged(out, bf.params, lora, lcfg.scale, bf.cfg, chat_dir)
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    # one that fails half way (a full disk on the second shard) leaves the previous export whole
+    import safetensors.numpy
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_save, calls = safetensors.numpy.save_file, []
+
+    def full_disk(tensors, filename, **kw):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_save(tensors, filename, **kw)
+    safetensors.numpy.save_file = full_disk
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            export_merged(out, bf.params, lora, lcfg.scale, bf.cfg, chat_dir, max_shard_size=20_000)
+    finally:
+        safetensors.numpy.save_file = real_save
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary folder left
 
 
 def test_per_role_adapters_export_one_peft_directory_per_role(chat, chat_dir, tmp_path):

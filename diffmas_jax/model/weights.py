@@ -129,7 +129,7 @@ def load_params(cfg: ModelConfig, tensors, dtype=jnp.float32,
             if layer >= cfg.num_layers:
                 leftover.append(name)
                 continue
-            if path in placed:
+            if layer in filled.get(path, ()):
                 raise WeightLoadError(f"{name}: layer {layer} of {path} appears twice in the checkpoint")
             buf = buffers.setdefault(path, np.empty(shape, dtype))
             if arr.shape != shape[1:]:
