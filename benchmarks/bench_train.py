@@ -62,7 +62,7 @@ def parse_args(argv=None):
     ap.add_argument("--target-len", type=int, default=None, help="target tokens (default 64; quick 16)")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8; alpha = 2 x rank)")
     ap.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default 5e-5)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed steps per measurement (default 3; quick 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed steps per measurement (default 5; quick 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
     ap.add_argument("--skip-torch", action="store_true", help="only time diffmas_jax")
     args = ap.parse_args(argv)
@@ -234,15 +234,14 @@ class TorchTrain:
             cache = DynamicCache(config=model.config)
             ctx = torch.no_grad() if mode == "stop" else contextlib.nullcontext()
             with ctx:
+                # upstream agents through the decoder stack alone (the LoRA layers are in it): they
+                # need the final-normed hidden state, not the LM head (as diffmas_jax)
+                body = model.get_base_model().model
                 for ids in up_ids:
-                    out = model(input_ids=ids, past_key_values=cache, use_cache=True,
-                                output_hidden_states=True, logits_to_keep=1)
-                    h = out.hidden_states[-1][:, -1:]
+                    h = body(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1:]
                     for _ in range(m_steps):
                         e = h * (tn / h.norm(dim=-1, keepdim=True).clamp_min(1e-6))
-                        out = model(inputs_embeds=e, past_key_values=cache, use_cache=True,
-                                    output_hidden_states=True, logits_to_keep=1)
-                        h = out.hidden_states[-1][:, -1:]
+                        h = body(inputs_embeds=e, past_key_values=cache, use_cache=True).last_hidden_state[:, -1:]
             out = model(input_ids=sol_ids, past_key_values=cache, use_cache=True, logits_to_keep=n_tgt + 1)
             logits = out.logits[:, :n_tgt]
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
@@ -267,7 +266,7 @@ def main(argv=None):
     t_sol = args.solver_len or (48 if q else 192)
     n_tgt = args.target_len or (16 if q else 64)
     assert 0 < n_tgt < t_sol, "--target-len must be below --solver-len"
-    reps = args.repeats or (1 if q else 3)
+    reps = args.repeats or (1 if q else 5)
     threads = args.threads or os.cpu_count() or 1
     t_start = time.perf_counter()
     log(f"settings: batches={batches} modes={modes} K={k} m={m_steps} prompt={t_up} solver={t_sol} "
