@@ -10,22 +10,31 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import xla_env
 
-SCRIPT = textwrap.dedent('''
+
+def device_script(devices: int, model: str, rows: int, length: int, body: str) -> str:
+    """A subprocess script (``.format(tests=, tmp=)``) on ``devices`` simulated devices: a tiny
+    random model (``model``: the family and its save_tiny_model keywords), ``ids`` [rows, length],
+    the unsharded logits ``want`` and an ``out`` dict, then ``body``."""
+    return textwrap.dedent(f'''
     import os, sys, json
     import jax, jax.numpy as jnp, numpy as np
-    assert jax.device_count() == 8, jax.devices()
-    sys.path.insert(0, {tests!r})
+    assert jax.device_count() == {devices}, jax.devices()
+    sys.path.insert(0, {{tests!r}})
     from conftest import save_tiny_model
     from diffmas_jax.model.loading import load_model
     from diffmas_jax.model.transformer import jit_forward
     from diffmas_jax.sharding import (MeshError, bytes_per_device, make_mesh, param_placer, shard_trace)
     from diffmas_jax.trace import KVTrace
-    path = save_tiny_model(__import__("pathlib").Path({tmp!r}) / "m", "qwen3", num_attention_heads=8,
-                           num_key_value_heads=4, hidden_size=64, intermediate_size=128)
+    path = save_tiny_model(__import__("pathlib").Path({{tmp!r}}) / "m", {model})
     ref = load_model(str(path), with_tokenizer=False)
-    ids = jnp.asarray(np.random.default_rng(0).integers(3, 256, size=(8, 24)))
-    want = np.asarray(jit_forward(ref.params, ref.cfg, KVTrace.create(ref.cfg, 8, 32), tokens=ids).logits)
-    out = {{}}
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 256, size=({rows}, {length})))
+    want = np.asarray(jit_forward(ref.params, ref.cfg, KVTrace.create(ref.cfg, {rows}, {length + 8}), tokens=ids).logits)
+    out = {{{{}}}}
+    ''') + textwrap.dedent(body)
+
+
+SCRIPT = device_script(8, '"qwen3", num_attention_heads=8, num_key_value_heads=4, hidden_size=64, intermediate_size=128',
+                       8, 24, '''
     for shape in [(1, 8, 1), (2, 2, 2), (1, 2, 4)]:
         mesh = make_mesh(shape)
         m = load_model(str(path), with_tokenizer=False, place=param_placer(ref.cfg, mesh))
@@ -150,23 +159,9 @@ def test_sharded_forward_equals_unsharded_and_params_shrink(tmp_path):
     assert "does not divide" in out["(16, 1, 1)"] or "uses 16 devices" in out["(16, 1, 1)"]
 
 
-HEADS_SCRIPT = textwrap.dedent('''
-    import sys, json
-    import jax, jax.numpy as jnp, numpy as np
-    assert jax.device_count() == 4, jax.devices()
-    sys.path.insert(0, {tests!r})
-    from conftest import save_tiny_model
-    from diffmas_jax.model.loading import load_model
-    from diffmas_jax.model.transformer import jit_forward
-    from diffmas_jax.sharding import make_mesh, param_placer, shard_trace
-    from diffmas_jax.trace import KVTrace
-    # 9 heads / 3 KV heads of width 8: q (72) and k/v (24) columns divide by 4, the heads do not
-    path = save_tiny_model(__import__("pathlib").Path({tmp!r}) / "m", "qwen2", num_attention_heads=9,
-                           num_key_value_heads=3, hidden_size=72, intermediate_size=128)
-    ref = load_model(str(path), with_tokenizer=False)
-    ids = jnp.asarray(np.random.default_rng(0).integers(3, 256, size=(4, 12)))
-    want = np.asarray(jit_forward(ref.params, ref.cfg, KVTrace.create(ref.cfg, 4, 16), tokens=ids).logits)
-    out = {{}}
+# 9 heads / 3 KV heads of width 8: q (72) and k/v (24) columns divide by 4, the heads do not
+HEADS_SCRIPT = device_script(4, '"qwen2", num_attention_heads=9, num_key_value_heads=3, hidden_size=72, intermediate_size=128',
+                             4, 12, '''
     for shape in [(1, 1, 4), (1, 2, 2)]:
         mesh = make_mesh(shape)
         m = load_model(str(path), with_tokenizer=False, place=param_placer(ref.cfg, mesh))
