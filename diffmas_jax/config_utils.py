@@ -32,6 +32,9 @@ REALIGNS = ("ridge", "norm", "none")
 RESUMABLE_FIELDS = ("limit", "batch_size", "seed", "prompt_bucket", "bootstrap_resamples",
                     "mesh_preset", "mesh", "device_memory_gib")
 SAMPLING_FIELDS = ("seed", "sample_keys")
+# The Stage I settings an adapter is trained with: train records them with the adapter,
+# evaluate warns when it runs the adapter with others.
+STAGE1_FIELDS = ("latent_steps", "realign", "realign_lambda", "communication", "visibility", "enable_thinking")
 # How sampled runs derive each item's key (evaluate.item_seed), recorded in a sampled run's
 # config: a workdir sampled another way (before 2026-12-07: one key per batch) is not resumed
 # with this one, nor are its seeds pooled with this one's in tables.

@@ -20,6 +20,7 @@ from the per-host pieces.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -214,6 +215,12 @@ def batch_split_error(rows: int, mesh, batch_axes=("data", "fsdp"), count: Optio
     return None
 
 
+@functools.lru_cache(maxsize=8)
+def _batch_split_error_cached(rows: int, mesh, batch_axes: tuple) -> Optional[str]:
+    """``batch_split_error`` once per (rows, mesh): every leaf of every step's batch asks."""
+    return batch_split_error(rows, mesh, batch_axes)
+
+
 def check_batch_layout(batch_size: int, mesh) -> None:
     """At start-up, before the model loads: a UserError if ``batch_size`` rows cannot be
     split over this run's hosts on ``mesh`` (a no-op on one host)."""
@@ -242,7 +249,7 @@ def global_batch(local: Any, mesh=None, batch_axes=("data", "fsdp")):
     def put(x):
         x = np.asarray(x)
         global_rows = x.shape[0] * process_count()
-        msg = batch_split_error(global_rows, mesh, batch_axes)
+        msg = _batch_split_error_cached(global_rows, mesh, tuple(batch_axes))
         if msg:
             raise UserError(msg)
         split = math.prod(mesh.shape[a] for a in axes)

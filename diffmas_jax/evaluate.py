@@ -288,7 +288,7 @@ def adapter_parts(adapter, cfg: dict) -> tuple:
     return tree, base * float(cfg["lora_scale"]), meta
 
 
-STAGE1_FIELDS = ("latent_steps", "realign", "realign_lambda", "communication", "visibility", "enable_thinking")
+STAGE1_FIELDS = config_utils.STAGE1_FIELDS
 
 
 def stage1_differences(meta: dict, cfg: dict) -> list[str]:

@@ -37,13 +37,23 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     return (lo, hi)
 
 
+def alike_interval(correct, confidence: float = 0.95) -> Optional[tuple[float, float]]:
+    """The Wilson interval when every 0/1 verdict is the same (where a bootstrap's CI is a
+    point), else None."""
+    x = np.asarray(correct, np.float64).ravel()
+    if x.size and np.all(x == x[0]) and x[0] in (0.0, 1.0):
+        return wilson_interval(int(x.sum()), x.size, confidence)
+    return None
+
+
 def accuracy_ci(correct: Sequence[float], num_resamples: int = 2000, confidence: float = 0.95,
                 seed: int = 0) -> tuple[tuple[float, float], str]:
     """(CI, method) of an accuracy over 0/1 verdicts: the percentile bootstrap over items, or
     the Wilson interval where every verdict is the same (the bootstrap's CI is then a point)."""
     x = np.asarray(correct, np.float64).ravel()
-    if x.size and np.all(x == x[0]) and x[0] in (0.0, 1.0):
-        return wilson_interval(int(x.sum()), x.size, confidence), "Wilson score interval (every item alike)"
+    alike = alike_interval(x, confidence)
+    if alike is not None:
+        return alike, "Wilson score interval (every item alike)"
     return (bootstrap_ci(x, num_resamples, confidence, seed),
             f"percentile bootstrap over items, {num_resamples} resamples, seed {seed}")
 

@@ -36,7 +36,7 @@ from typing import Optional
 import numpy as np
 
 from diffmas_jax.cli import UserError, run_cli
-from diffmas_jax.metrics import wilson_interval
+from diffmas_jax.metrics import alike_interval
 
 LATENT_METHODS = ("latent_mas", "stitch_mas", "diffmas")
 TRAINED = ("diffmas", "single_sft", "text_mas_sft")
@@ -345,9 +345,9 @@ class Cell:
             ci = self.runs[0].summary.get("accuracy_ci95") or [None, None]
             if None not in ci and ci[0] < ci[1]:
                 return tuple(ci)
-        verdicts = np.concatenate([r.vector() for r in self.runs])
-        if verdicts.size and np.all(verdicts == verdicts[0]):  # the bootstrap's CI would be a point
-            return wilson_interval(int(verdicts.sum()), verdicts.size)
+        alike = alike_interval(np.concatenate([r.vector() for r in self.runs]))
+        if alike is not None:  # the bootstrap's CI would be a point
+            return alike
         return tuple(np.quantile(boot_means(self, np.random.default_rng(BOOT_SEED)), [0.025, 0.975]))
 
 

@@ -205,11 +205,12 @@ def upstream_notes(model, mc, train_items, eval_items, workdir: Path, max_new_to
 def export_adapter(workdir: Path, lora: dict, lcfg, c, model, roles) -> None:
     """adapter/ (with the Stage I settings: evaluate warns when it runs them otherwise), peft/
     (per-role adapters: peft/<role>/ each) and, if asked, merged/."""
+    from diffmas_jax.config_utils import STAGE1_FIELDS
     from diffmas_jax.lora import export_merged, export_peft, save_adapter
+    stage1 = {f: c[f] for f in STAGE1_FIELDS}
+    stage1.update(latent_steps=str(c.latent_steps), realign_lambda=float(c.realign_lambda))
     save_adapter(workdir / "adapter", lora, lcfg, extra={
-        "model": c.model, "roles": list(roles), "trace_grad": c.trace_grad, "method": c.method,
-        "latent_steps": str(c.latent_steps), "realign": c.realign, "realign_lambda": float(c.realign_lambda),
-        "communication": c.communication, "visibility": c.visibility, "enable_thinking": c.enable_thinking})
+        "model": c.model, "roles": list(roles), "trace_grad": c.trace_grad, "method": c.method, **stage1})
     # the PEFT adapter names its base model as peft will look it up: a Hub id stays one
     hub_id = c.model and c.model != "embedded" and not Path(c.model).expanduser().exists()
     base = c.model if hub_id else str(model.path)
