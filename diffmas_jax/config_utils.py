@@ -77,6 +77,8 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
         "kind": config_dict.placeholder(str),       # jsonl: 'text' | 'math' for free-form answers
         "timeout_s": config_dict.placeholder(float),  # code tasks: sandbox limits
         "memory_mb": config_dict.placeholder(int),
+        "limit_factor": config_dict.placeholder(float),     # code: a timed-out answer reruns under this x the reference's time
+        "reference_cap_s": config_dict.placeholder(float),  # code: the cap on timing the reference
     })
     c.split = "test"
     c.data_dir = config_dict.placeholder(str)  # None: the Hugging Face Hub

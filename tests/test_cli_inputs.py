@@ -371,6 +371,21 @@ def test_code_task_options_are_checked(options, msg):
     assert get_task("mbppplus", timeout_s=5).timeout_s == 5.0
 
 
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # inside ml_collections
+def test_code_time_limit_options_reach_the_task_from_the_command_line():
+    """--config.task_options.limit_factor / reference_cap_s are fields of the eval config (a locked
+    ConfigDict refuses unknown ones) and arrive at the code task; unset, the task's defaults hold."""
+    from diffmas_jax.tasks import get_task
+    config, _ = ev.parse_flags(["evaluate", "--config", EMBEDDED_CFG, "--workdir", "/tmp/w",
+                                "--config.task=mbppplus", "--config.task_options.limit_factor=3",
+                                "--config.task_options.reference_cap_s=120"])
+    opts = config_utils.resolve(config)["task_options"]
+    assert opts == {"limit_factor": 3.0, "reference_cap_s": 120.0}
+    task = get_task("mbppplus", **opts)
+    assert (task.limit_factor, task.reference_cap_s, task.timeout_s) == (3.0, 120.0, 30.0)
+    assert config_utils.resolve(config_utils.eval_config(task="mbppplus"))["task_options"] == {}
+
+
 def test_code_task_options_refused_before_writing(tmp_path, fake_model):
     wd = tmp_path / "run"
     from diffmas_jax.tasks import TaskError

@@ -38,7 +38,10 @@ TASK_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
 def get_task(name: str, **options) -> Task:
     """A task by name. Options: jsonl takes path= and kind=; code tasks take
-    timeout_s= and memory_mb=; arith takes size= and seed=; comm takes size=, seed=,
+    timeout_s= and memory_mb= (sandbox limits), limit_factor= (default 2: an answer that
+    times out is run again under max(timeout_s, ceil(limit_factor x the reference's
+    runtime) + 1 s)) and reference_cap_s= (the cap on timing the reference, default
+    max(10 x timeout_s, 300)); arith takes size= and seed=; comm takes size=, seed=,
     n_facts= and op=; the others take none."""
     key = str(name).strip().lower().replace("-", "_")
     if key not in _FACTORIES:

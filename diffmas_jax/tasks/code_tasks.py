@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 
 from .base import CODE_INSTRUCTION, Item, Row, Task, TaskError, require
 from .sandbox import run_code
@@ -14,30 +15,104 @@ def _fence(code: str) -> str:
 
 
 class CodeTask(Task):
+    """Runs the answer plus the item's tests in the sandbox (`sandbox.run_code`).
+
+    Time limit: every answer first gets ``timeout_s``. Only when it times out is the item's
+    reference solution timed, once per item id and task instance, through the same harness
+    with a cap of ``reference_cap_s`` (default ``max(10 * timeout_s, 300)``). If the
+    reference passed, the limit becomes ``max(timeout_s, ceil(limit_factor * reference_s)
+    + 1)`` (EvalPlus sets per-item limits from the ground truth's runtime the same way), and
+    when that is longer than ``timeout_s`` the answer is run once more under it and that
+    verdict stands. A reference that fails or times out leaves the "timeout" verdict. The
+    score records ``timeout_s`` (the limit of the final run) and, when the reference was
+    timed, ``reference_s`` and ``reference_status``.
+    """
     kind = "code"
     answer_instruction = CODE_INSTRUCTION
 
-    def __init__(self, timeout_s: float = 30.0, memory_mb: int = 4096):
+    def __init__(self, timeout_s: float = 30.0, memory_mb: int = 4096, limit_factor: float = 2.0,
+                 reference_cap_s: float | None = None):
         # 4 GiB of address space like EvalPlus: some reference solutions need over 2 GiB
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) \
-                or not math.isfinite(timeout_s) or timeout_s <= 0:
-            raise TaskError(f"task option timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
+        _check_seconds("timeout_s", timeout_s)
         if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb <= 0:
             raise TaskError(f"task option memory_mb must be a positive integer (MiB), got {memory_mb!r}")
+        if isinstance(limit_factor, bool) or not isinstance(limit_factor, (int, float)) \
+                or not math.isfinite(limit_factor) or limit_factor < 1:
+            raise TaskError(f"task option limit_factor must be a finite number >= 1 (times the reference "
+                            f"solution's runtime), got {limit_factor!r}")
+        if reference_cap_s is not None:
+            _check_seconds("reference_cap_s", reference_cap_s)
         self.timeout_s, self.memory_mb = float(timeout_s), int(memory_mb)
+        self.limit_factor = float(limit_factor)
+        self.reference_cap_s = float(reference_cap_s) if reference_cap_s is not None \
+            else max(10 * self.timeout_s, 300.0)
+        self._reference: dict[str, tuple[str, float]] = {}  # item id -> (status, seconds)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def __getstate__(self):  # picklable for worker processes; each keeps its own timings
+        state = dict(self.__dict__)
+        del state["_locks"], state["_locks_guard"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._locks, self._locks_guard = {}, threading.Lock()
 
     def program(self, item: Item, code: str) -> str:
         """The solution followed by the item's tests, as one script."""
         raise NotImplementedError
 
+    def reference_time(self, item: Item) -> tuple[str, float]:
+        """(status, seconds) of the item's reference solution run through the same harness,
+        timed once per item id (concurrent callers for one item wait for the first)."""
+        with self._locks_guard:
+            lock = self._locks.setdefault(item.id, threading.Lock())
+        with lock:
+            if item.id in self._reference:
+                return self._reference[item.id]
+            code = _unfence(item.target or "")
+            if not code.strip():
+                timing = ("missing", 0.0)
+            else:
+                res = run_code(self.program(item, code), timeout_s=self.reference_cap_s,
+                               memory_mb=self.memory_mb)
+                timing = (res.status, round(res.duration_s, 3))
+            if timing[0] != "error":  # the sandbox itself failed: try again next time
+                self._reference[item.id] = timing
+            return timing
+
     def score(self, item: Item, text: str) -> dict:
         code = extract_code(text or "", item.meta.get("entry_point"))
         if not code.strip():
             return {"prediction": code, "correct": False, "status": "empty"}
-        res = run_code(self.program(item, code), timeout_s=self.timeout_s,
-                       memory_mb=self.memory_mb)
+        limit = self.timeout_s
+        res = run_code(self.program(item, code), timeout_s=limit, memory_mb=self.memory_mb)
+        extra = {}
+        if res.status == "timeout":
+            ref_status, ref_s = self.reference_time(item)
+            extra = {"reference_s": ref_s, "reference_status": ref_status}
+            if ref_status == "passed":
+                longer = max(limit, math.ceil(self.limit_factor * ref_s) + 1.0)
+                if longer > limit:
+                    limit = longer
+                    res = run_code(self.program(item, code), timeout_s=limit, memory_mb=self.memory_mb)
         return {"prediction": code, "correct": res.status == "passed", "status": res.status,
-                "stderr": res.stderr[-2000:], "duration_s": round(res.duration_s, 3)}
+                "stderr": res.stderr[-2000:], "duration_s": round(res.duration_s, 3),
+                "timeout_s": limit, **extra}
+
+
+def _check_seconds(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise TaskError(f"task option {name} must be a finite number of seconds > 0, got {value!r}")
+
+
+def _unfence(target: str) -> str:
+    """The reference code of `item.target` (a ```python fenced block, see `_fence`)."""
+    m = re.fullmatch(r"\s*```[ \t]*(?:python|py|python3)?[ \t]*\n(.*)\n```\s*", target,
+                     re.DOTALL | re.IGNORECASE)
+    return m.group(1) if m else extract_code(target)
 
 
 # Tests of the released data that score every answer the same; each repair leaves a correct
