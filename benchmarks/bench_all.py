@@ -60,6 +60,12 @@ def _ratio(row):
     return row.get("ratio_jax_over_torch") if row else None
 
 
+def _spread(row) -> dict:
+    """A row's ratio of each side's best run and its per-repeat pairs' ratios (runs from
+    2026-12-08 on, whose sides took turns; none before)."""
+    return {k: row[k] for k in ("ratio_best", "ratio_pairs") if k in (row or {})}
+
+
 def host_of(train, model, pipe) -> dict:
     """The run's CPU (``machine_load.cpu_model``: family and model from 2026-12-07 14:40 on, the
     name alone before) and the f32 matmul peak its train script measured (None where not run):
@@ -87,7 +93,8 @@ def summarise(folder: Path) -> dict:
     if pipe:
         for r in pipe["results"]:
             if r.get("kind") == "forced":
-                add(f"(a) LatentMAS pipeline, {r['measurement']}: tok/s vs HF loop", TARGETS["pipeline"], _ratio(r))
+                add(f"(a) LatentMAS pipeline, {r['measurement']}: tok/s vs HF loop", TARGETS["pipeline"], _ratio(r),
+                    **_spread(r))
         for name, sub in pipe.get("subprocesses", {}).items():
             first = (sub.get("forced") or {}).get("first_call_s")
             if name.startswith("jax") and first is not None and not sub.get("memory_only"):
@@ -96,17 +103,17 @@ def summarise(folder: Path) -> dict:
     if model:
         for r in model["results"]:
             if r["measurement"].startswith("greedy decode tok/s, end to end (B=8"):
-                add(f"(b) {r['measurement']} vs HF generate", TARGETS["generate_b8"], _ratio(r))
+                add(f"(b) {r['measurement']} vs HF generate", TARGETS["generate_b8"], _ratio(r), **_spread(r))
     train = newest(folder, "train")
     if train:
         for r in train["results"]:
-            add(f"(c) {r['measurement']}: tok/s vs transformers + peft", TARGETS["train"], _ratio(r))
+            add(f"(c) {r['measurement']}: tok/s vs transformers + peft", TARGETS["train"], _ratio(r), **_spread(r))
             j = r.get("diffmas_jax") or {}
             run_share = j.get("implementation_share_of_peak")
             # runs before 2026-12-03 16:25 counted 6N FLOPs per trained token (flops.conventional_6n)
             legacy = {} if "conventional_6n_flops" in r else dict(legacy_6n_count=True)
             add(f"(c) {r['measurement']}: share of measured f32 matmul peak", TARGETS["train_peak_share"],
-                j.get("mfu"), unit="",
+                j.get("mfu"), unit="", **({"best": j["mfu_best"]} if "mfu_best" in j else {}),
                 note="; ".join(([] if run_share is None else [f"{100 * run_share:.1f}% counting the FLOPs the step runs"])
                                + (["counted as 6N per trained token"] if legacy else [])), **legacy)
             _first_call_rows(add, r["measurement"], r.get("diffmas_jax") or {})
@@ -156,13 +163,21 @@ def to_markdown(summary: dict, title: str) -> str:
     md = [f"# {title}", "", f"Host: {host.get('cpu_model') or 'CPU not recorded'}; f32 matmul peak "
           f"{'not measured' if peak is None else f'{peak:.1f} GFLOP/s'}"
           + (f" (the faster library's; {', '.join(each)})" if len(each) > 1 else "") + ".", "",
-          "| measurement | target | measured | met |", "|---|---:|---:|---|"]
+          "Measured: the median of each side's repeats (the sides took turns, A B, B A, ...); then the "
+          "figure from each side's best run, and the range of the ratios of the repeats' pairs. 'met' is "
+          "decided on the medians; 'close' marks a ratio whose pairs fall on both sides of its target.", "",
+          "| measurement | target | measured | best vs best | pairs | met |", "|---|---:|---:|---:|---:|---|"]
     for r in summary["rows"]:
         sign = "≥" if r["unit"] in ("x", "") else "≤"
         tgt = f"{sign} {r['target']:.0%}" if r["unit"] == "" else f"{sign} {r['target']}{r['unit']}"
         note = f" ({r['note']})" if r.get("note") else ""
+        best = r.get("ratio_best", r.get("best"))
+        pairs = r.get("ratio_pairs") or []
+        span = "—" if not pairs else f"{min(pairs):.2f}–{max(pairs):.2f}x" if len(pairs) > 1 else f"{pairs[0]:.2f}x"
+        close = len(pairs) > 1 and min(pairs) < r["target"] <= max(pairs)
+        met = "—" if r["met"] is None else ("yes" if r["met"] else "no") + (", close" if close else "")
         md.append(f"| {r['measurement']} | {tgt} | {_fmt(r['value'], r['unit'])}{note} | "
-                  f"{'—' if r['met'] is None else 'yes' if r['met'] else 'no'} |")
+                  f"{'—' if best is None else _fmt(best, r['unit'])} | {span} | {met} |")
     if summary["memory"]:
         md += ["", "(d) peak memory against trace length (each run in a fresh process)", "",
                "| run | trace slots/row | RSS after load MB | peak RSS MB |", "|---|---:|---:|---:|"]

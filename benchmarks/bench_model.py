@@ -70,6 +70,40 @@ def median_time(fn, repeats: int):
     return statistics.median(samples), samples, out
 
 
+def alternating_times(fns, repeats: int):
+    """Time each of ``fns`` ``repeats`` times, the sides taking turns in the order A B, B A,
+    A B, ... so that a machine slowing down or speeding up during the run (this VM drifts by
+    tens of percent over minutes) falls on both sides alike, and each repeat's pair ran
+    next to each other. Returns one (median s, samples, last result) per function."""
+    samples, outs = [[] for _ in fns], [None] * len(fns)
+    for rep in range(repeats):
+        order = range(len(fns)) if rep % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            t0 = time.perf_counter()
+            outs[i] = fns[i]()
+            samples[i].append(time.perf_counter() - t0)
+    return [(statistics.median(s), s, o) for s, o in zip(samples, outs)]
+
+
+def ratio_spread(ours, theirs) -> dict:
+    """The ratio of their time to ours (>1: ours faster) three ways from two sides' samples,
+    repeat i of each side taken next to each other (``alternating_times``): of the medians
+    (the headline), of each side's best, and the range of the per-repeat pairs."""
+    pairs = [t / o for o, t in zip(ours, theirs) if o > 0]
+    return {"ratio_median": statistics.median(theirs) / statistics.median(ours),
+            "ratio_best": min(theirs) / min(ours),
+            "ratio_pairs": pairs}
+
+
+def spread_cells(row) -> str:
+    """'best vs best | pairs' Markdown cells for a row with ``ratio_spread``'s keys ('n/a' without)."""
+    if "ratio_best" not in row:
+        return "n/a | n/a"
+    pairs = row["ratio_pairs"]
+    span = f"{fmt(min(pairs))}–{fmt(max(pairs))}x" if len(pairs) > 1 else f"{fmt(pairs[0])}x"
+    return f"{fmt(row['ratio_best'])}x | {span}"
+
+
 def timed_first(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -324,20 +358,22 @@ def main(argv=None):
             prompts = make_prompts(m.tokenizer, b, t_pre)
             ntok = b * t_pre
             name = f"prefill tok/s (B={b}, T={t_pre})"
-            log(f"{tag} {name}: diffmas_jax")
+            log(f"{tag} {name}: diffmas_jax first call")
             fn = jx.prefill_fn(prompts)
             first, jl = timed_first(fn)
-            med, samples, jl = median_time(fn, reps)
-            j = {"median_s": med, "samples_s": samples, "first_call_s": first, "tok_s": ntok / med}
             tres = None
             if th:
-                log(f"{tag} {name}: transformers")
+                log(f"{tag} {name}: transformers first call")
                 tfn = th.prefill_fn(prompts)
                 tfirst, tl = timed_first(tfn)
-                tmed, tsamples, tl = median_time(tfn, reps)
+                log(f"{tag} {name}: {reps} repeat(s), the sides taking turns")
+                (med, samples, jl), (tmed, tsamples, tl) = alternating_times([fn, tfn], reps)
                 tres = {"median_s": tmed, "samples_s": tsamples, "first_call_s": tfirst, "tok_s": ntok / tmed}
                 diff = float(np.max(np.abs(np.asarray(jl[:, -1], np.float32) - tl[:, -1].float().numpy())))
                 checks[f"prefill_B{b}_last_logits_max_abs_diff"] = diff
+            else:
+                ((med, samples, jl),) = alternating_times([fn], reps)
+            j = {"median_s": med, "samples_s": samples, "first_call_s": first, "tok_s": ntok / med}
             rows.append({"measurement": name, "tokens": ntok, "diffmas_jax": j, "transformers": tres})
             compile_rows.append((f"prefill B={b}, T={t_pre}", j, tres))
             log(f"{tag} {name}: jax {j['tok_s']:.1f} tok/s (first call {first:.2f}s)"
@@ -346,34 +382,37 @@ def main(argv=None):
             prompts = make_prompts(m.tokenizer, b, t_dec)
             ntok = b * n_new
             name = f"greedy decode tok/s, end to end (B={b}, prompt {t_dec}, {n_new} new)"
-            log(f"{tag} {name}: diffmas_jax")
+            log(f"{tag} {name}: diffmas_jax first call")
             fn = jx.generate_fn(prompts, n_new)
             first, st = timed_first(fn)
-            med, samples, st = median_time(fn, reps)
-            count, jtoks = jx.new_tokens(st)
-            assert count == ntok, f"diffmas_jax decoded {count} tokens, expected {ntok}"
-            j = {"median_s": med, "samples_s": samples, "first_call_s": first, "tok_s": ntok / med}
             # decode-only: the loop alone, prompt already prefilled (compiled above)
             dfn = jx.decode_only_fn(prompts, n_new)
-            dmed, dsamples, _ = median_time(dfn, reps)
-            jd = {"median_s": dmed, "samples_s": dsamples, "tok_s": ntok / dmed,
-                  "ms_per_step": 1000 * dmed / n_new}
             tres = td = None
             if th:
-                log(f"{tag} {name}: transformers")
+                log(f"{tag} {name}: transformers first call")
                 tfn = th.generate_fn(prompts, n_new)
                 tfirst, out = timed_first(tfn)
-                tmed, tsamples, out = median_time(tfn, reps)
-                gen = out[:, t_dec:].numpy()
-                assert gen.shape == (b, n_new), f"transformers decoded {gen.shape}, expected {(b, n_new)}"
-                tres = {"median_s": tmed, "samples_s": tsamples, "first_call_s": tfirst, "tok_s": ntok / tmed}
                 # decode-only estimate: generate(N) minus generate(1) (= prefill + first token)
                 t1fn = th.generate_fn(prompts, 1)
                 t1fn()
-                t1, t1s, _ = median_time(t1fn, reps)
+                log(f"{tag} {name}: {reps} repeat(s), the sides taking turns")
+                (med, samples, st), (tmed, tsamples, out) = alternating_times([fn, tfn], reps)
+                (dmed, dsamples, _), (t1, t1s, _) = alternating_times([dfn, t1fn], reps)
+                gen = out[:, t_dec:].numpy()
+                assert gen.shape == (b, n_new), f"transformers decoded {gen.shape}, expected {(b, n_new)}"
+                tres = {"median_s": tmed, "samples_s": tsamples, "first_call_s": tfirst, "tok_s": ntok / tmed}
                 dt_ = max(tmed - t1, 1e-9)
                 td = {"median_s": dt_, "generate_1_token_s": t1, "tok_s": b * (n_new - 1) / dt_,
                       "ms_per_step": 1000 * dt_ / (n_new - 1) if n_new > 1 else None}
+            else:
+                ((med, samples, st),) = alternating_times([fn], reps)
+                ((dmed, dsamples, _),) = alternating_times([dfn], reps)
+            count, jtoks = jx.new_tokens(st)
+            assert count == ntok, f"diffmas_jax decoded {count} tokens, expected {ntok}"
+            j = {"median_s": med, "samples_s": samples, "first_call_s": first, "tok_s": ntok / med}
+            jd = {"median_s": dmed, "samples_s": dsamples, "tok_s": ntok / dmed,
+                  "ms_per_step": 1000 * dmed / n_new}
+            if th:
                 same = jtoks == gen
                 first_div = [int(np.argmin(r)) if not r.all() else n_new for r in same]
                 checks[f"decode_B{b}_token_agreement"] = float(same.mean())
@@ -389,21 +428,25 @@ def main(argv=None):
     for r in rows:
         r["ratio_jax_over_torch"] = ratio((r["diffmas_jax"] or {}).get("tok_s"),
                                           (r["transformers"] or {}).get("tok_s"))
+        if r["transformers"] and "samples_s" in r["transformers"]:  # not the generate(N) - generate(1) estimate
+            r.update(ratio_spread(r["diffmas_jax"]["samples_s"], r["transformers"]["samples_s"]))
     info["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     info["total_wall_s"] = time.perf_counter() - t_start
 
     # ---------------------------------------------------------------- report
     md = report_header(f"Model throughput: diffmas_jax vs transformers ({args.dtype}{', quick' if q else ''})",
                        info, threads)
-    md += [f"Model: `{Path(m.path).name}`. Medians of {reps} run(s) after a warm-up call. "
-          "Ratio = diffmas_jax / transformers throughput (>1: diffmas_jax faster).", "",
-          "| measurement | diffmas_jax | transformers (PyTorch) | ratio |",
-          "|---|---:|---:|---:|"]
+    md += [f"Model: `{Path(m.path).name}`. Medians of {reps} run(s) after a warm-up call, the two sides "
+          "taking turns (A B, B A, ...). Ratio = diffmas_jax / transformers throughput (>1: diffmas_jax "
+          "faster), of the medians; then of each side's best run, and the range over the repeats' pairs.", "",
+          "| measurement | diffmas_jax | transformers (PyTorch) | ratio | best vs best | pairs |",
+          "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         jv = (r["diffmas_jax"] or {}).get("tok_s")
         tv = (r["transformers"] or {}).get("tok_s")
         rt = r["ratio_jax_over_torch"]
-        md.append(f"| {r['measurement']} | {fmt(jv)} | {fmt(tv)} | {fmt(rt) + 'x' if rt else 'n/a'} |")
+        md.append(f"| {r['measurement']} | {fmt(jv)} | {fmt(tv)} | {fmt(rt) + 'x' if rt else 'n/a'} | "
+                  f"{spread_cells(r)} |")
     md += ["", "First call (includes diffmas_jax's jit compile) vs steady-state median, seconds:", "",
            "| call | diffmas_jax first | diffmas_jax median | diffmas_jax compile overhead "
            "| transformers first | transformers median |",

@@ -25,7 +25,10 @@ the prompts are diffmas_jax's agent prompts on both sides.
 
 Every configuration (side x batch) runs in a fresh subprocess, so its peak RSS
 (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) is its own; RSS after loading the
-model is reported too. The first call (diffmas_jax: jit compile) is reported
+model is reported too. The two sides' processes of a configuration are both loaded and
+warmed up, one after the other, and then take turns over the timed repeats (jax, torch,
+torch, jax, ...; one runs while the other waits), so drift in the machine's speed falls
+on both sides alike. The first call (diffmas_jax: jit compile) is reported
 separately from the steady-state median.
 
     python benchmarks/bench_pipeline.py            # full run (several minutes on 2 cores)
@@ -51,7 +54,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_model import fmt, log, median_time, ratio, report_header, timed_first, timed_first_split  # noqa: E402
+from bench_model import (fmt, log, median_time, ratio, ratio_spread, report_header, spread_cells, timed_first,  # noqa: E402
+                         timed_first_split)
 from machine_load import busy_cores, cpu_model  # noqa: E402
 
 ROLES = ("planner", "critic", "refiner", "solver")
@@ -71,7 +75,7 @@ def parse_args(argv=None):
     ap.add_argument("--memory-new-tokens", default=None,
                     help="extra solver lengths run once each for (d), peak memory against trace length: not "
                          "timing rows (default 512; quick 16; '' for none)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats of the forced pipeline (default 2; quick 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats of the forced pipeline (default 3; quick 1)")
     ap.add_argument("--eos-repeats", type=int, default=None,
                     help="timed repeats of the EOS-stopping pipeline (default 1; 0 skips it)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
@@ -84,19 +88,37 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def timed_with_phases(fn, repeats: int):
-    """Like median_time, for ``fn(phases)`` that fills a dict of per-phase seconds (syncing between
-    phases); returns (median s, samples, last result, per-phase medians)."""
-    samples, per_phase, out = [], {}, None
-    for _ in range(repeats):
-        ph = {}
-        t0 = time.perf_counter()
-        out = fn(ph)
-        samples.append(time.perf_counter() - t0)
-        for k, v in ph.items():
-            per_phase.setdefault(k, []).append(v)
-    return (statistics.median(samples), samples, out,
-            {k: statistics.median(v) for k, v in per_phase.items()})
+class Turns:
+    """A child's end of the turn-taking: after its first call it reports ``ready``, then runs one
+    timed repeat for each ``rep`` line the parent sends and answers with its seconds, until
+    ``end``. The parent gives the two sides turns (``ChildRun``), so a machine that drifts
+    over the minutes of a run (this VM does, by tens of percent) falls on both sides alike."""
+
+    def __init__(self, spec):
+        self._cmd = os.fdopen(spec["cmd_fd"], "r")
+        self._reply = os.fdopen(spec["reply_fd"], "w")
+
+    def _send(self, **msg):
+        self._reply.write(json.dumps(msg) + "\n")
+        self._reply.flush()
+
+    def serve(self, fn):
+        """Repeats of ``fn(phases)`` (it fills a dict of per-phase seconds, syncing between
+        phases) on the parent's word; returns (median s, samples, last result, per-phase medians)."""
+        self._send(event="ready")
+        samples, per_phase, out = [], {}, None
+        for line in self._cmd:
+            if line.strip() == "end":
+                break
+            ph = {}
+            t0 = time.perf_counter()
+            out = fn(ph)
+            samples.append(time.perf_counter() - t0)
+            for k, v in ph.items():
+                per_phase.setdefault(k, []).append(v)
+            self._send(event="rep", s=samples[-1])
+        return (statistics.median(samples), samples, out,
+                {k: statistics.median(v) for k, v in per_phase.items()})
 
 
 def build_messages(questions, instruction):
@@ -179,8 +201,8 @@ def child_jax(spec):
     first, out, split = timed_first_split(forced)
     res["rss_after_first_mb"] = rss_mb()
     log(f"  jax B={b} N={n_new}: first call {first:.1f}s (compile {split['compile_s']:.1f}s); "
-        f"timing {spec['repeats']} repeat(s)")
-    med, samples, out, phases = timed_with_phases(forced, spec["repeats"])
+        f"{spec['repeats']} timed repeat(s), taking turns with the other side")
+    med, samples, out, phases = Turns(spec).serve(forced)
     res["forced"] = {"first_call_s": first, "first_call_split": split, "median_s": med, "samples_s": samples, "generated": out["generated"],
                      "phases_s": phases, "tokens": out["tokens"]}
     res["slots_per_row"], res["prompt_slots"] = out["slots_per_row"], out["prompt_slots"]
@@ -307,8 +329,9 @@ def child_torch(spec):
     log(f"  torch B={b} N={n_new}: first call")
     first, out = timed_first(run)
     res["rss_after_first_mb"] = rss_mb()
-    log(f"  torch B={b} N={n_new}: first call {first:.1f}s; timing {spec['repeats']} repeat(s)")
-    med, samples, out, phases = timed_with_phases(lambda phases: run(phases=phases), spec["repeats"])
+    log(f"  torch B={b} N={n_new}: first call {first:.1f}s; {spec['repeats']} timed repeat(s), "
+        "taking turns with the other side")
+    med, samples, out, phases = Turns(spec).serve(lambda phases: run(phases=phases))
     res["forced"] = {"first_call_s": first, "median_s": med, "samples_s": samples, "generated": out["generated"],
                      "phases_s": phases, "tokens": out["tokens"]}
     res["rss_after_forced_mb"] = rss_mb()
@@ -323,20 +346,83 @@ def child_torch(spec):
     return res
 
 
-def run_child(spec, tag):
-    """Run one configuration in a fresh interpreter; return its result dict."""
-    with tempfile.TemporaryDirectory() as td:
-        sp, rp = Path(td) / "spec.json", Path(td) / "result.json"
-        sp.write_text(json.dumps(dict(spec, result=str(rp))))
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(sp)],
-                              stdout=None, stderr=subprocess.PIPE, text=True)
-        if proc.returncode != 0 or not rp.exists():
-            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-            raise RuntimeError(f"{tag} failed (exit {proc.returncode}):\n{tail}")
-        res = json.loads(rp.read_text())
-        res["subprocess_wall_s"] = time.perf_counter() - t0
+class ChildRun:
+    """One configuration in a fresh interpreter (its peak RSS is its own), driven through two
+    pipes: ``ready`` once loaded and warmed up, one timed repeat per ``rep()``, and its result
+    dict from ``finish()`` (after its EOS rows, which it runs alone)."""
+
+    def __init__(self, spec, tag):
+        self.tag, self._td = tag, tempfile.TemporaryDirectory()
+        td = Path(self._td.name)
+        self._result, self._err = td / "result.json", td / "stderr.txt"
+        cmd_r, cmd_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        sp = td / "spec.json"
+        sp.write_text(json.dumps(dict(spec, result=str(self._result), cmd_fd=cmd_r, reply_fd=reply_w)))
+        self._t0 = time.perf_counter()
+        with open(self._err, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", str(sp)],
+                                         stdout=None, stderr=err, pass_fds=(cmd_r, reply_w))
+        os.close(cmd_r)
+        os.close(reply_w)
+        self._cmd, self._reply = os.fdopen(cmd_w, "w"), os.fdopen(reply_r, "r")
+
+    def _failed(self) -> RuntimeError:
+        self.proc.wait()
+        tail = "\n".join(self._err.read_text().strip().splitlines()[-15:])
+        return RuntimeError(f"{self.tag} failed (exit {self.proc.returncode}):\n{tail}")
+
+    def expect(self, event: str) -> dict:
+        line = self._reply.readline()
+        if not line:
+            raise self._failed()
+        msg = json.loads(line)
+        assert msg["event"] == event, f"{self.tag}: expected {event!r}, got {msg}"
+        return msg
+
+    def rep(self) -> float:
+        self._cmd.write("rep\n")
+        self._cmd.flush()
+        return self.expect("rep")["s"]
+
+    def finish(self) -> dict:
+        self._cmd.write("end\n")
+        self._cmd.close()
+        if self.proc.wait() != 0 or not self._result.exists():
+            raise self._failed()
+        res = json.loads(self._result.read_text())
+        res["subprocess_wall_s"] = time.perf_counter() - self._t0
+        self.close()
         return res
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for f in (self._cmd, self._reply):
+            if not f.closed:
+                f.close()
+        self._td.cleanup()
+
+
+def run_config(specs: dict, repeats: int, tag: str) -> tuple[dict, list]:
+    """Start each side's child in turn (each loads and compiles alone), then give the sides
+    turns for ``repeats`` timed repeats, A B, B A, ...; returns ({side: result}, the turn order)."""
+    children, turns = {}, []
+    try:
+        for side, spec in specs.items():
+            log(f"{tag} {side}: fresh subprocess")
+            children[side] = ChildRun(spec, f"{tag} {side}")
+            children[side].expect("ready")
+        sides = list(children)
+        for rep in range(repeats):
+            for side in (sides if rep % 2 == 0 else sides[::-1]):
+                children[side].rep()
+                turns.append(side)
+        return {side: c.finish() for side, c in children.items()}, turns
+    finally:
+        for c in children.values():
+            c.close()
 
 
 # --------------------------------------------------------------------------- main
@@ -360,7 +446,7 @@ def main(argv=None):
     mem_arg = args.memory_new_tokens if args.memory_new_tokens is not None else ("16" if q else "512")
     memory_tokens = [n for n in (int(x) for x in mem_arg.split(",") if x.strip()) if n not in new_tokens]
     m_steps = args.latent_steps if args.latent_steps is not None else (2 if q else 10)
-    reps = args.repeats or (1 if q else 2)
+    reps = args.repeats or (1 if q else 3)
     eos_reps = args.eos_repeats if args.eos_repeats is not None else 1
     threads = args.threads or os.cpu_count() or 1
     t_start = time.perf_counter()
@@ -389,29 +475,28 @@ def main(argv=None):
     if len(vers) == 4:
         info.update(jax=vers[0], jax_backend=vers[1], torch=vers[2], transformers=vers[3])
 
-    plan = []
-    for n in new_tokens + memory_tokens:
-        for b in batches:
-            plan += [("jax", b, n)] + ([] if args.skip_torch else [("torch", b, n)])
-    results = {}
-    for i, (side, b, n) in enumerate(plan, 1):
+    plan = [(b, n) for n in new_tokens + memory_tokens for b in batches]
+    sides = ("jax",) if args.skip_torch else ("jax", "torch")
+    results, turn_order = {}, {}
+    for i, (b, n) in enumerate(plan, 1):
         memory_only = n in memory_tokens  # one timed run: its peak RSS is the point; no timing row
-        tag = f"[{i}/{len(plan)}] {'diffmas_jax' if side == 'jax' else 'transformers'} B={b} N={n}"
-        log(f"{tag}: fresh subprocess")
+        tag = f"[{i}/{len(plan)}] B={b} N={n}"
         qs = [it.question for it in items[:b]]
-        spec = {"side": side, "model": str(model_dir), "questions": qs, "instruction": instruction,
+        spec = {"model": str(model_dir), "questions": qs, "instruction": instruction,
                 "messages": build_messages(qs, instruction), "latent_steps": m_steps, "new_tokens": n,
                 "repeats": 1 if memory_only else reps, "eos_repeats": eos_reps if n == new_tokens[0] else 0,
                 "threads": threads,
                 "eos_ids": hf_cfg.get("eos_token_id") if isinstance(hf_cfg.get("eos_token_id"), list)
                 else [hf_cfg.get("eos_token_id")]}
-        r = run_child(spec, tag)
-        r["memory_only"] = memory_only
-        results[(side, b, n)] = r
-        f = r["forced"]
-        log(f"{tag}: {f['median_s']:.2f}s median ({f['generated']} tokens; first call {f['first_call_s']:.1f}s), "
-            f"peak RSS {r['rss_peak_mb']:.0f} MB" + (f"; EOS-stop {r['eos']['median_s']:.2f}s for "
-                                                      f"{r['eos']['generated']} tokens" if "eos" in r else ""))
+        done, turns = run_config({side: dict(spec, side=side) for side in sides}, spec["repeats"], tag)
+        turn_order[f"B{b}_N{n}"] = turns
+        for side, r in done.items():
+            r["memory_only"] = memory_only
+            results[(side, b, n)] = r
+            f = r["forced"]
+            log(f"{tag} {side}: {f['median_s']:.2f}s median ({f['generated']} tokens; first call "
+                f"{f['first_call_s']:.1f}s), peak RSS {r['rss_peak_mb']:.0f} MB"
+                + (f"; EOS-stop {r['eos']['median_s']:.2f}s for {r['eos']['generated']} tokens" if "eos" in r else ""))
 
     # ---------------------------------------------------------------- rows
     rows, checks = [], {}
@@ -432,6 +517,8 @@ def main(argv=None):
                         row[side]["tok_s"] = row[side]["generated"] / row[side]["median_s"]
                 row["ratio_jax_over_torch"] = ratio(row["diffmas_jax"]["tok_s"],
                                                     (row["transformers"] or {}).get("tok_s"))
+                if tr and kind == "forced":  # the same tokens on both sides: their times' ratio is tok/s's
+                    row.update(ratio_spread(jr["samples_s"], tr["samples_s"]))
                 rows.append(row)
             if t:
                 import numpy as np
@@ -448,21 +535,23 @@ def main(argv=None):
                        f"(float32{', quick' if q else ''})", info, threads)
     md += [f"Model: `{Path(model_dir).name}`. Agents {', '.join(ROLES)}; m={m_steps} latent steps per upstream "
            f"agent; `arith` test questions; greedy. Latency = wall time from questions to token ids "
-           f"(tokenization included), median of {reps} run(s) after a first call (EOS rows: {eos_reps} run(s), "
+           f"(tokenization included), median of {reps} run(s) after a first call, the two sides' "
+           "processes taking turns (A B, B A, ...; both loaded, one running at a time) (EOS rows: {eos_reps} run(s), "
            "after a first call on the diffmas_jax side only, where the EOS decode loop compiles anew). "
            "tok/s = generated solver tokens / latency. Ratio = diffmas_jax / transformers tok/s "
-           "(>1: diffmas_jax faster). Forced rows decode exactly N tokens per row on both sides; EOS rows stop "
+           "(>1: diffmas_jax faster), of the medians; then of each side's best run and the range over the "
+           "repeats' pairs. Forced rows decode exactly N tokens per row on both sides; EOS rows stop "
            "each row at EOS (diffmas_jax: `run_batch` as is; transformers: the loop stops when every row hit EOS) "
            "and are normalised per generated token.", "",
            "| measurement | diffmas_jax s | diffmas_jax tokens | diffmas_jax tok/s | transformers s "
-           "| transformers tokens | transformers tok/s | ratio |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "| transformers tokens | transformers tok/s | ratio | best vs best | pairs |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         j, t = r["diffmas_jax"], r["transformers"]
         rt = r["ratio_jax_over_torch"]
         md.append(f"| {r['measurement']} | {fmt(j['median_s'])} | {j['generated']} | {fmt(j['tok_s'])} | "
                   f"{fmt(t['median_s']) if t else 'n/a'} | {t['generated'] if t else 'n/a'} | "
-                  f"{fmt(t['tok_s']) if t else 'n/a'} | {fmt(rt) + 'x' if rt else 'n/a'} |")
+                  f"{fmt(t['tok_s']) if t else 'n/a'} | {fmt(rt) + 'x' if rt else 'n/a'} | {spread_cells(r)} |")
     md += ["", "First call (diffmas_jax: includes jit compiles of 3 agent stages, solver prefill and the decode "
            "loop) vs steady-state median, seconds:", "",
            "| configuration | diffmas_jax first | diffmas_jax median | diffmas_jax compile overhead "
@@ -515,7 +604,8 @@ def main(argv=None):
     base = out_dir / f"pipeline_{stamp}{'_quick' if q else ''}"
     settings = {"batches": batches, "new_tokens": new_tokens, "memory_new_tokens": memory_tokens,
                 "latent_steps": m_steps, "roles": list(ROLES),
-                "repeats": reps, "eos_repeats": eos_reps, "realign": "ridge", "task": "arith/test"}
+                "repeats": reps, "eos_repeats": eos_reps, "realign": "ridge", "task": "arith/test",
+                "turn_order": turn_order}
     raw = {f"{s}_B{b}_N{n}": {k: v for k, v in r.items()} for (s, b, n), r in results.items()}
     base.with_suffix(".json").write_text(json.dumps(
         {"machine": info, "settings": settings, "results": rows, "checks": checks, "subprocesses": raw},

@@ -38,7 +38,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_model import (fmt, log, machine_info, median_time, ratio, report_header, timed_first,
+from bench_model import (alternating_times, fmt, log, machine_info, median_time, ratio, ratio_spread,
+                         report_header, spread_cells, timed_first,
                          timed_first_split)  # noqa: E402
 from flops import FORMULA, IMPLEMENTATION, conventional_6n, dot_flops, linear_params, step_flops  # noqa: E402
 
@@ -311,24 +312,27 @@ def main(argv=None):
         log(f"{tag} {name}: diffmas_jax (first call compiles)")
         fn, jst, sc = jx.step_fn(up, sol, n_tgt, m_steps, mode)
         first, _, split = timed_first_split(fn)
-        log(f"{tag} {name}: diffmas_jax first call {first:.1f}s (compile {split['compile_s']:.1f}s); "
-            f"timing {reps} step(s)")
-        med, samples, _ = median_time(fn, reps)
+        log(f"{tag} {name}: diffmas_jax first call {first:.1f}s (compile {split['compile_s']:.1f}s)")
+        tres = None
+        if th:
+            log(f"{tag} {name}: transformers+peft (warm-up step)")
+            tfn, tst = th.step_fn(up, sol, n_tgt, m_steps, mode)
+            tfirst, _ = timed_first(tfn)
+            log(f"{tag} {name}: transformers first call {tfirst:.1f}s; timing {reps} step(s) each, "
+                "the sides taking turns")
+            (med, samples, _), (tmed, tsamples, _) = alternating_times([fn, tfn], reps)
+        else:
+            ((med, samples, _),) = alternating_times([fn], reps)
         # after the timed first call: tracing the step here fills JAX's trace cache, which would
         # hide the trace time from (e)
         fl["implementation_flops"] = jst["dot_flops"]()
         j = {"median_s": med, "samples_s": samples, "first_call_s": first, "first_call_split": split,
              "compile_overhead_s": first - med,
              "tok_s": ntok / med, "flop_s": fl["flops"] / med, "mfu": fl["flops"] / med / peak,
+             "mfu_best": fl["flops"] / min(samples) / peak,
              "implementation_share_of_peak": fl["implementation_flops"] / med / peak,
              "losses": jst["losses"]}
-        tres = None
         if th:
-            log(f"{tag} {name}: transformers+peft (warm-up step)")
-            tfn, tst = th.step_fn(up, sol, n_tgt, m_steps, mode)
-            tfirst, _ = timed_first(tfn)
-            log(f"{tag} {name}: transformers first call {tfirst:.1f}s; timing {reps} step(s)")
-            tmed, tsamples, _ = median_time(tfn, reps)
             tres = {"median_s": tmed, "samples_s": tsamples, "first_call_s": tfirst, "tok_s": ntok / tmed,
                     "flop_s": fl["flops"] / tmed, "mfu": fl["flops"] / tmed / peak, "losses": tst["losses"]}
             # LoRA B starts at zero on both sides, so the first step's loss is the base model's.
@@ -341,6 +345,8 @@ def main(argv=None):
     for r in rows:
         r["ratio_jax_over_torch"] = ratio((r["diffmas_jax"] or {}).get("tok_s"),
                                           (r["transformers"] or {}).get("tok_s"))
+        if r["transformers"]:
+            r.update(ratio_spread(r["diffmas_jax"]["samples_s"], r["transformers"]["samples_s"]))
     info["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     info["total_wall_s"] = time.perf_counter() - t_start
     info["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -351,7 +357,7 @@ def main(argv=None):
     md += [f"Model: `{Path(mdl.path).name}`. K={k} upstream agents x ({t_up}-token prompt + m={m_steps} latent "
           f"steps), solver {t_sol} tokens of which {n_tgt} target; LoRA r={args.rank}, alpha={2 * args.rank}, "
           f"q,k,v,o,gate,up,down; AdamW + clip 1.0. Tokens/step = B x (K x (prompt + m) + solver). "
-          f"Medians of {reps} step(s) after a warm-up step. Ratio = diffmas_jax / transformers throughput "
+          f"Medians of {reps} step(s) after a warm-up step, the two sides taking turns (A B, B A, ...). Ratio = diffmas_jax / transformers throughput "
           f"(>1: diffmas_jax faster). Matmul peak: {peak / 1e9:.1f} GFLOP/s, the fastest of a jitted "
           f"{info['matmul_peak']['n']}x{info['matmul_peak']['n']} f32 jnp.dot ("
           + ", ".join(f"{'XLA' if e == 'xla' else 'YNNPACK'} dots {v['flop_s'] / 1e9:.1f}"
@@ -359,15 +365,15 @@ def main(argv=None):
           + (f" and torch.mm of the same size ({info['torch_matmul_peak']['flop_s'] / 1e9:.1f} GFLOP/s)"
              if "torch_matmul_peak" in info else "") + "; both '% of peak' columns use it.", "",
           "| measurement | tokens/step | diffmas_jax s/step | diffmas_jax tok/s | transformers s/step "
-          "| transformers tok/s | ratio | GFLOP/step | diffmas_jax % of peak | transformers % of peak "
+          "| transformers tok/s | ratio | best vs best | pairs | GFLOP/step | diffmas_jax % of peak | transformers % of peak "
           "| diffmas_jax GFLOP run/step | diffmas_jax % of peak, FLOPs run |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         j, t = r["diffmas_jax"], r["transformers"]
         rt = r["ratio_jax_over_torch"]
         md.append(f"| {r['measurement']} | {r['tokens']} | {fmt(j['median_s'])} | {fmt(j['tok_s'])} | "
                   f"{fmt(t['median_s']) if t else 'n/a'} | {fmt(t['tok_s']) if t else 'n/a'} | "
-                  f"{fmt(rt) + 'x' if rt else 'n/a'} | {fmt(r['flops'] / 1e9)} | {fmt(100 * j['mfu'])}% | "
+                  f"{fmt(rt) + 'x' if rt else 'n/a'} | {spread_cells(r)} | {fmt(r['flops'] / 1e9)} | {fmt(100 * j['mfu'])}% | "
                   f"{fmt(100 * t['mfu']) + '%' if t else 'n/a'} | {fmt(r['implementation_flops'] / 1e9)} | "
                   f"{fmt(100 * j['implementation_share_of_peak'])}% |")
     md += ["", "First call (diffmas_jax: trace + lower + XLA compile + the first run of the step) vs steady-state "

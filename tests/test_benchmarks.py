@@ -72,11 +72,18 @@ def test_pipeline_memory_sweep_and_summary_plots(tmp_path, embedded):
     out = tmp_path / "all"
     cmd = [sys.executable, str(REPO / "benchmarks/bench_pipeline.py"), "--model", str(model), "--out", str(out),
            "--batches", "2", "--new-tokens", "4", "--memory-new-tokens", "12", "--latent-steps", "1",
-           "--repeats", "1", "--eos-repeats", "0", "--threads", "1"]
+           "--repeats", "2", "--eos-repeats", "0", "--threads", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(next(out.glob("pipeline_*.json")).read_text())
     assert [(row["batch"], row["new_tokens"]) for row in report["results"]] == [(2, 4)]
+    # both sides' processes alive, taking turns over the timed repeats; the memory-only run once each
+    assert report["settings"]["turn_order"] == {"B2_N4": ["jax", "torch", "torch", "jax"], "B2_N12": ["jax", "torch"]}
+    (row,) = report["results"]
+    j_s, t_s = row["diffmas_jax"]["samples_s"], row["transformers"]["samples_s"]
+    assert len(j_s) == len(t_s) == 2 and row["ratio_pairs"] == [t / j for j, t in zip(j_s, t_s)]
+    assert row["ratio_best"] == min(t_s) / min(j_s)
+    assert abs(row["ratio_jax_over_torch"] - (t_s[0] + t_s[1]) / (j_s[0] + j_s[1])) < 1e-9  # median of two
     runs = report["subprocesses"]
     assert sorted(runs) == sorted(f"{s}_B{b}_N{n}" for s in ("jax", "torch") for b in (2,) for n in (4, 12))
     assert runs["jax_B2_N12"]["memory_only"] and not runs["jax_B2_N4"]["memory_only"]
@@ -97,6 +104,8 @@ def test_pipeline_memory_sweep_and_summary_plots(tmp_path, embedded):
     summary = json.loads((out / "summary.json").read_text())
     measured = [row["measurement"] for row in summary["rows"]]
     assert len([m for m in measured if m.startswith("(a)")]) == 1
+    (a_row,) = [r for r in summary["rows"] if r["measurement"].startswith("(a)")]
+    assert a_row["ratio_best"] == row["ratio_best"] and a_row["ratio_pairs"] == row["ratio_pairs"]
     e_rows = {r["measurement"]: r["value"] for r in summary["rows"] if r["measurement"].startswith("(e)")}
     compile_row = "(e) pipeline, jax_B2_N4: first-call compile (trace + lower + XLA compile)"
     whole_row = "(e) pipeline, jax_B2_N4: whole first call (compile + first run)"
@@ -261,3 +270,50 @@ def test_summary_host_peak_is_the_one_the_shares_use():
     older = {"machine": {"cpu_model": "AMD EPYC", "matmul_peak": {"flop_s": 200e9}}}
     assert host_of(older, None, None)["matmul_peak_gflop_s"] == 200.0
     assert "f32 matmul peak 200.0 GFLOP/s." in to_markdown(dict(empty, host=host_of(older, None, None)), "t")
+
+
+def test_alternating_times_take_turns_and_the_ratios_come_from_the_pairs():
+    """The two sides of a measurement take turns (A B, B A, A B): a machine that slows down during
+    the run slows both alike, so the ratio of the medians stays the true one, where timing all of
+    A's repeats before B's would read the drift as a speed-up."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_model
+    calls, clock = [], [0.0]
+    slow = {"a": 1.0, "b": 2.0}  # b takes twice a's time; the machine slows by 50% per call
+
+    def side(name):
+        def fn():
+            calls.append(name)
+            clock[0] += slow[name] * 1.5 ** (len(calls) - 1)
+            return name
+        return fn
+
+    real = bench_model.time.perf_counter
+    bench_model.time.perf_counter = lambda: clock[0]
+    try:
+        (a_med, a_s, a_out), (b_med, b_s, b_out) = bench_model.alternating_times([side("a"), side("b")], 3)
+    finally:
+        bench_model.time.perf_counter = real
+    assert calls == ["a", "b", "b", "a", "a", "b"] and (a_out, b_out) == ("a", "b")
+    spread = bench_model.ratio_spread(a_s, b_s)
+    assert spread["ratio_pairs"] == [b / a for a, b in zip(a_s, b_s)]
+    assert spread["ratio_best"] == min(b_s) / min(a_s) and spread["ratio_median"] == b_med / a_med
+    assert 1.3 < spread["ratio_median"] < 3.0  # one side after the other: b would read 2 * 1.5**3 = 6.75x
+    assert bench_model.spread_cells({"ratio_best": 2.0, "ratio_pairs": [1.5, 3.0]}) == "2.00x | 1.50–3.00x"
+    assert bench_model.spread_cells({}) == "n/a | n/a"
+
+
+def test_summary_marks_a_target_whose_pairs_straddle_it(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_all
+    rows = [dict(measurement="(c) x", target=1.3, value=1.35, unit="x", met=True, note="", ratio_best=1.28,
+                 ratio_pairs=[1.25, 1.4]),
+            dict(measurement="(c) y", target=1.3, value=1.5, unit="x", met=True, note="", ratio_best=1.5,
+                 ratio_pairs=[1.45, 1.55]),
+            dict(measurement="(c) share", target=0.5, value=0.45, unit="", met=False, note="", best=0.48),
+            dict(measurement="(a) old run", target=3.0, value=2.0, unit="x", met=False, note="")]
+    md = bench_all.to_markdown(dict(rows=rows, memory=[], kernels=None, load_avg_start={}), "t")
+    assert "| (c) x | ≥ 1.3x | 1.35x | 1.28x | 1.25–1.40x | yes, close |" in md
+    assert "| (c) y | ≥ 1.3x | 1.50x | 1.50x | 1.45–1.55x | yes |" in md
+    assert "| (c) share | ≥ 50% | 45% | 48% | — | no |" in md
+    assert "| (a) old run | ≥ 3.0x | 2.00x | — | — | no |" in md
