@@ -75,8 +75,10 @@ def collect(runs: list) -> dict:
             row = rows.setdefault(r["measurement"], dict(measurement=r["measurement"], target=r["target"],
                                                          unit=r["unit"], values=[None] * len(runs),
                                                          met_in_run=[None] * len(runs),
-                                                         legacy_6n_count=[False] * len(runs)))
+                                                         legacy_6n_count=[False] * len(runs),
+                                                         best=[None] * len(runs)))
             row["values"][i], row["met_in_run"][i] = r["value"], r["met"]  # bench_all's own verdict
+            row["best"][i] = r.get("ratio_best", r.get("best"))  # runs whose sides took turns (2026-12-08 on)
             row["legacy_6n_count"][i] = bool(r.get("legacy_6n_count"))
     for row in rows.values():  # the spread and the met count use only figures counted alike
         kept = [(v, ok) for v, ok, old in zip(row["values"], row["met_in_run"], row["legacy_6n_count"])
@@ -124,9 +126,14 @@ def to_markdown(history: dict) -> str:
                  else " | | | | |"))
     for r in history["rows"]:
         tgt = ("≤ " if r["unit"] == "s" else "≥ ") + _fmt(r["target"], r["unit"])
-        cells = [_fmt(v, r["unit"]) + (" †" if old else "") for v, old in zip(r["values"], r["legacy_6n_count"])]
+        best = r.get("best") or [None] * len(runs)
+        cells = [_fmt(v, r["unit"]) + (" †" if old else "") + ("" if b is None else f" (best {_fmt(b, r['unit'])})")
+                 for v, old, b in zip(r["values"], r["legacy_6n_count"], best)]
         cells += [_fmt(r[k], r["unit"]) for k in ("min", "median", "max")]
         md.append(f"| {r['measurement']} | {tgt} | " + " | ".join(cells) + f" | in {r['met']} of {r['n']} runs |")
+    if any(b is not None for r in history["rows"] for b in r.get("best") or []):
+        md += ["", "(best …): the same figure from each side's best repeat, in runs whose two sides took "
+               "turns over their repeats (2026-12-08 on); the cell, the spread and the met count are medians."]
     if any(any(r["legacy_6n_count"]) for r in history["rows"]):
         md += ["", "† counted 6N FLOPs per trained token (runs before 2026-12-03 16:25), which over-counts a "
                "frozen-backbone LoRA step; left out of the spread and the met count."]

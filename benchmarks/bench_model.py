@@ -53,7 +53,7 @@ def parse_args(argv=None):
     ap.add_argument("--decode-prompt-len", type=int, default=None,
                     help="prompt tokens before decoding (default 64; quick 32)")
     ap.add_argument("--new-tokens", type=int, default=None, help="decoded tokens per row (default 128; quick 16)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 3; quick 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement, the sides taking turns (default 4; quick 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
     ap.add_argument("--skip-torch", action="store_true", help="only time diffmas_jax")
     return ap.parse_args(argv)
@@ -72,9 +72,11 @@ def median_time(fn, repeats: int):
 
 def alternating_times(fns, repeats: int):
     """Time each of ``fns`` ``repeats`` times, the sides taking turns in the order A B, B A,
-    A B, ... so that a machine slowing down or speeding up during the run (this VM drifts by
-    tens of percent over minutes) falls on both sides alike, and each repeat's pair ran
-    next to each other. Returns one (median s, samples, last result) per function."""
+    A B, ... so that each repeat's pair runs side by side and a machine speeding up or slowing
+    down over the run (this VM drifts by tens of percent over minutes) weighs on both sides:
+    with an even number of repeats, drift that is linear in time leaves the ratio of the
+    medians exact (an odd number keeps one A-first pair more). Returns one (median s,
+    samples, last result) per function."""
     samples, outs = [[] for _ in fns], [None] * len(fns)
     for rep in range(repeats):
         order = range(len(fns)) if rep % 2 == 0 else reversed(range(len(fns)))
@@ -330,7 +332,7 @@ def main(argv=None):
     t_pre = args.prefill_len or (64 if q else 256)
     t_dec = args.decode_prompt_len or (32 if q else 64)
     n_new = args.new_tokens or (16 if q else 128)
-    reps = args.repeats or (1 if q else 3)
+    reps = args.repeats or (1 if q else 4)
     threads = args.threads or os.cpu_count() or 1
     t_start = time.perf_counter()
 

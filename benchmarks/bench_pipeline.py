@@ -75,7 +75,7 @@ def parse_args(argv=None):
     ap.add_argument("--memory-new-tokens", default=None,
                     help="extra solver lengths run once each for (d), peak memory against trace length: not "
                          "timing rows (default 512; quick 16; '' for none)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats of the forced pipeline (default 3; quick 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats of the forced pipeline, the sides taking turns (default 4; quick 1)")
     ap.add_argument("--eos-repeats", type=int, default=None,
                     help="timed repeats of the EOS-stopping pipeline (default 1; 0 skips it)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
@@ -110,6 +110,8 @@ class Turns:
         for line in self._cmd:
             if line.strip() == "end":
                 break
+            if line.strip() != "rep":
+                raise SystemExit(f"error: unknown turn command {line.strip()!r}")
             ph = {}
             t0 = time.perf_counter()
             out = fn(ph)
@@ -117,6 +119,8 @@ class Turns:
             for k, v in ph.items():
                 per_phase.setdefault(k, []).append(v)
             self._send(event="rep", s=samples[-1])
+        else:  # the parent went away without 'end': no result, no EOS rows run as an orphan
+            raise SystemExit("error: the parent closed the turn pipe before 'end'")
         return (statistics.median(samples), samples, out,
                 {k: statistics.median(v) for k, v in per_phase.items()})
 
@@ -355,22 +359,37 @@ class ChildRun:
         self.tag, self._td = tag, tempfile.TemporaryDirectory()
         td = Path(self._td.name)
         self._result, self._err = td / "result.json", td / "stderr.txt"
+        self.proc = self._cmd = self._reply = None
         cmd_r, cmd_w = os.pipe()
         reply_r, reply_w = os.pipe()
-        sp = td / "spec.json"
-        sp.write_text(json.dumps(dict(spec, result=str(self._result), cmd_fd=cmd_r, reply_fd=reply_w)))
-        self._t0 = time.perf_counter()
-        with open(self._err, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", str(sp)],
-                                         stdout=None, stderr=err, pass_fds=(cmd_r, reply_w))
-        os.close(cmd_r)
-        os.close(reply_w)
         self._cmd, self._reply = os.fdopen(cmd_w, "w"), os.fdopen(reply_r, "r")
+        try:
+            sp = td / "spec.json"
+            sp.write_text(json.dumps(dict(spec, result=str(self._result), cmd_fd=cmd_r, reply_fd=reply_w)))
+            self._t0 = time.perf_counter()
+            with open(self._err, "w") as err:
+                self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", str(sp)],
+                                             stdout=None, stderr=err, pass_fds=(cmd_r, reply_w))
+        except BaseException:
+            self.close()
+            raise
+        finally:  # the child's ends: only the child holds them, so its exit closes the pipes
+            os.close(cmd_r)
+            os.close(reply_w)
 
     def _failed(self) -> RuntimeError:
+        if self.proc.poll() is None:
+            self.proc.kill()
         self.proc.wait()
         tail = "\n".join(self._err.read_text().strip().splitlines()[-15:])
         return RuntimeError(f"{self.tag} failed (exit {self.proc.returncode}):\n{tail}")
+
+    def _send(self, line: str, close: bool = False):
+        try:
+            self._cmd.write(line)
+            self._cmd.close() if close else self._cmd.flush()
+        except OSError:  # the child is gone (a crash, the OOM killer): say why, from its stderr
+            raise self._failed() from None
 
     def expect(self, event: str) -> dict:
         line = self._reply.readline()
@@ -381,33 +400,37 @@ class ChildRun:
         return msg
 
     def rep(self) -> float:
-        self._cmd.write("rep\n")
-        self._cmd.flush()
+        self._send("rep\n")
         return self.expect("rep")["s"]
 
     def finish(self) -> dict:
-        self._cmd.write("end\n")
-        self._cmd.close()
+        self._send("end\n", close=True)
         if self.proc.wait() != 0 or not self._result.exists():
             raise self._failed()
         res = json.loads(self._result.read_text())
-        res["subprocess_wall_s"] = time.perf_counter() - self._t0
+        res["subprocess_wall_s"] = time.perf_counter() - self._t0  # turns included: the other side's runs too
         self.close()
         return res
 
     def close(self):
-        if self.proc.poll() is None:
+        """Kill the child if it still runs, then let go of the pipes and the folder; never raises
+        for a pipe the child already closed, so every other child is still closed after it."""
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
         for f in (self._cmd, self._reply):
-            if not f.closed:
-                f.close()
+            try:
+                if f is not None and not f.closed:
+                    f.close()
+            except OSError:
+                pass
         self._td.cleanup()
 
 
 def run_config(specs: dict, repeats: int, tag: str) -> tuple[dict, list]:
     """Start each side's child in turn (each loads and compiles alone), then give the sides
-    turns for ``repeats`` timed repeats, A B, B A, ...; returns ({side: result}, the turn order)."""
+    turns for ``repeats`` timed repeats, A B, B A, ...; returns ({side: result}, the turn order).
+    A child that fails kills the others before the error goes up."""
     children, turns = {}, []
     try:
         for side, spec in specs.items():
@@ -446,7 +469,7 @@ def main(argv=None):
     mem_arg = args.memory_new_tokens if args.memory_new_tokens is not None else ("16" if q else "512")
     memory_tokens = [n for n in (int(x) for x in mem_arg.split(",") if x.strip()) if n not in new_tokens]
     m_steps = args.latent_steps if args.latent_steps is not None else (2 if q else 10)
-    reps = args.repeats or (1 if q else 3)
+    reps = args.repeats or (1 if q else 4)
     eos_reps = args.eos_repeats if args.eos_repeats is not None else 1
     threads = args.threads or os.cpu_count() or 1
     t_start = time.perf_counter()
@@ -536,7 +559,7 @@ def main(argv=None):
     md += [f"Model: `{Path(model_dir).name}`. Agents {', '.join(ROLES)}; m={m_steps} latent steps per upstream "
            f"agent; `arith` test questions; greedy. Latency = wall time from questions to token ids "
            f"(tokenization included), median of {reps} run(s) after a first call, the two sides' "
-           "processes taking turns (A B, B A, ...; both loaded, one running at a time) (EOS rows: {eos_reps} run(s), "
+           f"processes taking turns (A B, B A, ...; both loaded, one running at a time) (EOS rows: {eos_reps} run(s), "
            "after a first call on the diffmas_jax side only, where the EOS decode loop compiles anew). "
            "tok/s = generated solver tokens / latency. Ratio = diffmas_jax / transformers tok/s "
            "(>1: diffmas_jax faster), of the medians; then of each side's best run and the range over the "

@@ -63,7 +63,7 @@ def parse_args(argv=None):
     ap.add_argument("--target-len", type=int, default=None, help="target tokens (default 64; quick 16)")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8; alpha = 2 x rank)")
     ap.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default 5e-5)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed steps per measurement (default 5; quick 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed steps per measurement, the sides taking turns (default 6; quick 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
     ap.add_argument("--skip-torch", action="store_true", help="only time diffmas_jax")
     args = ap.parse_args(argv)
@@ -267,7 +267,7 @@ def main(argv=None):
     t_sol = args.solver_len or (48 if q else 192)
     n_tgt = args.target_len or (16 if q else 64)
     assert 0 < n_tgt < t_sol, "--target-len must be below --solver-len"
-    reps = args.repeats or (1 if q else 5)
+    reps = args.repeats or (1 if q else 6)
     threads = args.threads or os.cpu_count() or 1
     t_start = time.perf_counter()
     log(f"settings: batches={batches} modes={modes} K={k} m={m_steps} prompt={t_up} solver={t_sol} "

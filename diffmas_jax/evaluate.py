@@ -337,6 +337,15 @@ def item_seed(seed: int, index: int, sample: int) -> int:
     return int.from_bytes(digest, "little")
 
 
+CODE_RUN_KEYS = ("status", "duration_s", "timeout_s", "reference_s", "reference_status")
+
+
+def code_run(scored: dict) -> dict:
+    """What decided a code answer's verdict (`CodeTask.score`): the sandbox status, its time, the
+    limit it ran under and the reference's timing where it was taken; {} for other tasks."""
+    return {k: scored[k] for k in CODE_RUN_KEYS if k in scored} if "timeout_s" in scored else {}
+
+
 def make_record(task, item, index: int, samples: list, row: int, latency: float, batch: int) -> dict:
     """One items.jsonl line. ``samples``: [(row seeds, BatchResult)], the first is the primary."""
     outs = []
@@ -355,13 +364,16 @@ def make_record(task, item, index: int, samples: list, row: int, latency: float,
     for extra in ("answer_tokens", "notes"):
         if extra in rec0:
             record[extra] = rec0[extra]
+    if code_run(scored0):
+        record["code_run"] = code_run(scored0)
     record["generated_logprobs"] = [round(float(x), 4) for x in rec0.get("generated_logprobs", [])]
     record["generated_entropy"] = [round(float(x), 4) for x in rec0.get("generated_entropy", [])]
     if len(outs) > 1:
         record["samples"] = [
             {"seed": s, "prediction": sc["prediction"], "correct": bool(sc["correct"]), "output": t,
              "generated_tokens": int(r["generated_tokens"]),
-             "generated_logprobs": [round(float(x), 4) for x in r.get("generated_logprobs", [])]}
+             "generated_logprobs": [round(float(x), 4) for x in r.get("generated_logprobs", [])],
+             **({"code_run": code_run(sc)} if code_run(sc) else {})}
             for s, t, r, sc in outs]
         key = vote_key(task, item)
         winner, agreement = metrics.majority_vote([sc["prediction"] for _, _, _, sc in outs], key=key)

@@ -93,6 +93,7 @@ def test_pipeline_memory_sweep_and_summary_plots(tmp_path, embedded):
     assert all(v == 1.0 for v in agreement.values()), agreement
     md = next(out.glob("pipeline_*.md")).read_text()
     assert "| B=2, N=12 |" in md and "N = 12 ran once" in md
+    assert "{" not in md  # every f-string filled in
     assert next(out.glob("pipeline_*_memory.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     busy = report["machine"]["cpu_busy_start"]  # other work at the start, sampled from /proc/stat
@@ -140,7 +141,7 @@ def test_memory_series_places_torch_runs_at_the_jax_trace_length():
 
 
 def _fake_run(results, stamp, *, decode_ratio, stop_ratio, share, legacy=False, quick=False, cpu="AMD EPYC",
-              peak=None):
+              peak=None, best=None):
     """An all_<stamp> folder holding a model and a train JSON in the shape the scripts write."""
     folder = results / f"all_{stamp}"
     folder.mkdir(parents=True)
@@ -152,6 +153,9 @@ def _fake_run(results, stamp, *, decode_ratio, stop_ratio, share, legacy=False, 
                  "diffmas_jax": {"mfu": share, "first_call_s": 20.0}}
     if not legacy:  # runs from 2026-12-03 16:25 on record both counts
         train_row["conventional_6n_flops"] = 1.0
+    if best is not None:  # runs from 2026-12-08 on: the sides took turns
+        train_row.update(ratio_best=best, ratio_pairs=[best, stop_ratio])
+        train_row["diffmas_jax"]["mfu_best"] = share * 1.1
     (folder / f"model_{stamp}{'_quick' if quick else ''}.json").write_text(json.dumps(model))
     (folder / f"train_{stamp}.json").write_text(json.dumps(dict(machine=machine, results=[train_row])))
 
@@ -179,7 +183,7 @@ def test_bench_history_spreads_and_met_counts(tmp_path):
     _fake_run(results, "2026-12-03_120000", decode_ratio=2.2, stop_ratio=1.2, share=0.48, quick=True)
     _fake_run(results, "2026-12-03_223719", decode_ratio=1.4, stop_ratio=1.64, share=0.51)
     _fake_run(results, "2026-12-04_152010", decode_ratio=2.1, stop_ratio=1.29, share=0.45,
-              cpu="AMD EPYC (Zen 5: family 26, model 2)", peak=340e9)
+              cpu="AMD EPYC (Zen 5: family 26, model 2)", peak=340e9, best=1.33)
     out = tmp_path / "hist"
     cmd = [sys.executable, str(REPO / "benchmarks/bench_history.py"), "--results", str(results),
            "--since", "2026-12-03", "--out", str(out)]
@@ -192,6 +196,7 @@ def test_bench_history_spreads_and_met_counts(tmp_path):
     assert (decode["min"], decode["median"], decode["max"]) == (1.4, 1.6, 2.1)
     stop = next(row for row in hist["rows"] if row["measurement"].endswith("tok/s vs transformers + peft"))
     assert stop["met"] == 2 and stop["n"] == 3
+    assert stop["best"] == [None, None, 1.33]  # each side's best step, where the sides took turns
     share = next(row for row in hist["rows"] if "share of measured" in row["measurement"])
     assert share["values"] == [0.43, 0.51, 0.45] and share["legacy_6n_count"] == [True, False, False]
     assert (share["n"], share["met"], share["min"]) == (2, 1, 0.45)
@@ -200,6 +205,8 @@ def test_bench_history_spreads_and_met_counts(tmp_path):
     assert [row["measurement"][:3] for row in hist["rows"]] == sorted(row["measurement"][:3] for row in hist["rows"])
     md = (out / "history.md").read_text()
     assert "| in 1 of 3 runs |" in md and "43.0% †" in md and "6N" in md
+    assert "| 1.64x | 1.29x (best 1.33x) | 1.29x | 1.31x | 1.64x | in 2 of 3 runs |" in md
+    assert "| 51.0% | 45.0% (best 49.5%) |" in md and "(best …)" in md
     # which host each run had: the CPU generation where recorded, the matmul peak where measured
     assert [h["cpu_model"] for h in hist["hosts"]][-1] == "AMD EPYC (Zen 5: family 26, model 2)"
     assert "| host: CPU (recorded from 2026-12-07 14:40 on) | | — | — | Zen 5 |" in md
@@ -272,33 +279,29 @@ def test_summary_host_peak_is_the_one_the_shares_use():
     assert "f32 matmul peak 200.0 GFLOP/s." in to_markdown(dict(empty, host=host_of(older, None, None)), "t")
 
 
-def test_alternating_times_take_turns_and_the_ratios_come_from_the_pairs():
-    """The two sides of a measurement take turns (A B, B A, A B): a machine that slows down during
-    the run slows both alike, so the ratio of the medians stays the true one, where timing all of
-    A's repeats before B's would read the drift as a speed-up."""
+def test_alternating_times_take_turns_and_the_ratios_come_from_the_pairs(monkeypatch):
+    """The two sides of a measurement take turns (A B, B A, B A, A B...): with an even number of
+    repeats, a machine that slows down linearly over the run leaves the ratio of the medians
+    exact, where timing all of A's repeats before B's reads the drift as B's slowness."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import bench_model
     calls, clock = [], [0.0]
-    slow = {"a": 1.0, "b": 2.0}  # b takes twice a's time; the machine slows by 50% per call
+    base = {"a": 1.0, "b": 2.0}  # b takes twice a's time; each call is 50% of a base slower than the last
 
     def side(name):
         def fn():
+            clock[0] += base[name] * (1 + 0.5 * len(calls))
             calls.append(name)
-            clock[0] += slow[name] * 1.5 ** (len(calls) - 1)
             return name
         return fn
 
-    real = bench_model.time.perf_counter
-    bench_model.time.perf_counter = lambda: clock[0]
-    try:
-        (a_med, a_s, a_out), (b_med, b_s, b_out) = bench_model.alternating_times([side("a"), side("b")], 3)
-    finally:
-        bench_model.time.perf_counter = real
-    assert calls == ["a", "b", "b", "a", "a", "b"] and (a_out, b_out) == ("a", "b")
+    monkeypatch.setattr(bench_model.time, "perf_counter", lambda: clock[0])
+    (a_med, a_s, a_out), (b_med, b_s, b_out) = bench_model.alternating_times([side("a"), side("b")], 4)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"] and (a_out, b_out) == ("a", "b")
     spread = bench_model.ratio_spread(a_s, b_s)
+    assert spread["ratio_median"] == b_med / a_med == 2.0  # the true ratio; one side after the other: 4.3
     assert spread["ratio_pairs"] == [b / a for a, b in zip(a_s, b_s)]
-    assert spread["ratio_best"] == min(b_s) / min(a_s) and spread["ratio_median"] == b_med / a_med
-    assert 1.3 < spread["ratio_median"] < 3.0  # one side after the other: b would read 2 * 1.5**3 = 6.75x
+    assert spread["ratio_best"] == min(b_s) / min(a_s) == 3.0 / 1.0
     assert bench_model.spread_cells({"ratio_best": 2.0, "ratio_pairs": [1.5, 3.0]}) == "2.00x | 1.50–3.00x"
     assert bench_model.spread_cells({}) == "n/a | n/a"
 
@@ -317,3 +320,19 @@ def test_summary_marks_a_target_whose_pairs_straddle_it(tmp_path):
     assert "| (c) y | ≥ 1.3x | 1.50x | 1.50x | 1.45–1.55x | yes |" in md
     assert "| (c) share | ≥ 50% | 45% | 48% | — | no |" in md
     assert "| (a) old run | ≥ 3.0x | 2.00x | — | — | no |" in md
+
+
+def test_pipeline_child_that_fails_is_one_error_with_its_stderr(tmp_path):
+    """A side whose process dies before its turns (here: no model there) raises with the tail of
+    its stderr, and no process is left behind."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import pytest
+    import bench_pipeline
+    spec = {"side": "torch", "model": str(tmp_path / "no-model"), "messages": [[[{"role": "user", "content": "q"}]]],
+            "questions": ["q"], "instruction": "", "latent_steps": 1, "new_tokens": 2, "repeats": 2,
+            "eos_repeats": 0, "threads": 1, "eos_ids": [0]}
+    with pytest.raises(RuntimeError, match=r"\[t\] torch failed \(exit 1\):\n(.|\n)*no-model") as e:
+        bench_pipeline.run_config({"torch": spec, "jax": dict(spec, side="jax")}, 2, "[t]")
+    assert "jax" not in str(e.value)
+    left = subprocess.run(["pgrep", "-f", "bench_pipeline.py --child"], capture_output=True, text=True).stdout
+    assert left.strip() == ""

@@ -77,7 +77,9 @@ def test_endless_answer_still_times_out_and_the_reference_is_timed_once(calls):
         assert res["timeout_s"] == math.ceil(2.0 * res["reference_s"]) + 1 > 1.0
     assert second["reference_s"] == first["reference_s"]
     refs = [c for c in calls if "return x" in c[0]]
-    assert len(refs) == 1 and len(calls) == 5, [t for _, t in calls]
+    # the second answer starts at the derived limit: no second run under timeout_s
+    limit = first["timeout_s"]
+    assert len(refs) == 1 and [t for _, t in calls] == [1.0, task.reference_cap_s, limit, limit]
 
 
 @pytest.mark.parametrize("reference, cap, status", [
@@ -146,3 +148,73 @@ def test_reference_cache_across_threads_and_pickling(monkeypatch):
     copy = pickle.loads(pickle.dumps(task))
     assert copy.score(item, LOOP)["reference_s"] == 0.4 and len(runs) == 1
     assert copy.score(mbpp_item(FAST_REF, "T/2"), LOOP)["correct"] and len(runs) == 2
+
+
+def _fake_sandbox(monkeypatch, reference_results, answer_s=None):
+    """run_code stand-in: the reference (its program holds 'return x') gets the next of
+    ``reference_results`` (status, seconds); an answer times out unless its limit covers
+    ``answer_s``. Returns the (kind, timeout_s) log."""
+    log, pending = [], list(reference_results)
+
+    def fake(code, timeout_s=10, memory_mb=None, **k):
+        if "return x" in code:
+            log.append(("reference", timeout_s))
+            status, secs = pending.pop(0)
+            return SandboxResult(status, 0, "", "", secs)
+        log.append(("answer", timeout_s))
+        if answer_s is not None and answer_s <= timeout_s:
+            return SandboxResult("passed", 0, "", "", answer_s)
+        return SandboxResult("timeout", None, "", "", timeout_s)
+    monkeypatch.setattr(code_tasks, "run_code", fake)
+    return log
+
+
+def test_a_fast_reference_gives_no_rerun(monkeypatch):
+    """A reference whose derived limit is not above timeout_s: the timeout stands after one run."""
+    log = _fake_sandbox(monkeypatch, [("passed", 0.4)])
+    task = get_task("mbppplus", timeout_s=3)
+    res = task.score(mbpp_item(FAST_REF), LOOP)
+    assert res["status"] == "timeout" and res["timeout_s"] == 3.0 and res["reference_s"] == 0.4
+    assert log == [("answer", 3.0), ("reference", task.reference_cap_s)]
+    assert task.score(mbpp_item(FAST_REF), LOOP)["timeout_s"] == 3.0 and log[-1] == ("answer", 3.0)
+
+
+def test_a_sandbox_error_timing_the_reference_is_not_kept(monkeypatch):
+    log = _fake_sandbox(monkeypatch, [("error", 0.0), ("passed", 2.0)], answer_s=4.5)
+    task = get_task("mbppplus", timeout_s=1)
+    first = task.score(mbpp_item(FAST_REF), LOOP)
+    assert first["status"] == "timeout" and first["reference_status"] == "error" and first["timeout_s"] == 1.0
+    second = task.score(mbpp_item(FAST_REF), LOOP)  # timed again: the error was the sandbox's, not the item's
+    assert second["correct"] and second["reference_status"] == "passed" and second["timeout_s"] == 5.0
+    assert [kind for kind, _ in log] == ["answer", "reference", "answer", "reference", "answer"]
+
+
+def test_items_sharing_an_id_do_not_share_a_timing(monkeypatch):
+    """User split files may reuse ids: the timing is keyed on the reference program too."""
+    log = _fake_sandbox(monkeypatch, [("passed", 4.0), ("passed", 0.1)])
+    task = get_task("mbppplus", timeout_s=1)
+    slow = task.score(mbpp_item(FAST_REF, "X/1", test="assert f(3) == 3\n"), LOOP)
+    other = task.score(mbpp_item(FAST_REF, "X/1", test="assert f(4) == 4\n"), LOOP)
+    assert (slow["reference_s"], slow["timeout_s"]) == (4.0, 9.0)
+    assert (other["reference_s"], other["timeout_s"]) == (0.1, 2.0)
+    assert [kind for kind, _ in log].count("reference") == 2
+
+
+def test_evaluate_keeps_each_code_run_in_the_record(monkeypatch):
+    """items.jsonl keeps what decided a code verdict: the sandbox status, the limit it ran
+    under and the reference's timing, for the primary answer and for every sample."""
+    from types import SimpleNamespace
+    from diffmas_jax.evaluate import make_record
+    _fake_sandbox(monkeypatch, [("passed", 2.0)], answer_s=4.5)
+    task = get_task("mbppplus", timeout_s=1)
+    item = mbpp_item(FAST_REF)
+    rec = {"prompt_tokens": 3, "generated_tokens": 2}
+    batch = SimpleNamespace(texts=[LOOP], records=[rec])
+    record = make_record(task, item, 0, [([7], batch)], 0, 0.1, 0)
+    assert record["correct"] and record["code_run"] == {
+        "status": "passed", "duration_s": 4.5, "timeout_s": 5.0, "reference_s": 2.0, "reference_status": "passed"}
+    record = make_record(task, item, 0, [([7], batch), ([8], batch)], 0, 0.1, 0)
+    assert [s_["code_run"]["timeout_s"] for s_ in record["samples"]] == [5.0, 5.0]
+    plain = make_record(get_task("arith", size=4), get_task("arith", size=4).load("test", limit=1)[0], 0,
+                        [([7], SimpleNamespace(texts=["42"], records=[rec]))], 0, 0.1, 0)
+    assert "code_run" not in plain

@@ -1,6 +1,7 @@
 """Code benchmarks (EvalPlus MBPP+ and HumanEval+): generated code runs in the sandbox."""
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import threading
@@ -17,15 +18,18 @@ def _fence(code: str) -> str:
 class CodeTask(Task):
     """Runs the answer plus the item's tests in the sandbox (`sandbox.run_code`).
 
-    Time limit: every answer first gets ``timeout_s``. Only when it times out is the item's
-    reference solution timed, once per item id and task instance, through the same harness
+    Time limit: an answer first gets ``timeout_s``. Only when it times out is the item's
+    reference solution timed, once per item and task instance, through the same harness
     with a cap of ``reference_cap_s`` (default ``max(10 * timeout_s, 300)``). If the
     reference passed, the limit becomes ``max(timeout_s, ceil(limit_factor * reference_s)
-    + 1)`` (EvalPlus sets per-item limits from the ground truth's runtime the same way), and
-    when that is longer than ``timeout_s`` the answer is run once more under it and that
-    verdict stands. A reference that fails or times out leaves the "timeout" verdict. The
-    score records ``timeout_s`` (the limit of the final run) and, when the reference was
-    timed, ``reference_s`` and ``reference_status``.
+    + 1)`` and, when that is longer than ``timeout_s``, the answer is run once more under it
+    and that verdict stands; later answers to that item start at that limit. A reference
+    that fails or times out leaves the "timeout" verdict. The factor applies to the whole
+    program's wall time, interpreter start-up and sandbox set-up included (EvalPlus also
+    derives its limits from the ground truth's runtime, with a factor of 4 per test input
+    and a floor). The score records ``timeout_s`` (the limit of the final run) and, once the
+    reference is timed, ``reference_s`` and ``reference_status``; `evaluate` keeps them in
+    each record's ``code_run``.
     """
     kind = "code"
     answer_instruction = CODE_INSTRUCTION
@@ -46,8 +50,8 @@ class CodeTask(Task):
         self.limit_factor = float(limit_factor)
         self.reference_cap_s = float(reference_cap_s) if reference_cap_s is not None \
             else max(10 * self.timeout_s, 300.0)
-        self._reference: dict[str, tuple[str, float]] = {}  # item id -> (status, seconds)
-        self._locks: dict[str, threading.Lock] = {}
+        self._reference: dict[tuple[str, str], tuple[str, float]] = {}  # (id, program digest) -> (status, s)
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
     def __getstate__(self):  # picklable for worker processes; each keeps its own timings
@@ -63,14 +67,22 @@ class CodeTask(Task):
         """The solution followed by the item's tests, as one script."""
         raise NotImplementedError
 
+    def _reference_key(self, item: Item) -> tuple[str, str]:
+        """The cache key of an item's reference timing: its id and a digest of the reference
+        program (tests and imports included), so two items that share an id (user split files)
+        never share a timing."""
+        program = self.program(item, _unfence(item.target or ""))
+        return item.id, hashlib.blake2b(program.encode(), digest_size=16).hexdigest()
+
     def reference_time(self, item: Item) -> tuple[str, float]:
         """(status, seconds) of the item's reference solution run through the same harness,
-        timed once per item id (concurrent callers for one item wait for the first)."""
+        timed once per item (concurrent callers for one item wait for the first)."""
+        key = self._reference_key(item)
         with self._locks_guard:
-            lock = self._locks.setdefault(item.id, threading.Lock())
+            lock = self._locks.setdefault(key, threading.Lock())
         with lock:
-            if item.id in self._reference:
-                return self._reference[item.id]
+            if key in self._reference:
+                return self._reference[key]
             code = _unfence(item.target or "")
             if not code.strip():
                 timing = ("missing", 0.0)
@@ -79,24 +91,34 @@ class CodeTask(Task):
                                memory_mb=self.memory_mb)
                 timing = (res.status, round(res.duration_s, 3))
             if timing[0] != "error":  # the sandbox itself failed: try again next time
-                self._reference[item.id] = timing
+                self._reference[key] = timing
             return timing
+
+    def _derived_limit(self, timing: tuple[str, float]) -> float:
+        """The limit a timed-out answer is run again under: timeout_s unless the reference passed."""
+        status, seconds = timing
+        if status != "passed":
+            return self.timeout_s
+        return max(self.timeout_s, math.ceil(self.limit_factor * seconds) + 1.0)
 
     def score(self, item: Item, text: str) -> dict:
         code = extract_code(text or "", item.meta.get("entry_point"))
         if not code.strip():
             return {"prediction": code, "correct": False, "status": "empty"}
-        limit = self.timeout_s
-        res = run_code(self.program(item, code), timeout_s=limit, memory_mb=self.memory_mb)
-        extra = {}
-        if res.status == "timeout":
-            ref_status, ref_s = self.reference_time(item)
-            extra = {"reference_s": ref_s, "reference_status": ref_status}
-            if ref_status == "passed":
-                longer = max(limit, math.ceil(self.limit_factor * ref_s) + 1.0)
-                if longer > limit:
-                    limit = longer
-                    res = run_code(self.program(item, code), timeout_s=limit, memory_mb=self.memory_mb)
+        program = self.program(item, code)
+        # an item whose reference is already timed starts at its derived limit: the verdict is the
+        # one the rerun would give, without first spending timeout_s on an answer that never ends
+        known = self._reference.get(self._reference_key(item))
+        limit = self.timeout_s if known is None else self._derived_limit(known)
+        res = run_code(program, timeout_s=limit, memory_mb=self.memory_mb)
+        timing = known
+        if res.status == "timeout" and known is None:
+            timing = self.reference_time(item)
+            longer = self._derived_limit(timing)
+            if longer > limit:
+                limit = longer
+                res = run_code(program, timeout_s=limit, memory_mb=self.memory_mb)
+        extra = {} if timing is None else {"reference_s": timing[1], "reference_status": timing[0]}
         return {"prediction": code, "correct": res.status == "passed", "status": res.status,
                 "stderr": res.stderr[-2000:], "duration_s": round(res.duration_s, 3),
                 "timeout_s": limit, **extra}
