@@ -42,7 +42,7 @@ def get_config():
     c.warmup_frac = 0.1
     c.weight_decay = 0.01
     c.clip = 1.0
-    c.max_target_tokens = 64
+    c.max_target_tokens = 64      # target + EOS; a longer target is cut here, without EOS (the run warns)
     c.remat = False
     c.remat_policy = "full"  # with remat: "full" (least memory) or "dots" (keeps matmul outputs: faster)
     c.seed = 0

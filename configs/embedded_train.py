@@ -40,7 +40,7 @@ def get_config():
     c.warmup_steps = 5                # optimizer updates (micro-batches / grad_accum)
     c.weight_decay = 0.0
     c.clip = 1.0
-    c.max_target_tokens = 64
+    c.max_target_tokens = 64      # target + EOS; a longer target is cut here, without EOS (the run warns)
     c.trace_capacity = placeholder(int)  # None: exactly what the longest batch needs
     c.remat = False
     c.remat_policy = "full"  # with remat: "full" (least memory) or "dots" (keeps matmul outputs: faster)

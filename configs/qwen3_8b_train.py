@@ -29,7 +29,7 @@ def get_config():
     c.steps = 64 * 100
     c.warmup_steps = 10
     c.weight_decay = 0.0
-    c.max_target_tokens = 512
+    c.max_target_tokens = 512     # target + EOS; a longer target is cut here, without EOS (the run warns)
     c.remat = True
     c.remat_policy = "full"  # with remat: "full" (least memory) or "dots" (keeps matmul outputs: faster)
     c.checkpoint_every = 640

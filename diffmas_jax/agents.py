@@ -106,12 +106,7 @@ def agent_messages(agent: Agent, question: str, *, answer_instruction: str = "",
 
 
 def render_chat(tokenizer, messages: list[dict], enable_thinking: Optional[bool] = None) -> list[int]:
-    """Token ids for a chat; templates that reject a system turn get it folded into the user turn."""
+    """Token ids for a chat (``generation.chat_ids``: templates that reject a system turn get it
+    folded into the user turn)."""
     from diffmas_jax.generation import chat_ids
-    try:
-        return chat_ids(tokenizer, messages, enable_thinking)
-    except Exception:
-        if messages and messages[0]["role"] == "system":
-            merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
-            return chat_ids(tokenizer, merged + list(messages[2:]), enable_thinking)
-        raise
+    return chat_ids(tokenizer, messages, enable_thinking)

@@ -31,6 +31,7 @@ from diffmas_jax.generation import pad_batch
 from diffmas_jax.model.transformer import resolve_dtype
 from diffmas_jax.sharding import mesh_jit
 from diffmas_jax.stages import teacher_forced_nll
+from diffmas_jax.training import encode_target, warn_cut_targets
 
 
 # --------------------------------------------------------------------------- tokens
@@ -91,6 +92,7 @@ class C2CData:
     tail_valid: np.ndarray
     tail_target: np.ndarray
     n_target: np.ndarray
+    n_cut: int = 0            # targets cut at max_target_tokens (no EOS after them)
 
     def batch(self, idx) -> dict:
         p = self.prompts
@@ -105,13 +107,12 @@ def encode_training(tokenizer, items, answer_instruction: str, agents, max_targe
     """Every item once, into fixed shapes (the run compiles once)."""
     prompts = encode_prompts(tokenizer, agents, [it.question for it in items], answer_instruction,
                              enable_thinking, bucket, sharer_tokenizer)
-    eos = tokenizer.eos_token_id
-    tails = [[int(prompts.lasts[-1][i])] + tokenizer(it.target, add_special_tokens=False)["input_ids"]
-             [:max_target_tokens - 1] + [eos] for i, it in enumerate(items)]
+    targets = [encode_target(tokenizer, it.target, max_target_tokens) for it in items]
+    tails = [[int(prompts.lasts[-1][i])] + ids for i, (ids, _) in enumerate(targets)]
     tail, tail_valid = pad_batch(tails, tokenizer.pad_token_id or 0, multiple=bucket)
     target = tail_valid.copy()
     target[:, 0] = False
-    return C2CData(prompts, tail, tail_valid, target, target.sum(1))
+    return C2CData(prompts, tail, tail_valid, target, target.sum(1), sum(cut for _, cut in targets))
 
 
 # --------------------------------------------------------------------------- loss and step
@@ -345,6 +346,7 @@ def train_c2c(c, workdir: Path) -> int:
                enable_thinking=c.enable_thinking, sharer_tokenizer=None if identical else sharer.tokenizer)
     data = encode_training(receiver.tokenizer, train_items, **enc)
     eval_data = encode_training(receiver.tokenizer, eval_items, **enc) if n_eval else None
+    warn_cut_targets(data, eval_data, int(c.max_target_tokens))
     fc = FuserConfig.for_models(sharer.cfg, receiver.cfg, **opts)
     opt_steps = -(-int(c.steps) // int(c.grad_accum))
     sc = C2CStepConfig(fc=fc, anneal_steps=opt_steps, grad_accum=int(c.grad_accum), gate_t0=float(c.gate_t0),

@@ -206,17 +206,27 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, length: Optional[int] 
 
 
 def chat_ids(tokenizer, messages: list[dict], enable_thinking: Optional[bool] = None) -> list[int]:
-    """Token ids of a chat, ending with the assistant turn's opening.
+    """Token ids of a chat, ending with the assistant turn's opening; a template that rejects
+    a system turn gets it folded into the user turn.
 
     A tokenizer without a chat template (a base model) gets a plain transcript instead:
     "System: ...", "User: ...", "Assistant: ..." paragraphs ending with "Assistant:"."""
     if getattr(tokenizer, "chat_template", None) is None:
         return plain_chat_ids(tokenizer, messages)
     kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
-    if hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
+
+    def apply(msgs):
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, **kwargs)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    try:
+        return apply(messages)
+    except Exception:
+        # templates that reject a system turn (Mistral-7B-Instruct's "roles must alternate") get
+        # it folded into the first user turn; every method's prompts come through here
+        if len(messages) > 1 and messages[0]["role"] == "system" and messages[1]["role"] == "user":
+            merged = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+            return apply([merged] + list(messages[2:]))
+        raise
 
 
 def plain_chat_ids(tokenizer, messages: list[dict]) -> list[int]:

@@ -262,7 +262,7 @@ def main(argv) -> int:
     from diffmas_jax.lora import count_params, init_lora
     from diffmas_jax.stages import make_realign
     from diffmas_jax.training import (StepConfig, batch_of, encode_items, make_eval_loss, make_optimizer,
-                                      make_train_step, step_capacity)
+                                      make_train_step, step_capacity, warn_cut_targets)
 
     task, train_items, eval_items = train_loop.split_items(c)
     n_eval = len(eval_items)
@@ -303,6 +303,7 @@ def main(argv) -> int:
         notes, eval_notes = upstream_notes(model, mc, train_items, eval_items, workdir, int(c.text_max_new_tokens),
                                            notes_settings(c, mc))
     data, eval_data, sc = plan(notes, eval_notes)
+    warn_cut_targets(data, eval_data, int(c.max_target_tokens))
     capacity = sc.capacity
     lora = init_lora(model.cfg, lcfg, jax.random.PRNGKey(c.seed), roles=sc.roles)
     opt_state = optimizer.init(lora)

@@ -54,6 +54,36 @@ class StepConfig:
                             communication=self.communication, visibility=self.visibility)
 
 
+def encode_target(tokenizer, text: str, max_target_tokens: int) -> tuple[list, bool]:
+    """(target ids, cut): the target then EOS when both fit in ``max_target_tokens``; else its
+    first ``max_target_tokens`` tokens and no EOS, so a cut target does not teach the solver to
+    stop where the cut fell (a math target's answer comes last: cut + EOS would reward ending
+    the reasoning before it)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < max_target_tokens:
+        return ids + [tokenizer.eos_token_id], False
+    return ids[:max_target_tokens], True
+
+
+def cut_warning(n_cut: int, n_items: int, max_target_tokens: int, what: str = "training") -> Optional[str]:
+    """The one line a run prints when some targets were longer than ``max_target_tokens``."""
+    if not n_cut:
+        return None
+    return (f"warning: {n_cut} of {n_items} {what} targets do not fit in max_target_tokens={max_target_tokens} "
+            f"with their EOS; they are cut there and end without EOS (raise max_target_tokens to train on "
+            f"whole answers)")
+
+
+def warn_cut_targets(data, eval_data, max_target_tokens: int) -> None:
+    """Print ``cut_warning`` for the training and the held-out targets (process 0 only)."""
+    import sys
+    from diffmas_jax.distributed import is_main_process
+    for what, d in (("training", data), ("held-out", eval_data)):
+        line = None if d is None else cut_warning(d.n_cut, len(d.n_target), max_target_tokens, what)
+        if line and is_main_process():
+            print(line, file=sys.stderr)
+
+
 @dataclasses.dataclass
 class EncodedData:
     up_tokens: list          # per upstream agent: [N, T_j] int32
@@ -62,6 +92,7 @@ class EncodedData:
     valid: np.ndarray
     target_mask: np.ndarray
     n_target: np.ndarray     # [N] target tokens per item
+    n_cut: int = 0           # targets cut at max_target_tokens (no EOS after them)
 
 
 def encode_items(tokenizer, items, answer_instruction: str, mc: MethodConfig, method: str,
@@ -73,27 +104,27 @@ def encode_items(tokenizer, items, answer_instruction: str, mc: MethodConfig, me
     agents = mc.agents() if method == "diffmas" else MethodConfig(method="single", layout=mc.layout,
                                                                    roles=mc.roles).agents()
     upstream, solver = agents[:-1], agents[-1]
-    eos = tokenizer.eos_token_id
     up_tokens, up_valid = [], []
     for a in upstream:
         seqs = [render_chat(tokenizer, agent_messages(a, it.question), mc.enable_thinking) for it in items]
         t, v = pad_batch(seqs, tokenizer.pad_token_id or 0, multiple=bucket)
         up_tokens.append(t)
         up_valid.append(v)
-    seqs, marks = [], []
+    seqs, marks, n_cut = [], [], 0
     for i, it in enumerate(items):
         prompt = render_chat(tokenizer, agent_messages(solver, it.question, answer_instruction=answer_instruction,
                                                        is_solver=True, has_team=method != "single_sft",
                                                        notes=notes[i] if notes else ()),
                              mc.enable_thinking)
-        target = tokenizer(it.target, add_special_tokens=False)["input_ids"][:max_target_tokens - 1] + [eos]
+        target, cut = encode_target(tokenizer, it.target, max_target_tokens)
+        n_cut += cut
         seqs.append(prompt + target)
         marks.append([False] * len(prompt) + [True] * len(target))
     tokens, valid = pad_batch(seqs, tokenizer.pad_token_id or 0, multiple=bucket)
     target_mask = np.zeros_like(valid)
     for i, m in enumerate(marks):
         target_mask[i, :len(m)] = m
-    data = EncodedData(up_tokens, up_valid, tokens, valid, target_mask, target_mask.sum(1))
+    data = EncodedData(up_tokens, up_valid, tokens, valid, target_mask, target_mask.sum(1), n_cut)
     return data, agents
 
 

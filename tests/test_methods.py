@@ -52,6 +52,19 @@ def test_latent_mas_slots_per_agent(tiny_chat):
         assert r.records[i]["latent_slots"] == sum(steps)
 
 
+@pytest.mark.parametrize("method", ["latent_mas", "stitch_mas"])
+def test_padding_never_reaches_the_latent_seed(tiny_chat, method):
+    """A latent step starts from the last real prompt token's hidden state, not from the padded
+    row's last slot: the same question with no padding (bucket 1) and padded to 32 gives the same
+    tokens and log-probabilities. A pad query attends to the real tokens at the last real
+    position, so batch-invariance tests that pad alike on both sides cannot see this."""
+    kw = dict(qs=QS[:1], max_new_tokens=5, latent_steps=2, roles=("planner", "solver"))
+    free, padded = run(tiny_chat, method, prompt_bucket=1, **kw), run(tiny_chat, method, prompt_bucket=32, **kw)
+    assert free.records[0]["generated_ids"] == padded.records[0]["generated_ids"]
+    np.testing.assert_allclose(free.records[0]["generated_logprobs"], padded.records[0]["generated_logprobs"],
+                               atol=2e-5)
+
+
 def test_realign_identity_for_tied_and_ridge_for_untied(tiny_model_dir):
     m = load_model(str(tiny_model_dir("llama", tie_word_embeddings=True)), with_tokenizer=False)
     tied = make_realign(m.params, m.cfg, "ridge")
@@ -172,6 +185,35 @@ def test_chat_without_template_is_a_plain_transcript(tiny_chat):
     text = tok.decode(render_chat(tok, msgs))
     assert text.startswith("System: ") and "\n\nUser: " in text and "What is 2+2?" in text
     assert text.endswith("Assistant:")
+
+
+@pytest.fixture()
+def no_system_turn(tiny_chat, monkeypatch):
+    """The tiny model with a template that refuses a system turn, as Mistral-7B-Instruct-v0.2's does."""
+    tok = tiny_chat.tokenizer
+    refusing = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('Conversation roles must alternate "
+                "user/assistant/user/assistant/...') }}{% endif %}" + tok.chat_template)
+    monkeypatch.setattr(tok, "chat_template", refusing)
+    return tiny_chat
+
+
+@pytest.mark.parametrize("method", ["text_mas", "latent_mas", "single"])
+def test_every_method_folds_a_refused_system_turn_into_the_user_turn(no_system_turn, method):
+    """TextMAS generates through generation.generate, the latent methods through render_chat: both
+    go through chat_ids, so a template that refuses a system turn works for all of them (TextMAS
+    raised), and the prompt it counts is the prompt it runs."""
+    from diffmas_jax.agents import agent_messages, render_chat
+    from diffmas_jax.generation import chat_ids
+    tok = no_system_turn.tokenizer
+    msgs = agent_messages(build_agents()[0], "What is 2+2?")
+    assert msgs[0]["role"] == "system"
+    with pytest.raises(Exception, match="roles must alternate"):
+        tok.apply_chat_template(msgs, add_generation_prompt=True)
+    folded = tok.decode(chat_ids(tok, msgs))
+    assert folded.count(msgs[0]["content"][:40]) == 1 and "What is 2+2?" in folded
+    assert render_chat(tok, msgs) == chat_ids(tok, msgs)
+    res = run(no_system_turn, method, qs=QS[:1], max_new_tokens=2)
+    assert res.records[0]["generated_tokens"] > 0
 
 
 def test_bad_method_config():

@@ -16,7 +16,7 @@ import torch
 from conftest import tensorboard_scalars
 from diffmas_jax.lora import (LoraConfig, LoraConfigError, export_merged, export_peft, init_lora, load_adapter,
                               save_adapter)
-from diffmas_jax.methods import MethodConfig
+from diffmas_jax.methods import MethodConfig, run_batch
 from diffmas_jax.model.loading import load_model
 from diffmas_jax.model.transformer import LoraDropout, dense, jit_forward
 from diffmas_jax.stages import make_realign
@@ -490,3 +490,68 @@ def test_accumulated_micro_batches_update_as_one_batch(chat):
     rel = lambda d: np.linalg.norm(d - d_big) / np.linalg.norm(d_big)
     assert rel(d_acc) < 1e-4, rel(d_acc)
     assert rel(d_plain) > 1e-2, rel(d_plain)                          # a mean of means is another update
+
+
+def test_a_target_cut_at_max_target_tokens_ends_without_eos(chat, capsys):
+    """A target longer than max_target_tokens is cut there with no EOS after it: cut + EOS would
+    teach the solver to stop where the cut fell, before a math target's final answer. Whole
+    targets keep their EOS; the run prints how many were cut (DiffMAS and C2C alike)."""
+    from diffmas_jax.agents import build_agents
+    from diffmas_jax.c2c_training import encode_training
+    from diffmas_jax.training import encode_target, warn_cut_targets
+    tok = chat.tokenizer
+    eos = tok.eos_token_id
+    long = "Step one adds two. Step two adds three more. So the answer is \\boxed{5}."
+    ids = tok(long, add_special_tokens=False)["input_ids"]
+    assert encode_target(tok, long, len(ids) + 1) == (ids + [eos], False)
+    assert encode_target(tok, long, len(ids)) == (ids, True)
+    assert encode_target(tok, long, 6) == (ids[:6], True)
+    task = get_task("arith", size=64)
+    short, other = task.load("train", limit=2)
+    items = [dataclasses.replace(short, target="7"), dataclasses.replace(other, target=long)]
+    mc = MethodConfig(method="latent_mas", roles=("planner", "solver"), latent_steps=(1,))
+    data, _ = encode_items(tok, items, task.answer_instruction, mc, "diffmas", 6)
+    last = [int(data.tokens[i][np.flatnonzero(data.target_mask[i])[-1]]) for i in range(2)]
+    assert data.n_cut == 1 and list(data.n_target) == [len(tok("7", add_special_tokens=False)["input_ids"]) + 1, 6]
+    assert last[0] == eos and last[1] == ids[5] != eos
+    c2c_data = encode_training(tok, items, task.answer_instruction, build_agents(roles=("solver",)), 6)
+    assert c2c_data.n_cut == 1 and int(c2c_data.tail[1][c2c_data.tail_target[1]][-1]) == ids[5]
+    warn_cut_targets(data, None, 6)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: 1 of 2 training targets do not fit in max_target_tokens=6 with their EOS; they are "
+                   "cut there and end without EOS (raise max_target_tokens to train on whole answers)"]
+    whole, _ = encode_items(tok, items, task.answer_instruction, mc, "diffmas", 64)
+    warn_cut_targets(whole, whole, 64)
+    assert whole.n_cut == 0 and capsys.readouterr().err == ""
+
+
+def test_the_trained_forward_is_the_evaluated_forward(chat, monkeypatch):
+    """What training teacher-forces is what evaluation decodes: with a random adapter, the
+    training loss on the tokens `run_batch(method="diffmas")` generated greedily equals minus the
+    mean of the log-probabilities it generated them with. Prompts, segments, visibility, RoPE
+    positions, realignment, LoRA scale and per-role adapters must all agree for this to hold."""
+    from diffmas_jax import training
+    roles, steps = ("planner", "critic", "solver"), (2, 3)
+    lcfg = LoraConfig(rank=4, alpha=8.0)
+    lora = random_lora(chat.cfg, lcfg, seed=3)
+    task = get_task("arith", size=64)
+    items = [dataclasses.replace(it, target=f"item {i}") for i, it in enumerate(task.load("train", limit=2))]
+    mc = MethodConfig(method="diffmas", roles=roles, latent_steps=steps, max_new_tokens=6)
+    res = run_batch(chat, [it.question for it in items], task.answer_instruction, mc, lora=lora,
+                    lora_scale=lcfg.scale)
+    generated = {it.target: rec for it, rec in zip(items, res.records)}
+    # the target each item trains on: the ids evaluation generated (no tokenizer round trip)
+    monkeypatch.setattr(training, "encode_target", lambda tok, text, n: (list(generated[text]["generated_ids"]), False))
+    data, agents = encode_items(chat.tokenizer, items, task.answer_instruction,
+                                MethodConfig(method="latent_mas", roles=roles, latent_steps=steps), "diffmas", 64)
+    latent = tuple(a.latent_steps for a in agents[:-1])
+    sc = StepConfig(method="diffmas", trace_grad="stop", roles=roles, latent_steps=latent,
+                    up_lengths=tuple(t.shape[1] for t in data.up_tokens), solver_length=data.tokens.shape[1],
+                    capacity=step_capacity(data, latent, None), lora_scale=lcfg.scale)
+    realign = make_realign(chat.params, chat.cfg, mc.realign, mc.realign_lambda)
+    for i, it in enumerate(items):
+        batch = jax.tree.map(jnp.asarray, batch_of(data, np.array([i])))
+        loss, _, _ = jit_loss_and_grads(chat, realign, batch, sc)(lora)
+        logprobs = generated[it.target]["generated_logprobs"]
+        assert int(data.n_target[i]) == len(logprobs) > 0
+        np.testing.assert_allclose(float(loss), -np.mean(logprobs), rtol=1e-4, atol=1e-4)
