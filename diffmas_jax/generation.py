@@ -220,13 +220,18 @@ def chat_ids(tokenizer, messages: list[dict], enable_thinking: Optional[bool] = 
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     try:
         return apply(messages)
-    except Exception:
+    except Exception as refused:
         # templates that reject a system turn (Mistral-7B-Instruct's "roles must alternate") get
         # it folded into the first user turn; every method's prompts come through here
-        if len(messages) > 1 and messages[0]["role"] == "system" and messages[1]["role"] == "user":
-            merged = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+        first, second = (messages + [{}, {}])[:2]
+        if not (first.get("role") == "system" and second.get("role") == "user"
+                and isinstance(first.get("content"), str) and isinstance(second.get("content"), str)):
+            raise
+        merged = {"role": "user", "content": first["content"] + "\n\n" + second["content"]}
+        try:
             return apply([merged] + list(messages[2:]))
-        raise
+        except Exception:
+            raise refused from None  # the fold did not help: the template's own complaint
 
 
 def plain_chat_ids(tokenizer, messages: list[dict]) -> list[int]:

@@ -71,9 +71,18 @@ def validate_loop_fields(c, positive: Sequence[str] = ()) -> None:
         raise UserError(f"device_memory_gib must be positive, got {c.device_memory_gib}")
 
 
+# How training targets are tokenized (training.encode_target), recorded in a run's config.json:
+# before 2026-12-08 a target cut at max_target_tokens still ended with EOS, so a run begun then
+# is not resumed with targets encoded this way (its steps would mix the two).
+TARGET_ENCODING = "cut-without-eos"
+
+
 def check_workdir(workdir: Path, resolved: dict, identity_fields: Sequence[str]) -> None:
     """Before anything is written: refuse a workdir that holds another experiment, or
-    that is (or lies inside) a file."""
+    that is (or lies inside) a file. Records ``target_encoding`` in ``resolved`` (and so in
+    the config.json the run writes) and compares it with the previous run's."""
+    resolved["target_encoding"] = TARGET_ENCODING
+    identity_fields = tuple(identity_fields) + ("target_encoding",)
     from diffmas_jax.cli import check_workdir_path
     check_workdir_path(workdir)
     config_path = workdir / "config.json"

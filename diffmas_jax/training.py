@@ -59,6 +59,10 @@ def encode_target(tokenizer, text: str, max_target_tokens: int) -> tuple[list, b
     first ``max_target_tokens`` tokens and no EOS, so a cut target does not teach the solver to
     stop where the cut fell (a math target's answer comes last: cut + EOS would reward ending
     the reasoning before it)."""
+    if max_target_tokens < 1:
+        raise ValueError(f"max_target_tokens must be at least 1, got {max_target_tokens}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id: a training target must end with EOS")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < max_target_tokens:
         return ids + [tokenizer.eos_token_id], False

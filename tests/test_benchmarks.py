@@ -280,7 +280,7 @@ def test_summary_host_peak_is_the_one_the_shares_use():
 
 
 def test_alternating_times_take_turns_and_the_ratios_come_from_the_pairs(monkeypatch):
-    """The two sides of a measurement take turns (A B, B A, B A, A B...): with an even number of
+    """The two sides of a measurement take turns (A B, B A, A B, B A...): with an even number of
     repeats, a machine that slows down linearly over the run leaves the ratio of the medians
     exact, where timing all of A's repeats before B's reads the drift as B's slowness."""
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -322,17 +322,24 @@ def test_summary_marks_a_target_whose_pairs_straddle_it(tmp_path):
     assert "| (a) old run | ≥ 3.0x | 2.00x | — | — | no |" in md
 
 
-def test_pipeline_child_that_fails_is_one_error_with_its_stderr(tmp_path):
-    """A side whose process dies before its turns (here: no model there) raises with the tail of
-    its stderr, and no process is left behind."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
+def test_pipeline_child_that_fails_is_one_error_with_its_stderr(tmp_path, embedded):
+    """A side whose process dies (here: no model there) raises with the tail of its stderr, and
+    the other side's process, already loaded and waiting for its turns, is killed with it."""
+    import shutil
     import pytest
+    from conftest import save_tiny_model
+    sys.path.insert(0, str(REPO / "benchmarks"))
     import bench_pipeline
-    spec = {"side": "torch", "model": str(tmp_path / "no-model"), "messages": [[[{"role": "user", "content": "q"}]]],
-            "questions": ["q"], "instruction": "", "latent_steps": 1, "new_tokens": 2, "repeats": 2,
-            "eos_repeats": 0, "threads": 1, "eos_ids": [0]}
-    with pytest.raises(RuntimeError, match=r"\[t\] torch failed \(exit 1\):\n(.|\n)*no-model") as e:
-        bench_pipeline.run_config({"torch": spec, "jax": dict(spec, side="jax")}, 2, "[t]")
-    assert "jax" not in str(e.value)
-    left = subprocess.run(["pgrep", "-f", "bench_pipeline.py --child"], capture_output=True, text=True).stdout
-    assert left.strip() == ""
+    model = save_tiny_model(tmp_path / "tiny", "llama", vocab_size=embedded.cfg.vocab_size)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(Path(embedded.path) / name, model / name)
+    qs = ["What is 2 + 3?"]
+    spec = {"model": str(model), "questions": qs, "instruction": "", "messages": bench_pipeline.build_messages(qs, ""),
+            "latent_steps": 1, "new_tokens": 2, "repeats": 2, "eos_repeats": 0, "threads": 1, "eos_ids": [0]}
+    waiting = "bench_pipeline.py --child"
+    with pytest.raises(RuntimeError, match=r"\[t\] jax failed \(exit 1\):\n(.|\n)*no-model") as e:
+        bench_pipeline.run_config({"torch": dict(spec, side="torch"),
+                                   "jax": dict(spec, side="jax", model=str(tmp_path / "no-model"))}, 2, "[t]")
+    assert "torch failed" not in str(e.value)
+    left = subprocess.run(["pgrep", "-f", waiting], capture_output=True, text=True).stdout
+    assert left.strip() == ""  # the torch side, loaded and waiting, went with it

@@ -216,6 +216,20 @@ def test_every_method_folds_a_refused_system_turn_into_the_user_turn(no_system_t
     assert res.records[0]["generated_tokens"] > 0
 
 
+def test_a_template_error_the_fold_does_not_cure_is_the_templates_own(tiny_chat, monkeypatch):
+    """The fold is tried only for a system turn then a user turn of text, and when it does not
+    help the caller sees the template's first complaint, not one the fold caused."""
+    from diffmas_jax.generation import chat_ids
+    tok = tiny_chat.tokenizer
+    monkeypatch.setattr(tok, "chat_template", "{% if messages[0]['role'] == 'system' %}{{ raise_exception("
+                        "'unsupported content') }}{% else %}{{ raise_exception('the fold failed too') }}{% endif %}")
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    with pytest.raises(Exception, match="unsupported content"):
+        chat_ids(tok, msgs)
+    with pytest.raises(Exception, match="unsupported content"):  # not a TypeError of our own
+        chat_ids(tok, [{"role": "system", "content": [{"type": "text", "text": "S"}]}, msgs[1]])
+
+
 def test_bad_method_config():
     with pytest.raises(ValueError, match="unknown method 'latentmas'"):
         MethodConfig(method="latentmas").validate()

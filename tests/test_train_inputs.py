@@ -42,7 +42,7 @@ def _resolved(path: Path, **changes) -> dict:
     c.task, c.task_path = "jsonl", "/data/a.jsonl"
     for k, v in changes.items():
         setattr(c, k, v)
-    return json.loads(c.to_json())
+    return dict(json.loads(c.to_json()), target_encoding=train_loop.TARGET_ENCODING)  # as a run writes it
 
 
 DIFFMAS_CHANGES = [("task_path", "/data/b.jsonl"), ("data_dir", "/data"), ("eval_items", 2), ("warmup_steps", 0),
@@ -60,6 +60,21 @@ def test_workdir_refuses_a_change_of_what_is_trained(tmp_path, cfg, fields, fiel
     train_loop.check_workdir(tmp_path, _resolved(cfg), fields)  # the same config resumes
     with pytest.raises(UserError, match=rf"holds a run with a different config \({field}\)"):
         train_loop.check_workdir(tmp_path, _resolved(cfg, **{field: value}), fields)
+
+
+@pytest.mark.parametrize("cfg,fields", [(TRAIN_CFG, train.IDENTITY_FIELDS), (C2C_CFG, c2c_training.IDENTITY_FIELDS)],
+                         ids=["diffmas", "c2c"])
+def test_workdir_begun_with_the_old_target_encoding_is_not_resumed(tmp_path, cfg, fields):
+    """A run begun before cut targets lost their EOS has no target_encoding in its config.json:
+    resuming it would mix the two encodings in one adapter, so it is refused; the config a run
+    writes records the encoding."""
+    old = _resolved(cfg)
+    del old["target_encoding"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    resolved = {k: v for k, v in _resolved(cfg).items() if k != "target_encoding"}
+    with pytest.raises(UserError, match=r"holds a run with a different config \(target_encoding\)"):
+        train_loop.check_workdir(tmp_path, resolved, fields)
+    assert resolved["target_encoding"] == "cut-without-eos"
 
 
 @pytest.mark.parametrize("field,value", [("checkpoint_every", 5), ("keep_checkpoints", 4), ("eval_every", 0),

@@ -520,6 +520,8 @@ def test_a_target_cut_at_max_target_tokens_ends_without_eos(chat, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["warning: 1 of 2 training targets do not fit in max_target_tokens=6 with their EOS; they are "
                    "cut there and end without EOS (raise max_target_tokens to train on whole answers)"]
+    with pytest.raises(ValueError, match="max_target_tokens must be at least 1, got 0"):
+        encode_target(tok, long, 0)
     whole, _ = encode_items(tok, items, task.answer_instruction, mc, "diffmas", 64)
     warn_cut_targets(whole, whole, 64)
     assert whole.n_cut == 0 and capsys.readouterr().err == ""
