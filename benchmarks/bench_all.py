@@ -32,6 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 PACING = "pacing.json"  # bench_all's own record of the wait before each script
+from bench_model import pairs_span  # noqa: E402
 from machine_load import wait_until_quiet  # noqa: E402
 
 SCRIPTS = ("bench_model", "bench_pipeline", "bench_train", "bench_kernels")
@@ -173,7 +174,7 @@ def to_markdown(summary: dict, title: str) -> str:
         note = f" ({r['note']})" if r.get("note") else ""
         best = r.get("ratio_best", r.get("best"))
         pairs = r.get("ratio_pairs") or []
-        span = "—" if not pairs else f"{min(pairs):.2f}–{max(pairs):.2f}x" if len(pairs) > 1 else f"{pairs[0]:.2f}x"
+        span = pairs_span(pairs) if pairs else "—"
         close = len(pairs) > 1 and min(pairs) < r["target"] <= max(pairs)
         met = "—" if r["met"] is None else ("yes" if r["met"] else "no") + (", close" if close else "")
         md.append(f"| {r['measurement']} | {tgt} | {_fmt(r['value'], r['unit'])}{note} | "

@@ -97,13 +97,16 @@ def ratio_spread(ours, theirs) -> dict:
             "ratio_pairs": pairs}
 
 
+def pairs_span(pairs) -> str:
+    """'1.50–3.00x' for the repeats' pair ratios ('1.50x' for one pair)."""
+    return f"{fmt(min(pairs))}–{fmt(max(pairs))}x" if len(pairs) > 1 else f"{fmt(pairs[0])}x"
+
+
 def spread_cells(row) -> str:
     """'best vs best | pairs' Markdown cells for a row with ``ratio_spread``'s keys ('n/a' without)."""
     if "ratio_best" not in row:
         return "n/a | n/a"
-    pairs = row["ratio_pairs"]
-    span = f"{fmt(min(pairs))}–{fmt(max(pairs))}x" if len(pairs) > 1 else f"{fmt(pairs[0])}x"
-    return f"{fmt(row['ratio_best'])}x | {span}"
+    return f"{fmt(row['ratio_best'])}x | {pairs_span(row['ratio_pairs'])}"
 
 
 def timed_first(fn):

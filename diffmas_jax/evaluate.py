@@ -364,8 +364,9 @@ def make_record(task, item, index: int, samples: list, row: int, latency: float,
     for extra in ("answer_tokens", "notes"):
         if extra in rec0:
             record[extra] = rec0[extra]
-    if code_run(scored0):
-        record["code_run"] = code_run(scored0)
+    run0 = code_run(scored0)
+    if run0:
+        record["code_run"] = run0
     record["generated_logprobs"] = [round(float(x), 4) for x in rec0.get("generated_logprobs", [])]
     record["generated_entropy"] = [round(float(x), 4) for x in rec0.get("generated_entropy", [])]
     if len(outs) > 1:

@@ -69,23 +69,16 @@ def encode_target(tokenizer, text: str, max_target_tokens: int) -> tuple[list, b
     return ids[:max_target_tokens], True
 
 
-def cut_warning(n_cut: int, n_items: int, max_target_tokens: int, what: str = "training") -> Optional[str]:
-    """The one line a run prints when some targets were longer than ``max_target_tokens``."""
-    if not n_cut:
-        return None
-    return (f"warning: {n_cut} of {n_items} {what} targets do not fit in max_target_tokens={max_target_tokens} "
-            f"with their EOS; they are cut there and end without EOS (raise max_target_tokens to train on "
-            f"whole answers)")
-
-
 def warn_cut_targets(data, eval_data, max_target_tokens: int) -> None:
-    """Print ``cut_warning`` for the training and the held-out targets (process 0 only)."""
+    """One warning line each for the training and held-out targets longer than
+    ``max_target_tokens`` (process 0 only)."""
     import sys
     from diffmas_jax.distributed import is_main_process
     for what, d in (("training", data), ("held-out", eval_data)):
-        line = None if d is None else cut_warning(d.n_cut, len(d.n_target), max_target_tokens, what)
-        if line and is_main_process():
-            print(line, file=sys.stderr)
+        if d is not None and d.n_cut and is_main_process():
+            print(f"warning: {d.n_cut} of {len(d.n_target)} {what} targets do not fit in max_target_tokens="
+                  f"{max_target_tokens} with their EOS; they are cut there and end without EOS (raise "
+                  f"max_target_tokens to train on whole answers)", file=sys.stderr)
 
 
 @dataclasses.dataclass
